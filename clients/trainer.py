@@ -1,0 +1,154 @@
+"""Local training of one shard for E epochs: DDPM epsilon loss with AGC, TAA and skip counting.
+
+Per-shard state (Adam moments, LR warm-up position, memory bank) outlives a round; the Flower
+glue stores it between messages. Every step is vectorised: the only host synchronisation is
+TAA's compaction of the samples to augment (a data-dependent subset).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import UNet2DModel
+
+from ddpm.data import to_model_range
+from ddpm.schedule import NUM_TRAIN_TIMESTEPS, train_scheduler
+from ddpm.settings import Settings
+
+from .agc import NeverSkip, RatioSkip, SkipRule, kept_mean, loss_ratio, update_memory_bank
+from .taa import AugmentPolicy, RandAugmentPolicy, in_augment_range, strength
+
+
+@dataclass
+class ShardState:
+    """What a shard keeps across rounds (the authors keep optimizer and bank per client)."""
+
+    optimizer: dict[int, dict[str, torch.Tensor]] | None = None  # Adam moments per parameter
+    step: int = 0
+    bank: torch.Tensor = field(default_factory=lambda: torch.zeros(NUM_TRAIN_TIMESTEPS))
+
+
+@dataclass
+class ShardResult:
+    """What one round of local training reports."""
+
+    mean_loss: float
+    skip_counts: torch.Tensor  # int64 (n,), aligned with the shard's ids
+    skip_rate: float
+    aug_rate: float
+    steps: int
+    samples_seen: int
+
+
+def per_sample_loss(
+    model: UNet2DModel, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, scheduler
+) -> torch.Tensor:
+    """Mean over pixels of the squared error of the predicted noise, one value per sample."""
+    noisy = scheduler.add_noise(x0, noise, t)
+    pred = model(noisy, t).sample
+    return (pred - noise).pow(2).flatten(1).mean(1)
+
+
+def default_skip_rule(settings: Settings) -> SkipRule:
+    return RatioSkip(settings.skip_threshold) if settings.agc else NeverSkip()
+
+
+def default_augment(settings: Settings) -> AugmentPolicy | None:
+    return RandAugmentPolicy(settings.randaugment_magnitude, settings.randaugment_ops) if settings.taa else None
+
+
+def train_shard(
+    model: UNet2DModel,
+    images: torch.Tensor,
+    settings: Settings,
+    state: ShardState,
+    *,
+    device: torch.device,
+    seed: int,
+    skip_rule: SkipRule | None = None,
+    augment: AugmentPolicy | None | bool = True,
+) -> ShardResult:
+    """Train ``model`` in place on one shard's uint8 images for ``settings.local_epochs`` epochs.
+
+    ``state`` is updated in place. ``augment=True`` means the settings' policy (None if TAA is off).
+    """
+    skip_rule = skip_rule or default_skip_rule(settings)
+    if augment is True:
+        augment = default_augment(settings)
+    torch.manual_seed(seed)  # timesteps, noise, dropout, flips and RandAugment draws
+    gen = torch.Generator().manual_seed(seed)  # batch order
+    model.to(device).train()
+    scheduler = train_scheduler()
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    if state.optimizer is not None:
+        saved = optimizer.state_dict()
+        saved["state"] = state.optimizer
+        optimizer.load_state_dict(saved)
+    data = to_model_range(images).to(device)
+    n = data.shape[0]
+    batch = min(settings.batch_size, n)
+    steps_per_epoch = max(1, n // batch)  # drop_last, but never zero steps
+    warmup = settings.warmup_epochs * steps_per_epoch
+    bank = state.bank.to(device)
+    counts = torch.zeros(n, dtype=torch.long, device=device)
+    loss_sum = torch.zeros((), device=device)
+    n_aug = torch.zeros((), dtype=torch.long, device=device)
+    threshold, eta = settings.skip_threshold, settings.bank_eta
+
+    for _ in range(settings.local_epochs):
+        perm = torch.randperm(n, generator=gen).to(device)
+        for b in range(steps_per_epoch):
+            pos = perm[b * batch : (b + 1) * batch]
+            x0 = data[pos]
+            if settings.hflip:
+                flip = torch.rand(x0.shape[0], device=device) < 0.5
+                x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+            t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (x0.shape[0],), device=device)
+            noise = torch.randn_like(x0)
+            losses = per_sample_loss(model, x0, t, noise, scheduler)
+            ratio = loss_ratio(losses.detach(), bank[t])
+            skip = skip_rule(ratio)
+            keep = ~skip
+            weight = keep.to(losses.dtype)
+            total = (losses * weight).sum()
+            if augment is not None:
+                aug = in_augment_range(ratio, keep, threshold, settings.aug_range)
+                idx = aug.nonzero().squeeze(1)  # TAA's one host sync per step
+                if idx.numel():
+                    rho = strength(ratio[idx], threshold, settings.aug_sharpness)
+                    x_aug = augment((x0[idx] + 1) / 2, rho) * 2 - 1
+                    aug_losses = per_sample_loss(model, x_aug, t[idx], noise[idx], scheduler)
+                    # eq. 8: the augmented loss replaces the plain one for these samples
+                    total = total - (losses[idx] * weight[idx]).sum() + aug_losses.sum()
+                n_aug += aug.sum()
+            loss = total / keep.sum().clamp_min(1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+            for group in optimizer.param_groups:
+                group["lr"] = settings.lr * min(1.0, (state.step + 1) / warmup) if warmup else settings.lr
+            optimizer.step()
+            state.step += 1
+            bank = update_memory_bank(bank, t, losses, eta)
+            counts.index_add_(0, pos, skip.long())
+            loss_sum += kept_mean(losses.detach(), keep)
+
+    steps = settings.local_epochs * steps_per_epoch
+    seen = steps * batch
+    state.bank = bank.cpu()
+    state.optimizer = optimizer.state_dict()["state"]
+    return ShardResult(
+        mean_loss=float(loss_sum / steps),
+        skip_counts=counts.cpu(),
+        skip_rate=float(counts.sum()) / seen,
+        aug_rate=float(n_aug) / seen,
+        steps=steps,
+        samples_seen=seen,
+    )
+
+
+def shard_seed(seed: int, server_round: int, shard: int) -> int:
+    """A distinct, repeatable seed per (run seed, round, shard)."""
+    return (seed * 1_000_003 + server_round * 10_007 + shard) % (2**31 - 1)

@@ -1,0 +1,1 @@
+"""Shared core used by both the server and the shards: UNet factory, noise schedule, data sets."""

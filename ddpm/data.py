@@ -1,0 +1,142 @@
+"""Image data sets held in memory as uint8 tensors; a sample's id is its index in the training split.
+
+Every node resolves ids against its own copy, so each copy carries a fingerprint (size plus a
+content hash) that the server sends and the node checks before training.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "imagefolder")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+DEFAULT_ROOT = Path.home() / ".cache" / "iet-agc" / "data"
+
+
+@dataclass(frozen=True, eq=False)
+class ImageSet:
+    """A training split (ids = row index) plus held-out real images for evaluation."""
+
+    name: str
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    labels: torch.Tensor | None  # int64 (N,) or None
+    holdout: torch.Tensor  # uint8 (M, C, H, W); M may be 0
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.images.shape[-1]
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """``<N>-<sha256 prefix>`` over the training images and labels."""
+        h = hashlib.sha256()
+        h.update(str(tuple(self.images.shape)).encode())
+        h.update(self.images.contiguous().numpy().tobytes())
+        if self.labels is not None:
+            h.update(self.labels.numpy().astype(np.int64).tobytes())
+        return f"{len(self)}-{h.hexdigest()[:16]}"
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1], the range the DDPM is trained in."""
+    return images.float().div(127.5).sub(1.0)
+
+
+def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    out = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True)
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+def _load_digits(image_size: int, train_size: int, seed: int) -> ImageSet:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = torch.from_numpy(np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8))[:, None]
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    if not 1 <= train_size < len(images):
+        raise ValueError(f"train-size: must be in [1, {len(images) - 1}] for digits, got {train_size}")
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(len(images)))
+    train, rest = order[:train_size], order[train_size:]
+    images = _resize(images, image_size)
+    return ImageSet("digits", images[train].contiguous(), labels[train], images[rest].contiguous())
+
+
+def _load_cifar(name: str, root: Path, download: bool, image_size: int, train_size: int) -> ImageSet:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls = CIFAR10 if name == "cifar10" else CIFAR100
+    try:
+        train = cls(str(root), train=True, download=download)
+        test = cls(str(root), train=False, download=download)
+    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted."
+        raise FileNotFoundError(
+            f"data-root: {name} not found under {root} ({err}); set download = true "
+            "on a machine with internet, or point data-root at an extracted copy"
+        ) from err
+    images = torch.from_numpy(train.data).permute(0, 3, 1, 2).contiguous()
+    labels = torch.tensor(train.targets, dtype=torch.int64)
+    if train_size:
+        images, labels = images[:train_size], labels[:train_size]
+    holdout = torch.from_numpy(test.data).permute(0, 3, 1, 2).contiguous()
+    return ImageSet(name, _resize(images, image_size), labels, _resize(holdout, image_size))
+
+
+def _read_folder(root: Path, image_size: int) -> torch.Tensor:
+    from PIL import Image
+
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
+    out = torch.empty((len(files), 3, image_size, image_size), dtype=torch.uint8)
+    for i, path in enumerate(files):  # loading, not a training step
+        with Image.open(path) as img:
+            img = img.convert("RGB").resize((image_size, image_size), Image.BICUBIC)
+            out[i] = torch.from_numpy(np.asarray(img)).permute(2, 0, 1)
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def load_dataset(
+    name: str,
+    *,
+    root: str = "",
+    holdout_root: str = "",
+    download: bool = True,
+    image_size: int = 8,
+    train_size: int = 0,
+    seed: int = 0,
+) -> ImageSet:
+    """Load a data set by name; cached per process so every message of a node reuses it."""
+    if name == "digits":
+        return _load_digits(image_size, train_size, seed)
+    if name in ("cifar10", "cifar100"):
+        return _load_cifar(name, Path(root) if root else DEFAULT_ROOT, download, image_size, train_size)
+    if name == "imagefolder":
+        if not root:
+            raise ValueError("data-root: imagefolder needs the folder of training images")
+        images = _read_folder(Path(root), image_size)
+        if train_size:
+            images = images[:train_size]
+        holdout = (
+            _read_folder(Path(holdout_root), image_size)
+            if holdout_root
+            else torch.empty((0, 3, image_size, image_size), dtype=torch.uint8)
+        )
+        return ImageSet("imagefolder", images.contiguous(), None, holdout)
+    raise ValueError(f"dataset: unknown data set {name!r}; allowed: {', '.join(DATASETS)}")

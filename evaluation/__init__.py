@@ -1,0 +1,1 @@
+"""Server-side evaluation: MQ (nearest-neighbour memorization count), FID, grids and reports."""

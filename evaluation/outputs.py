@@ -1,0 +1,127 @@
+"""The run folder: rounds.csv, assignments.csv, moved.csv, settings, grids, pipeline, report."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from diffusers import DDPMPipeline, UNet2DModel
+from torchvision.utils import save_image
+
+from ddpm.schedule import train_scheduler
+from ddpm.settings import Settings
+
+ROUND_COLUMNS = ("round", "train_loss", "skip_rate", "aug_rate", "moved", "seconds")
+
+
+def new_run_dir(settings: Settings) -> Path:
+    """A fresh folder under ``out-dir`` named by time, data set and seed."""
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(settings.out_dir).expanduser() / f"{stamp}-{settings.dataset}-seed{settings.seed}"
+    path, i = base, 1
+    while path.exists():
+        path, i = base.with_name(f"{base.name}-{i}"), i + 1
+    path.mkdir(parents=True)
+    return path
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float) and math.isinf(v):
+        return "inf"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(v)
+
+
+class RunWriter:
+    """Writes one run's files as rounds finish, so a stopped run still leaves its table."""
+
+    def __init__(self, path: Path, settings: Settings) -> None:
+        self.path = Path(path)
+        self.settings = settings
+        self.rows: list[dict] = []
+        eval_cols = [f"mq_{t:g}" for t in settings.thresholds] + ["fid"]
+        self.columns = list(ROUND_COLUMNS) + eval_cols
+        text = "".join(f"{k} = {_toml_value(v)}\n" for k, v in settings.to_run_config().items())
+        (self.path / "settings.toml").write_text(text)
+        for name, cols in (
+            ("assignments.csv", "round,shard,sample_id"),
+            ("moved.csv", "round,sample_id,from_shard,to_shard"),
+        ):
+            (self.path / name).write_text(cols + "\n")
+
+    def add_round(self, row: dict) -> None:
+        self.rows.append(row)
+        frame = pd.DataFrame(self.rows)
+        for col in self.columns:
+            if col not in frame:
+                frame[col] = np.nan
+        frame[self.columns].to_csv(self.path / "rounds.csv", index=False)
+
+    def add_assignment(self, server_round: int, shards: list[np.ndarray], moved: list[np.ndarray]) -> None:
+        k = len(shards)
+        frame = pd.DataFrame(
+            {
+                "round": server_round,
+                "shard": np.repeat(np.arange(k), [len(s) for s in shards]),
+                "sample_id": np.concatenate(shards),
+            }
+        )
+        frame.to_csv(self.path / "assignments.csv", mode="a", header=False, index=False)
+        if moved and any(len(m) for m in moved):
+            mv = pd.DataFrame(
+                {
+                    "round": server_round,
+                    "sample_id": np.concatenate(moved),
+                    "from_shard": np.repeat(np.arange(k), [len(m) for m in moved]),
+                    "to_shard": np.repeat((np.arange(k) + 1) % k, [len(m) for m in moved]),
+                }
+            )
+            mv.to_csv(self.path / "moved.csv", mode="a", header=False, index=False)
+
+    def save_model(self, model: UNet2DModel) -> Path:
+        """The final weights as a diffusers DDPMPipeline folder (``DDPMPipeline.from_pretrained``)."""
+        target = self.path / "pipeline"
+        DDPMPipeline(unet=model.cpu(), scheduler=train_scheduler()).save_pretrained(target)
+        return target
+
+    def save_samples(self, images: torch.Tensor, name: str = "samples.png") -> Path:
+        target = self.path / name
+        save_image(images[:64], target, nrow=8)
+        return target
+
+    def write_report(self, notes: list[str]) -> Path:
+        frame = pd.DataFrame(self.rows)
+        lines = [
+            f"# Run {self.path.name}",
+            "",
+            f"Data set `{self.settings.dataset}`, model `{self.settings.model}`, "
+            f"K = {self.settings.num_shards} shards, {self.settings.num_rounds} rounds of "
+            f"E = {self.settings.local_epochs} local epochs.",
+            "",
+        ]
+        if not frame.empty:
+            lines += [
+                "## Per round",
+                "",
+                frame.to_markdown(index=False) if _has_tabulate() else frame.to_string(index=False),
+                "",
+            ]
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + ["", "![samples](samples.png)", ""]
+        target = self.path / "report.md"
+        target.write_text("\n".join(lines))
+        return target
+
+
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401
+    except ImportError:
+        return False
+    return True

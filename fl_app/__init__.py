@@ -1,0 +1,1 @@
+"""Flower entry points: the ServerApp, the ClientApp and the reading of run_config."""

@@ -1,0 +1,73 @@
+"""ClientApp: trains the shard named in each message and replies with weights, metrics, skip counts."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients.state import load_shard_state, save_shard_state
+from clients.trainer import shard_seed, train_shard
+from ddpm.data import load_dataset
+from ddpm.device import resolve_device
+from ddpm.unet import build_unet
+
+from .config import dataset_of, settings_from_message
+
+
+def make_client_app(**train_kwargs) -> ClientApp:
+    """A ClientApp; ``train_kwargs`` (``skip_rule=``, ``augment=``) swap the shard-side rules."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        cfg = msg.content["config"]
+        settings = settings_from_message(cfg, context.node_config)
+        shard, server_round = int(cfg["shard"]), int(cfg["server-round"])
+        data = load_dataset(**dataset_of(settings))
+        if data.fingerprint != cfg["fingerprint"]:
+            raise ValueError(
+                f"data set mismatch on node {context.node_id}: the server's {settings.dataset} copy has "
+                f"fingerprint {cfg['fingerprint']}, this node's has {data.fingerprint} "
+                f"(data-root {settings.data_root or '(default)'}); refusing to train on other images"
+            )
+        ids = np.asarray(cfg["ids"], dtype=np.int64)
+        if ids.size == 0 or ids.min() < 0 or ids.max() >= len(data):
+            raise ValueError(f"shard {shard}: ids outside 0..{len(data) - 1}")
+        device = resolve_device(settings.device)
+        model = build_unet(settings.model, settings.image_size, data.channels)
+        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        state = load_shard_state(context.state, shard)
+        result = train_shard(
+            model,
+            data.images[torch.from_numpy(ids)],
+            settings,
+            state,
+            device=device,
+            seed=shard_seed(settings.seed, server_round, shard),
+            **train_kwargs,
+        )
+        save_shard_state(context.state, shard, state)
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord(model.cpu().state_dict()),
+                "metrics": MetricRecord(
+                    {
+                        "num-examples": int(ids.size),
+                        "train-loss": result.mean_loss,
+                        "skip-rate": result.skip_rate,
+                        "aug-rate": result.aug_rate,
+                        "steps": result.steps,
+                    }
+                ),
+                "skips": ArrayRecord({"ids": torch.from_numpy(ids), "counts": result.skip_counts}),
+                "info": ConfigRecord({"shard": shard}),
+            }
+        )
+        return Message(content=content, reply_to=msg)
+
+    return app
+
+
+app = make_client_app()

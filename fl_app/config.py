@@ -1,0 +1,38 @@
+"""Reading Flower's run_config (and message configs) into the typed, validated ``Settings``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ddpm.settings import Settings
+
+
+def settings_from_run_config(run_config: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Defaults < run_config (pyproject + --run-config) < overrides; raises ValueError naming the key."""
+    return Settings.from_run_config({**dict(run_config), **dict(overrides or {})})
+
+
+NODE_KEYS = ("data-root", "holdout-root", "device")
+
+
+def settings_from_message(config: Mapping[str, Any], node_config: Mapping[str, Any] | None = None) -> Settings:
+    """The settings the server sent with a shard; a node's own ``--node-config`` may set
+    where its copy of the data lives and which device it trains on (``NODE_KEYS``)."""
+    keys = set(Settings.keys())
+    values = {k: v for k, v in config.items() if k in keys}
+    values.update({k: v for k, v in (node_config or {}).items() if k in NODE_KEYS})
+    return Settings.from_run_config(values)
+
+
+def dataset_of(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments of ``load_dataset`` for these settings (the same on server and nodes)."""
+    return dict(
+        name=settings.dataset,
+        root=settings.data_root,
+        holdout_root=settings.holdout_root,
+        download=settings.download,
+        image_size=settings.image_size,
+        train_size=settings.train_size,
+        seed=settings.seed,
+    )

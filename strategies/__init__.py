@@ -1,0 +1,1 @@
+"""Server side: the FedAvg-derived IET strategy and MSR redistribution."""
