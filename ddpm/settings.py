@@ -35,7 +35,7 @@ class Settings:
     hflip: bool = False
     # federation (IET)
     num_shards: int = 4
-    num_rounds: int = 6
+    num_rounds: int = 20
     local_epochs: int = 10
     batch_size: int = 32
     lr: float = 1e-3
@@ -58,7 +58,7 @@ class Settings:
     msr_proportion: float = 0.25
     skip_counts: str = "reset"
     # evaluation
-    eval_every: int = 0
+    eval_every: int = 5
     eval_num_images: int = 500
     eval_batch_size: int = 256
     sample_steps: int = 50
@@ -66,6 +66,7 @@ class Settings:
     mq_thresholds: str = "0.4,0.5,0.6"
     fid: bool = True
     fid_weights: str = ""
+    fid_cache_dir: str = ""
     out_dir: str = "runs"
 
     # ---- reading -------------------------------------------------------------------

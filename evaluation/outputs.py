@@ -53,11 +53,14 @@ class RunWriter:
         for name, cols in (
             ("assignments.csv", "round,shard,sample_id"),
             ("moved.csv", "round,sample_id,from_shard,to_shard"),
+            ("shards.csv", "round,shard,node,local_step,num_examples,train_loss,skip_rate,aug_rate,steps"),
         ):
             (self.path / name).write_text(cols + "\n")
 
     def add_round(self, row: dict) -> None:
+        """Append a round's row; columns an evaluator adds (e.g. copy_1) join the table."""
         self.rows.append(row)
+        self.columns += [k for k in row if k not in self.columns]
         frame = pd.DataFrame(self.rows)
         for col in self.columns:
             if col not in frame:
@@ -84,6 +87,18 @@ class RunWriter:
                 }
             )
             mv.to_csv(self.path / "moved.csv", mode="a", header=False, index=False)
+
+    def add_shard_metrics(self, server_round: int, shard_metrics: dict[int, dict[str, float]]) -> None:
+        """One row per shard that replied: what it trained on and how (shards.csv)."""
+        cols = ["node", "local_step", "num_examples", "train_loss", "skip_rate", "aug_rate", "steps"]
+        rows = [[server_round, s] + [m.get(c) for c in cols] for s, m in sorted(shard_metrics.items())]
+        pd.DataFrame(rows).to_csv(self.path / "shards.csv", mode="a", header=False, index=False)
+
+    def save_skip_counts(self, counts: np.ndarray) -> Path:
+        """Total skips per training id over the run (skip_counts.csv: sample_id, skips)."""
+        target = self.path / "skip_counts.csv"
+        pd.DataFrame({"sample_id": np.arange(len(counts)), "skips": counts}).to_csv(target, index=False)
+        return target
 
     def save_model(self, model: UNet2DModel) -> Path:
         """The final weights as a diffusers DDPMPipeline folder (``DDPMPipeline.from_pretrained``)."""

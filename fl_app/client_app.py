@@ -62,7 +62,7 @@ def make_client_app(**train_kwargs) -> ClientApp:
                     }
                 ),
                 "skips": ArrayRecord({"ids": torch.from_numpy(ids), "counts": result.skip_counts}),
-                "info": ConfigRecord({"shard": shard}),
+                "info": ConfigRecord({"shard": shard, "local-step": state.step}),
             }
         )
         return Message(content=content, reply_to=msg)

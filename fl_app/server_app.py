@@ -65,6 +65,7 @@ def run(
     def on_round(server_round: int, rlog: RoundLog) -> None:
         rounds[server_round] = rlog
         writer.add_assignment(server_round, rlog.assignment, rlog.moved)
+        writer.add_shard_metrics(server_round, rlog.shard_metrics)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
@@ -109,6 +110,7 @@ def run(
     )
     model.load_state_dict(result.arrays.to_torch_state_dict())
     pipeline = writer.save_model(model)
+    writer.save_skip_counts(strategy.total_counts)
     notes = [f"final weights: `{pipeline.name}/` (load with `DDPMPipeline.from_pretrained`)"]
     if getattr(evaluator, "last_images", None) is not None:
         writer.save_samples(evaluator.last_images)

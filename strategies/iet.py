@@ -85,6 +85,7 @@ class RoundLog:
     metrics: dict[str, float] = field(default_factory=dict)
     moved: list[np.ndarray] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
+    shard_metrics: dict[int, dict[str, float]] = field(default_factory=dict)  # per shard: its reply
 
 
 class IETStrategy(FedAvg):
@@ -228,6 +229,13 @@ class IETStrategy(FedAvg):
             for m in ordered
         ]
         arrays, metrics = super().aggregate_train(server_round, stripped)
+        for shard, (msg, _) in accepted.items():
+            info = msg.content["info"]
+            rlog.shard_metrics[shard] = {
+                "node": msg.metadata.src_node_id,
+                "local_step": int(info["local-step"]) if "local-step" in info else -1,
+                **{k.replace("-", "_"): float(v) for k, v in msg.content["metrics"].items()},
+            }
         counts = [accepted[s][1] if s in accepted else None for s in range(len(self.shards))]
         moves = self.redistribute(counts)
         rlog.moved = moves.moved

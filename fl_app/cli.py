@@ -1,0 +1,154 @@
+"""``iet-agc``: ``run`` wraps ``flwr run . --stream`` so it works as typed in a fresh shell.
+
+Flower 1.41's local SuperLink builds a fresh per-run environment with ``uv`` (gigabytes for
+torch) unless FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 is set when it starts. This tool
+sets it, restarts a local SuperLink that was started without it, checks the settings before
+submitting, streams the logs, and exits non-zero when the run fails (``flwr run`` exits 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+from evaluation.cli import register as register_evaluation
+
+from .config import settings_from_run_config
+
+ENV_FLAG = "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"
+
+
+def _project_defaults(app_dir: Path) -> dict:
+    with open(app_dir / "pyproject.toml", "rb") as fh:
+        return tomllib.load(fh)["tool"]["flwr"]["app"]["config"]
+
+
+def _parse_overrides(run_config: list[str]) -> dict:
+    """``--run-config`` values as flwr reads them: a TOML file path or ``key=value`` pairs."""
+    merged: dict = {}
+    for item in run_config:
+        path = Path(item)
+        if path.suffix == ".toml" and "=" not in item:
+            if not path.is_file():
+                raise ValueError(f"--run-config: file {item} does not exist")
+            with open(path, "rb") as fh:
+                merged.update(tomllib.load(fh))
+        else:
+            merged.update(tomllib.loads("\n".join(_split_pairs(item))))
+    return merged
+
+
+def _split_pairs(text: str) -> list[str]:
+    return [p.strip() for p in re.split(r"\s+(?=[\w.-]+\s*=)", text.strip()) if p.strip()]
+
+
+def _stale_superlinks() -> list[int]:
+    """Local simulation SuperLinks (Linux /proc) that would build per-run environments."""
+    stale = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            if not any(part.endswith(b"flower-superlink") for part in cmd[:2]) or b"--simulation" not in cmd:
+                continue
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"{ENV_FLAG}=1".encode() not in env:
+            stale.append(int(proc.name))
+    return stale
+
+
+def _stop(pids: list[int]) -> None:
+    for pid in pids:
+        print(f"[iet-agc] stopping local SuperLink {pid}: it was started without {ENV_FLAG}=1", flush=True)
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while pids and time.monotonic() < deadline:
+        pids = [p for p in pids if Path(f"/proc/{p}").exists()]
+        time.sleep(0.2)
+
+
+def _run_status(run_id: str, app_dir: Path, env: dict) -> tuple[str, str]:
+    out = subprocess.run(
+        ["flwr", "ls", "--run-id", run_id, "--format", "json"], cwd=app_dir, env=env, capture_output=True, text=True
+    )
+    try:
+        run = json.loads(out.stdout)["runs"][0]
+        return run["status"], run.get("status-details", "")
+    except (ValueError, KeyError, IndexError):
+        return "unknown", out.stdout[-500:] + out.stderr[-500:]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    app_dir = Path(args.app).resolve()
+    try:
+        overrides = _parse_overrides(args.run_config)
+        if "out-dir" not in overrides:  # runs land beside the user, not in the SuperLink's cwd
+            defaults = _project_defaults(app_dir)
+            overrides["out-dir"] = str((Path.cwd() / defaults.get("out-dir", "runs")).resolve())
+        settings_from_run_config(_project_defaults(app_dir), overrides)
+    except (ValueError, OSError, tomllib.TOMLDecodeError) as err:
+        print(f"iet-agc run: invalid settings: {err}", file=sys.stderr)
+        return 2
+    env = {**os.environ, ENV_FLAG: "1"}
+    if sys.platform.startswith("linux"):
+        _stop(_stale_superlinks())
+    config = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else _toml(v)}" for k, v in overrides.items())
+    cmd = ["flwr", "run", str(app_dir), "--stream", "--run-config", config]
+    cmd += ["--federation-config", f"num-supernodes={args.supernodes}", *args.flwr_args]
+    print("[iet-agc] " + " ".join(cmd), flush=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_id = None
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        if run_id is None and (m := re.search(r"started run (\d+)", line)):
+            run_id = m.group(1)
+    code = proc.wait()
+    if code or run_id is None:
+        return code or 1
+    status, details = _run_status(run_id, app_dir, env)
+    if status != "finished:completed":
+        print(f"iet-agc run: run {run_id} ended as {status}: {details}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value in (float("inf"), float("-inf")):
+        return "inf" if value > 0 else "-inf"
+    return repr(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="iet-agc", description="IET-AGC+ on Flower: run and evaluate.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the Flower app in local simulation (flwr run . --stream, done right)")
+    run.add_argument("app", nargs="?", default=".", help="app folder holding pyproject.toml (default: .)")
+    run.add_argument(
+        "--run-config", action="append", default=[], help="a preset TOML file or 'key=value ...' (repeatable)"
+    )
+    run.add_argument("--supernodes", type=int, default=2, help="simulated SuperNodes (default 2)")
+    run.add_argument("flwr_args", nargs=argparse.REMAINDER, help="passed on to flwr run")
+    run.set_defaults(func=cmd_run)
+    register_evaluation(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
