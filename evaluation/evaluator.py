@@ -1,8 +1,10 @@
-"""The server-side evaluator: DDIM samples -> MQ (reference rule) and FID (or why it is missing)."""
+"""The server-side evaluator: DDIM samples -> MQ (eq. 12-13), copy_1/copy_5, FID (or why it is
+missing), digit_fd on digits, the closest-pair grid, the ratio histogram and a Markdown report."""
 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Protocol
 
@@ -14,10 +16,14 @@ from ddpm.data import ImageSet
 from ddpm.schedule import ddim_sample
 from ddpm.settings import Settings
 
-from .fid import FIDUnavailable, fid
-from .mq import mq_counts, nearest_neighbours
+from .digit_fd import DigitFD, digits_holdout_labels, load_digit_fd
+from .fid import FIDUnavailable, cache_dir, fid
+from .mq import COPY_LEVELS, Neighbours, copy_scores, holdout_quantiles, mq_counts, nearest_neighbours
+from .plots import plot_ratio_histogram, save_pair_grid
 
 log = logging.getLogger("iet_agc.evaluation")
+
+PAIRS_LISTED = 10
 
 
 class Evaluator(Protocol):
@@ -27,12 +33,24 @@ class Evaluator(Protocol):
 
 
 class MemorizationEvaluator:
-    """Generates ``eval-num-images`` images and reports MQ at each threshold and FID."""
+    """Generates ``eval-num-images`` images and reports MQ, copy_1/copy_5, FID and (digits) digit_fd.
+
+    Keys returned: ``mq_<delta>`` per threshold, ``copy_1``/``copy_5`` when the data set has
+    held-out images, ``fid`` (None when unavailable, reason in ``fid_reason``), ``digit_fd`` on
+    digits. Each call also writes ``samples_<tag>.png``, ``pairs_<tag>.png``, ``ratios_<tag>.png``
+    and ``eval_<tag>.md`` to ``out_dir``.
+    """
 
     def __init__(self, settings: Settings, data: ImageSet, out_dir: Path, device: torch.device) -> None:
-        self.settings, self.data, self.out_dir, self.device = settings, data, Path(out_dir), device
+        self.settings, self.data, self.out_dir, self.device = settings, data, Path(out_dir), torch.device(device)
         self.fid_reason = "" if settings.fid else "disabled by setting fid = false"
+        self.digit_fd_reason = ""
         self.last_images: torch.Tensor | None = None
+        self.last_neighbours: Neighbours | None = None
+        self.last_report: Path | None = None
+        self.cache = cache_dir(settings.fid_cache_dir)
+        self._holdout_ratio: torch.Tensor | None = None
+        self._digit_fd: DigitFD | None = None
 
     def __call__(self, server_round: int, model: UNet2DModel) -> dict[str, float | None]:
         s = self.settings
@@ -44,19 +62,166 @@ class MemorizationEvaluator:
             seed=s.seed,
             device=self.device,
         )
+        return self.evaluate_images(images, f"round{server_round:03d}", f"round {server_round}")
+
+    # ---- the metrics ---------------------------------------------------------------------
+    def evaluate_images(self, images: torch.Tensor, tag: str = "final", title: str = "") -> dict[str, float | None]:
+        """All metrics, pictures and the report for generated ``images`` in [0, 1] (N, C, H, W)."""
+        s, data = self.settings, self.data
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         self.last_images = images
-        neighbours = nearest_neighbours(images, self.data.images, n=s.mq_neighbours, device=self.device)
-        metrics: dict[str, float | None] = dict(mq_counts(neighbours.ratio, s.thresholds))
+        neighbours = nearest_neighbours(images, data.images, n=s.mq_neighbours, device=self.device)
+        self.last_neighbours = neighbours
+        ratio = neighbours.ratio
+        metrics: dict[str, float | None] = dict(mq_counts(ratio, s.thresholds))
+        holdout_ratio = self.holdout_ratio()
+        if holdout_ratio is not None:
+            metrics.update(copy_scores(ratio, holdout_ratio))
         metrics["fid"] = self._fid(images)
-        save_image(images[:64], self.out_dir / f"samples_round{server_round:03d}.png", nrow=8)
+        if data.name == "digits":
+            metrics["digit_fd"] = self._digit_score(images)
+        save_image(images[:64], self.out_dir / f"samples_{tag}.png", nrow=8)
+        pictures = {
+            "samples": f"samples_{tag}.png",
+            "pairs": save_pair_grid(images, data.images, neighbours, self.out_dir / f"pairs_{tag}.png").name,
+            "ratios": plot_ratio_histogram(
+                ratio,
+                holdout_ratio,
+                self.out_dir / f"ratios_{tag}.png",
+                s.thresholds,
+                holdout_quantiles(holdout_ratio) if holdout_ratio is not None else None,
+            ).name,
+        }
+        self.last_report = self._write_report(tag, title or tag, metrics, neighbours, holdout_ratio, pictures)
         return metrics
+
+    def holdout_ratio(self) -> torch.Tensor | None:
+        """Eq. 12 ratio of every held-out real image against the training set (computed once)."""
+        if self._holdout_ratio is None and len(self.data.holdout):
+            n = self.settings.mq_neighbours
+            self._holdout_ratio = nearest_neighbours(self.data.holdout, self.data.images, n, device=self.device).ratio
+        return self._holdout_ratio
 
     def _fid(self, images: torch.Tensor) -> float | None:
         if self.fid_reason:  # disabled, or already failed this run: do not retry the download
             return None
+        batch = self.settings.eval_batch_size if self.device.type == "cuda" else min(self.settings.eval_batch_size, 50)
         try:
-            return fid(images, self.data.images.float() / 255, self.settings.fid_weights, str(self.device))
-        except FIDUnavailable as err:
+            return fid(
+                images,
+                self.data.images,
+                self.settings.fid_weights,
+                self.device,
+                batch_size=batch,
+                reference_key=f"{self.data.name}-{self.data.fingerprint}",
+                cache=str(self.cache),
+            )
+        except (FIDUnavailable, ValueError) as err:
             self.fid_reason = str(err)
             log.warning("FID unavailable: %s", err)
             return None
+
+    def _digit_score(self, images: torch.Tensor) -> float | None:
+        if self._digit_fd is None and not self.digit_fd_reason:
+            try:
+                labels = getattr(self.data, "holdout_labels", None)
+                labels = labels if labels is not None else digits_holdout_labels(self.data.holdout)
+                self._digit_fd = load_digit_fd(
+                    self.data.images, self.data.labels, self.data.holdout, labels, self.cache, self.settings.seed
+                )
+            except ValueError as err:
+                self.digit_fd_reason = str(err)
+                log.warning("digit_fd unavailable: %s", err)
+        if self._digit_fd is None:
+            return None
+        try:
+            return self._digit_fd(images)
+        except ValueError as err:  # e.g. a single generated image has no covariance
+            log.warning("digit_fd unavailable: %s", err)
+            return None
+
+    # ---- the report ----------------------------------------------------------------------
+    def _write_report(
+        self,
+        tag: str,
+        title: str,
+        metrics: dict[str, float | None],
+        neighbours: Neighbours,
+        holdout_ratio: torch.Tensor | None,
+        pictures: dict[str, str],
+    ) -> Path:
+        s, data = self.settings, self.data
+        ratio = neighbours.ratio
+        num = ratio.numel()
+        lines = [
+            f"# Evaluation, {title}",
+            "",
+            f"{num} generated images (DDIM, {s.sample_steps} steps, seed {s.seed}) against the {len(data)} "
+            f"training images of `{data.name}` ({data.fingerprint}); {len(data.holdout)} held-out real images.",
+            "",
+            "## Memorization",
+            "",
+            f"MQ (eq. 12-13): a generated image counts when its squared distance to the nearest training image is "
+            f"below delta times the mean squared distance to its n = {s.mq_neighbours} nearest (images in [0, 1]).",
+            "",
+            "| delta | MQ (count) | share |",
+            "|---|---|---|",
+        ]
+        for t in s.thresholds:
+            count = int(metrics[f"mq_{t:g}"])
+            lines.append(f"| {t:g} | {count} | {count / max(num, 1):.2%} |")
+        lines.append("")
+        if holdout_ratio is not None:
+            quant = holdout_quantiles(holdout_ratio)
+            parts = [
+                f"`copy_{p * 100:g}` = {metrics[f'copy_{p * 100:g}']:.4f} (held-out {p:.0%} quantile {quant[p]:.4f})"
+                for p in COPY_LEVELS
+            ]
+            lines += [
+                "Calibrated score: share of generated images whose ratio is below the given quantile of the "
+                "ratios of held-out real images (never seen in training). A model whose samples are no closer to "
+                "the training set than unseen real images scores about 0.01 and 0.05; copies push it towards 1.",
+                "",
+                "- " + "\n- ".join(parts),
+                f"- median ratio: generated {float(ratio.median()):.4f}, held-out {float(holdout_ratio.median()):.4f}",
+                "",
+            ]
+        else:
+            lines += ["No held-out images: `copy_1`/`copy_5` not computed.", ""]
+        lines += ["## Quality", ""]
+        if metrics.get("fid") is not None:
+            lines.append(f"- FID: {metrics['fid']:.3f} (pytorch-fid Inception pool3, {num} generated vs training set)")
+        else:
+            lines.append(f"- FID: unavailable ({self.fid_reason})")
+        if "digit_fd" in metrics:
+            if metrics["digit_fd"] is not None:
+                acc = self._digit_fd.accuracy if self._digit_fd is not None else math.nan
+                lines.append(
+                    f"- digit_fd: {metrics['digit_fd']:.3f} (not FID: Fréchet distance on the features of a small "
+                    f"digit classifier trained on the hold-out split, {acc:.1%} accurate on the training split; "
+                    "generated vs training images)"
+                )
+            else:
+                lines.append(f"- digit_fd: unavailable ({self.digit_fd_reason or 'too few generated images'})")
+        lines += [
+            "",
+            "## Pictures",
+            "",
+            f"Closest pairs (generated | nearest training image), sorted by ratio:\n\n![pairs]({pictures['pairs']})",
+            "",
+            f"Ratios, generated vs held-out:\n\n![ratios]({pictures['ratios']})",
+            "",
+            f"Samples:\n\n![samples]({pictures['samples']})",
+            "",
+            "## Closest pairs",
+            "",
+            "| rank | generated # | training id | ratio | squared distance |",
+            "|---|---|---|---|---|",
+        ]
+        order = torch.argsort(ratio, stable=True)[:PAIRS_LISTED]
+        for rank, i in enumerate(order.tolist(), 1):
+            tid, dist = int(neighbours.nearest[i]), float(neighbours.dist[i, 0])
+            lines.append(f"| {rank} | {i} | {tid} | {float(ratio[i]):.4f} | {dist:.4g} |")
+        target = self.out_dir / f"eval_{tag}.md"
+        target.write_text("\n".join(lines) + "\n")
+        return target

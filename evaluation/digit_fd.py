@@ -1,0 +1,147 @@
+"""``digit_fd``: Fréchet distance on the features of a small digit classifier (digits data set only).
+
+The offline stand-in for FID (the usual MNIST-style practice): Inception weights cannot be had
+offline and mean little on 8x8 digits. The classifier is trained by this code on the digits
+hold-out split (never on the training images it will be compared with), deterministically on the
+CPU in a few seconds, and cached on disk. It is labelled ``digit_fd`` and is never called FID.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .fid import feature_statistics, frechet_distance_stats
+
+log = logging.getLogger("iet_agc.evaluation")
+
+DIGIT_SIZE = 8  # the classifier sees every image at sklearn's native 8x8
+NET_VERSION = 1  # bump when the architecture or training recipe changes (invalidates caches)
+MIN_HOLDOUT = 20
+
+
+class DigitNet(nn.Module):
+    """MLP 64 -> 128 -> 64 -> 10 on 8x8 grey images in [0, 1]; ``forward`` gives the 64-d features.
+
+    Features are the pre-activations of the 64-unit layer (no dead ReLU units, so the covariance
+    stays full rank).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(DIGIT_SIZE**2, 128), nn.ReLU(), nn.Linear(128, 64))
+        self.head = nn.Sequential(nn.ReLU(), nn.Linear(64, 10))
+
+    @staticmethod
+    def prepare(x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) in [0, 1] -> (B, 1, 8, 8): channel mean (grey repeated to RGB is undone), area resize."""
+        x = x.float().mean(1, keepdim=True)
+        if x.shape[-2:] != (DIGIT_SIZE, DIGIT_SIZE):
+            x = F.interpolate(x, size=(DIGIT_SIZE, DIGIT_SIZE), mode="area")
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(self.prepare(x))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self(x))
+
+
+def train_digit_net(images: torch.Tensor, labels: torch.Tensor, seed: int = 0, steps: int = 200) -> DigitNet:
+    """Full-batch Adam on (uint8 images, labels), seeded, on the CPU: the same weights every time."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = DigitNet()
+    x, y = images.float() / 255.0, labels.long()
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3, weight_decay=1e-4)
+    with torch.enable_grad():
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(net.logits(x), y).backward()
+            opt.step()
+    return net.eval()
+
+
+@torch.no_grad()
+def accuracy(net: DigitNet, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of images classified correctly (a sanity check of the features)."""
+    return float((net.logits(images.float() / 255.0).argmax(1) == labels).double().mean())
+
+
+def digits_holdout_labels(holdout: torch.Tensor) -> torch.Tensor:
+    """Labels of the digits hold-out images, found by content in sklearn's digits (all 1797 distinct).
+
+    ``ImageSet`` carries labels for the training split only; matching by content keeps this
+    independent of how the split was drawn.
+    """
+    from sklearn.datasets import load_digits
+
+    from ddpm.data import _resize
+
+    bunch = load_digits()
+    images = torch.from_numpy(np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8))[:, None]
+    images = _resize(images, holdout.shape[-1])
+    table = {row.tobytes(): int(label) for row, label in zip(images.numpy(), bunch.target, strict=True)}
+    labels = [table.get(row.tobytes(), -1) for row in holdout.numpy()]
+    if -1 in labels:
+        raise ValueError("holdout: images are not sklearn digits; cannot label them for the digit classifier")
+    return torch.tensor(labels, dtype=torch.int64)
+
+
+@dataclass
+class DigitFD:
+    """The trained classifier and the training images' feature statistics, ready to score samples."""
+
+    net: DigitNet
+    mu: np.ndarray
+    sigma: np.ndarray
+    accuracy: float  # on the training split, which the classifier never saw
+
+    def __call__(self, generated01: torch.Tensor) -> float:
+        """digit_fd of generated images (uint8 or [0, 1]) against the training images."""
+        return frechet_distance_stats(*feature_statistics(generated01, self.net, batch_size=4096), self.mu, self.sigma)
+
+
+def load_digit_fd(
+    train: torch.Tensor,
+    train_labels: torch.Tensor | None,
+    holdout: torch.Tensor,
+    holdout_labels: torch.Tensor,
+    cache: Path | str,
+    seed: int = 0,
+) -> DigitFD:
+    """Train (or load from ``cache``/digit_fd) the classifier on the hold-out split; fit train stats."""
+    if holdout.shape[0] < MIN_HOLDOUT:
+        raise ValueError(f"holdout: the digit classifier needs >= {MIN_HOLDOUT} held-out images, got {len(holdout)}")
+    h = hashlib.sha256(holdout.contiguous().numpy().tobytes())
+    h.update(holdout_labels.numpy().astype(np.int64).tobytes())
+    path = Path(cache) / "digit_fd" / f"digitnet-v{NET_VERSION}-seed{seed}-{h.hexdigest()[:16]}.pt"
+    net = None
+    if path.is_file():
+        try:
+            net = DigitNet()
+            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            net.eval()
+        except Exception as err:  # corrupt cache: retrain
+            log.warning("retraining digit classifier, cache %s unreadable: %s", path, err)
+            net = None
+    if net is None:
+        net = train_digit_net(holdout, holdout_labels, seed)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            torch.save(net.state_dict(), tmp)
+            os.replace(tmp, path)
+        except OSError as err:
+            log.warning("could not cache the digit classifier at %s: %s", path, err)
+    acc = accuracy(net, train, train_labels) if train_labels is not None else float("nan")
+    mu, sigma = feature_statistics(train, net, batch_size=4096)
+    return DigitFD(net, mu, sigma, acc)

@@ -1,0 +1,116 @@
+"""Pictures of an evaluation: closest generated/training pairs, ratio and skip-count histograms.
+
+Figures are drawn with matplotlib's object API on the Agg canvas (no pyplot, no global backend
+switch), so they work headless and from any thread.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torchvision.utils import make_grid
+
+from .mq import Neighbours
+
+
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _as01(images: torch.Tensor) -> torch.Tensor:
+    return images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+
+
+def save_pair_grid(
+    generated: torch.Tensor,
+    train: torch.Tensor,
+    neighbours: Neighbours,
+    path: Path | str,
+    num_pairs: int = 32,
+    columns: int = 8,
+) -> Path:
+    """Grid of the ``num_pairs`` generated images with the smallest eq. 12 ratio, each beside its
+    nearest training image (left: generated, right: training), sorted by ratio, ratio under each pair."""
+    ratio = neighbours.ratio
+    order = torch.argsort(ratio, stable=True)[:num_pairs]
+    k = int(order.numel())
+    if k == 0:
+        raise ValueError("no generated images to draw")
+    gen, ref = _as01(generated[order]).cpu(), _as01(train[neighbours.nearest[order]]).cpu()
+    columns = min(columns, k)
+    rows = math.ceil(k / columns)
+    fig = _figure(columns * 1.5, rows * 1.15 + 0.5)
+    for j in range(k):
+        ax = fig.add_subplot(rows, columns, j + 1)
+        pair = make_grid(torch.stack([gen[j], ref[j]]), nrow=2, padding=1, pad_value=1.0)
+        ax.imshow(pair.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        tid = int(neighbours.nearest[order[j]])
+        ax.set_xlabel(f"{float(ratio[order[j]]):.3f}  #{tid}", fontsize=7, labelpad=2)
+    fig.suptitle("closest pairs: generated | nearest training image (#id); ratio (eq. 12) below", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
+def plot_ratio_histogram(
+    ratio: torch.Tensor,
+    holdout_ratio: torch.Tensor | None,
+    path: Path | str,
+    thresholds: Sequence[float] = (0.4, 0.5, 0.6),
+    quantiles: Mapping[float, float] | None = None,
+) -> Path:
+    """Density of the eq. 12 ratio of generated images vs held-out real images, with the MQ
+    thresholds (dashed) and the held-out quantiles behind copy_p (dotted)."""
+    fig = _figure(6.0, 3.6)
+    ax = fig.add_subplot(1, 1, 1)
+    bins = np.linspace(0.0, 1.0, 51)
+    ax.hist(ratio.numpy(), bins=bins, density=True, alpha=0.6, label=f"generated ({ratio.numel()})")
+    if holdout_ratio is not None and holdout_ratio.numel():
+        label = f"held-out real ({holdout_ratio.numel()})"
+        ax.hist(holdout_ratio.numpy(), bins=bins, density=True, alpha=0.5, label=label)
+    for t in thresholds:
+        ax.axvline(t, color="black", linestyle="--", linewidth=0.8)
+    for p, q in (quantiles or {}).items():
+        ax.axvline(q, color="tab:red", linestyle=":", linewidth=1.0)
+        ax.annotate(
+            f"held-out {p * 100:g} %", (q, ax.get_ylim()[1] * 0.98), fontsize=7, color="tab:red", rotation=90, va="top"
+        )
+    ax.set_xlabel("nearest / mean of n nearest squared distances (eq. 12)")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
+def plot_skip_histogram(counts: np.ndarray, path: Path | str) -> Path:
+    """Histogram of how often each training sample was skipped (AGC skip counts, one per sample id)."""
+    counts = np.asarray(counts).reshape(-1)
+    if counts.size == 0:
+        raise ValueError("counts: empty")
+    if not np.all(np.isfinite(counts)) or counts.min() < 0:
+        raise ValueError("counts: must be finite and non-negative")
+    fig = _figure(6.0, 3.6)
+    ax = fig.add_subplot(1, 1, 1)
+    top = float(counts.max())
+    if np.all(counts == np.round(counts)) and top <= 100:
+        bins = np.arange(int(top) + 2) - 0.5  # one bar per integer count
+    else:
+        bins = 50
+    ax.hist(counts, bins=bins, color="tab:blue")
+    ax.set_xlabel("times skipped")
+    ax.set_ylabel("training samples")
+    ax.set_title(f"skip counts of {counts.size} training samples (mean {counts.mean():.2f})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return Path(path)
