@@ -50,6 +50,73 @@ def per_sample_loss(
     return (pred - noise).pow(2).flatten(1).mean(1)
 
 
+@dataclass
+class StepLoss:
+    """One batch's eq. 8 loss and what happened to each sample."""
+
+    loss: torch.Tensor  # scalar to back-propagate
+    losses: torch.Tensor  # (B,) plain per-sample losses, detached (they update the bank)
+    skip: torch.Tensor  # (B,) bool, eq. 4
+    aug: torch.Tensor  # (B,) bool, eq. 8 middle case
+
+
+def plain_loss(model: UNet2DModel, scheduler, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The default DDPM objective (the baseline AGC and TAA are measured against)."""
+    return per_sample_loss(model, x0, t, noise, scheduler).mean()
+
+
+def agc_taa_loss(
+    model: UNet2DModel,
+    scheduler,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    bank: torch.Tensor,
+    skip_rule: SkipRule,
+    augment: AugmentPolicy | None,
+    settings: Settings,
+) -> StepLoss:
+    """Eq. 8 over a batch: skipped samples add 0, samples in TAA's range add the loss of their
+    augmented copy (same t and noise), the rest their plain loss; mean over the kept samples.
+
+    Without TAA this is one forward pass with the skipped samples masked out. With TAA the plain
+    losses are first computed without gradients (they decide skip and augmentation and feed the
+    bank), then one forward/backward runs on the kept samples, augmented ones replaced by their
+    copies: a step costs about one no-grad forward more than a plain step, whatever the fraction.
+    """
+    if augment is None:
+        losses = per_sample_loss(model, x0, t, noise, scheduler)
+        skip = skip_rule(loss_ratio(losses.detach(), bank[t]))
+        keep = ~skip
+        return StepLoss((losses * keep).sum() / keep.sum().clamp_min(1), losses.detach(), skip, torch.zeros_like(keep))
+    with torch.no_grad():
+        losses = per_sample_loss(model, x0, t, noise, scheduler)
+    ratio = loss_ratio(losses, bank[t])
+    skip = skip_rule(ratio)
+    keep = ~skip
+    threshold = settings.skip_threshold
+    aug = in_augment_range(ratio, keep, threshold, settings.aug_range)
+    kept = keep.nonzero().squeeze(1)  # TAA's host sync: the subset to train on
+    n_kept = kept.numel()
+    if n_kept == 0:  # all skipped: a zero loss, zero gradients
+        return StepLoss(sum(p.sum() * 0 for p in model.parameters()), losses, skip, aug)
+    # Pad the subset to a multiple of B/8 (weight 0) so the backends see few distinct shapes:
+    # CPU convolution kernels are rebuilt for every new batch size, which would cost more than
+    # the samples saved.
+    quantum = max(1, x0.shape[0] // 8)
+    size = min(x0.shape[0], -(-n_kept // quantum) * quantum)
+    rows = torch.cat([kept, kept[:1].expand(size - n_kept)])
+    weight = (torch.arange(size, device=x0.device) < n_kept).to(losses.dtype)
+    x_train = x0[rows]
+    is_aug = aug[rows] & (weight > 0)
+    idx = is_aug.nonzero().squeeze(1)
+    if idx.numel():
+        rho = strength(ratio[rows[idx]], threshold, settings.aug_sharpness)
+        x_train = x_train.index_copy(0, idx, augment((x_train[idx] + 1) / 2, rho) * 2 - 1)
+    loss = (per_sample_loss(model, x_train, t[rows], noise[rows], scheduler) * weight).sum() / n_kept
+    return StepLoss(loss, losses, skip, aug)
+
+
 def default_skip_rule(settings: Settings) -> SkipRule:
     return RatioSkip(settings.skip_threshold) if settings.agc else NeverSkip()
 
@@ -95,7 +162,7 @@ def train_shard(
     counts = torch.zeros(n, dtype=torch.long, device=device)
     loss_sum = torch.zeros((), device=device)
     n_aug = torch.zeros((), dtype=torch.long, device=device)
-    threshold, eta = settings.skip_threshold, settings.bank_eta
+    eta = settings.bank_eta
 
     for _ in range(settings.local_epochs):
         perm = torch.randperm(n, generator=gen).to(device)
@@ -107,23 +174,8 @@ def train_shard(
                 x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
             t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (x0.shape[0],), device=device)
             noise = torch.randn_like(x0)
-            losses = per_sample_loss(model, x0, t, noise, scheduler)
-            ratio = loss_ratio(losses.detach(), bank[t])
-            skip = skip_rule(ratio)
-            keep = ~skip
-            weight = keep.to(losses.dtype)
-            total = (losses * weight).sum()
-            if augment is not None:
-                aug = in_augment_range(ratio, keep, threshold, settings.aug_range)
-                idx = aug.nonzero().squeeze(1)  # TAA's one host sync per step
-                if idx.numel():
-                    rho = strength(ratio[idx], threshold, settings.aug_sharpness)
-                    x_aug = augment((x0[idx] + 1) / 2, rho) * 2 - 1
-                    aug_losses = per_sample_loss(model, x_aug, t[idx], noise[idx], scheduler)
-                    # eq. 8: the augmented loss replaces the plain one for these samples
-                    total = total - (losses[idx] * weight[idx]).sum() + aug_losses.sum()
-                n_aug += aug.sum()
-            loss = total / keep.sum().clamp_min(1)
+            out = agc_taa_loss(model, scheduler, x0, t, noise, bank, skip_rule, augment, settings)
+            loss = out.loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
@@ -131,9 +183,10 @@ def train_shard(
                 group["lr"] = settings.lr * min(1.0, (state.step + 1) / warmup) if warmup else settings.lr
             optimizer.step()
             state.step += 1
-            bank = update_memory_bank(bank, t, losses, eta)
-            counts.index_add_(0, pos, skip.long())
-            loss_sum += kept_mean(losses.detach(), keep)
+            bank = update_memory_bank(bank, t, out.losses, eta)
+            counts.index_add_(0, pos, out.skip.long())
+            n_aug += out.aug.sum()
+            loss_sum += kept_mean(out.losses, ~out.skip)
 
     steps = settings.local_epochs * steps_per_epoch
     seen = steps * batch

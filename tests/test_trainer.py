@@ -71,3 +71,36 @@ def test_shard_state_round_trips_through_records():
         assert all(torch.equal(entry[k], back.optimizer[i][k]) for k in entry)
     fresh = load_shard_state(records, 0)
     assert fresh.optimizer is None and fresh.step == 0 and not fresh.bank.any()
+
+
+class _Echo(torch.nn.Module):
+    """A stand-in model predicting the noisy input itself: the loss then depends on x0."""
+
+    def forward(self, x, t):
+        return type("Out", (), {"sample": x})()
+
+
+def test_eq8_loss_on_a_tiny_batch():
+    from clients.agc import RatioSkip
+    from clients.trainer import agc_taa_loss
+    from ddpm.schedule import train_scheduler
+
+    sched = train_scheduler()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(4, 1, 2, 2, generator=g) * 2 - 1
+    noise = torch.randn(4, 1, 2, 2, generator=g)
+    t = torch.tensor([10, 500, 999, 3])
+    plain = (sched.add_noise(x0, noise, t) - noise).pow(2).flatten(1).mean(1)
+    # bank so that ratios are: sample 0 -> 0.2 (skip), 1 -> 0.6 (augment), 2 -> 3.0 (plain), 3 -> bank 0 (plain)
+    bank = torch.zeros(1000)
+    bank[10], bank[500], bank[999] = plain[0] / 0.2, plain[1] / 0.6, plain[2] / 3.0
+    settings = Settings(skip_threshold=0.5, aug_range=1.7)
+    invert = lambda images, rho: 1 - images  # noqa: E731 - a deterministic augmentation for the check
+    out = agc_taa_loss(_Echo(), sched, x0, t, noise, bank, RatioSkip(0.5), invert, settings)
+    x_aug = -x0[1:2]  # 1 - (x+1)/2 mapped back to [-1, 1]
+    aug_loss = (sched.add_noise(x_aug, noise[1:2], t[1:2]) - noise[1:2]).pow(2).mean()
+    expect = (aug_loss + plain[2] + plain[3]) / 3
+    assert out.skip.tolist() == [True, False, False, False]
+    assert out.aug.tolist() == [False, True, False, False]
+    torch.testing.assert_close(out.loss, expect)
+    torch.testing.assert_close(out.losses, plain)
