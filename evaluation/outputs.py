@@ -129,6 +129,11 @@ class RunWriter:
                 "",
             ]
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + ["", "![samples](samples.png)", ""]
+        evals, pairs = sorted(self.path.glob("eval_*.md")), sorted(self.path.glob("pairs_*.png"))
+        if evals:  # the evaluator's per-evaluation reports and the last closest-pair grid
+            lines += ["## Evaluations", ""] + [f"- [{p.stem}]({p.name})" for p in evals] + [""]
+            if pairs:
+                lines += ["Closest generated/training pairs, last evaluation:", "", f"![pairs]({pairs[-1].name})", ""]
         target = self.path / "report.md"
         target.write_text("\n".join(lines))
         return target
