@@ -89,3 +89,9 @@ def test_node_config_may_relocate_data_but_not_change_the_method(tmp_path):
     sent = {**Settings().to_run_config(), "shard": 2, "ids": [1, 2]}
     s = settings_from_message(sent, {"device": "cpu", "skip-threshold": 0.9, "partition-id": 0})
     assert s.device == "cpu" and s.skip_threshold == Settings().skip_threshold
+
+
+def test_readme_documents_every_setting():
+    readme = (ROOT / "README.md").read_text()
+    missing = [k for k in Settings.keys() if f"| `{k}` |" not in readme]
+    assert not missing, f"README lacks settings: {missing}"

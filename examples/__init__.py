@@ -1,0 +1,1 @@
+"""Examples of customizing IET-AGC+ without editing the package."""
