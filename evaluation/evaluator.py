@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from diffusers import UNet2DModel
 from torchvision.utils import save_image
 
@@ -80,7 +81,10 @@ class MemorizationEvaluator:
         metrics["fid"] = self._fid(images)
         if data.name == "digits":
             metrics["digit_fd"] = self._digit_score(images)
-        save_image(images[:64], self.out_dir / f"samples_{tag}.png", nrow=8)
+        shown = images[:64]
+        if shown.shape[-1] < 32:  # enlarge tiny images (8x8 digits) so the grid can be seen
+            shown = F.interpolate(shown.float(), scale_factor=32 // shown.shape[-1], mode="nearest")
+        save_image(shown, self.out_dir / f"samples_{tag}.png", nrow=8)
         pictures = {
             "samples": f"samples_{tag}.png",
             "pairs": save_pair_grid(images, data.images, neighbours, self.out_dir / f"pairs_{tag}.png").name,
