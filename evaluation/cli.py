@@ -7,6 +7,7 @@ and exit code 2 (as argparse does for bad arguments).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import sys
@@ -231,15 +232,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else (run_dir or pipeline_dir.parent) / f"evaluate-{stamp}"
     evaluator = MemorizationEvaluator(settings, data, out, device)
-    images = ddim_sample(
-        unet,
-        settings.eval_num_images,
-        steps=settings.sample_steps,
-        batch_size=settings.eval_batch_size,
-        seed=settings.seed,
-        device=device,
-    )
-    metrics = evaluator.evaluate_images(images, "final", f"{pipeline_dir} ({settings.eval_num_images} images)")
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is for the JSON line (torch.hub prints there)
+        images = ddim_sample(
+            unet,
+            settings.eval_num_images,
+            steps=settings.sample_steps,
+            batch_size=settings.eval_batch_size,
+            seed=settings.seed,
+            device=device,
+        )
+        metrics = evaluator.evaluate_images(images, "final", f"{pipeline_dir} ({settings.eval_num_images} images)")
     summary = {
         **metrics,
         "n_generated": int(images.shape[0]),
