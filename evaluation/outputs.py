@@ -108,7 +108,10 @@ class RunWriter:
 
     def save_samples(self, images: torch.Tensor, name: str = "samples.png") -> Path:
         target = self.path / name
-        save_image(images[:64], target, nrow=8)
+        images = images[:64]
+        if images.shape[-1] < 32:  # enlarge tiny images (8x8 digits) so the grid can be seen
+            images = images.repeat_interleave(32 // images.shape[-1], -1).repeat_interleave(32 // images.shape[-2], -2)
+        save_image(images, target, nrow=8)
         return target
 
     def write_report(self, notes: list[str]) -> Path:
@@ -129,6 +132,8 @@ class RunWriter:
                 "",
             ]
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + ["", "![samples](samples.png)", ""]
+        if (self.path / "skip_counts.png").is_file():
+            lines += ["Skips per training sample over the run:", "", "![skip counts](skip_counts.png)", ""]
         evals, pairs = sorted(self.path.glob("eval_*.md")), sorted(self.path.glob("pairs_*.png"))
         if evals:  # the evaluator's per-evaluation reports and the last closest-pair grid
             lines += ["## Evaluations", ""] + [f"- [{p.stem}]({p.name})" for p in evals] + [""]

@@ -18,6 +18,7 @@ from ddpm.shards import make_shards
 from ddpm.unet import build_unet, num_parameters
 from evaluation.evaluator import Evaluator, MemorizationEvaluator
 from evaluation.outputs import RunWriter, new_run_dir
+from evaluation.plots import plot_skip_histogram
 from strategies.iet import IETStrategy, RoundLog
 from strategies.msr import Redistribution, make_redistribution
 
@@ -111,6 +112,8 @@ def run(
     model.load_state_dict(result.arrays.to_torch_state_dict())
     pipeline = writer.save_model(model)
     writer.save_skip_counts(strategy.total_counts)
+    if settings.agc:
+        plot_skip_histogram(strategy.total_counts, writer.path / "skip_counts.png")
     notes = [f"final weights: `{pipeline.name}/` (load with `DDPMPipeline.from_pretrained`)"]
     if getattr(evaluator, "last_images", None) is not None:
         writer.save_samples(evaluator.last_images)

@@ -55,7 +55,7 @@ def test_outputs_of_a_run(two_runs):
     r1 = moved[moved["round"] == 1]
     nxt = assign[assign["round"] == 2].set_index("sample_id")["shard"]
     assert (nxt.loc[r1["sample_id"]].to_numpy() == r1["to_shard"].to_numpy()).all()
-    for name in ("settings.toml", "samples.png", "report.md", "skip_counts.csv"):
+    for name in ("settings.toml", "samples.png", "report.md", "skip_counts.csv", "skip_counts.png"):
         assert (run / name).is_file(), name
     pipe = DDPMPipeline.from_pretrained(run / "pipeline")
     assert pipe.unet.config.sample_size == 8 and pipe.unet.config.in_channels == 1
