@@ -28,6 +28,7 @@ class ImageSet:
     images: torch.Tensor  # uint8 (N, C, H, W)
     labels: torch.Tensor | None  # int64 (N,) or None
     holdout: torch.Tensor  # uint8 (M, C, H, W); M may be 0
+    holdout_labels: torch.Tensor | None = None  # int64 (M,) where the data set has labels
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -74,7 +75,7 @@ def _load_digits(image_size: int, train_size: int, seed: int) -> ImageSet:
     order = torch.from_numpy(np.random.default_rng(seed).permutation(len(images)))
     train, rest = order[:train_size], order[train_size:]
     images = _resize(images, image_size)
-    return ImageSet("digits", images[train].contiguous(), labels[train], images[rest].contiguous())
+    return ImageSet("digits", images[train].contiguous(), labels[train], images[rest].contiguous(), labels[rest])
 
 
 def _load_cifar(name: str, root: Path, download: bool, image_size: int, train_size: int) -> ImageSet:
@@ -94,7 +95,8 @@ def _load_cifar(name: str, root: Path, download: bool, image_size: int, train_si
     if train_size:
         images, labels = images[:train_size], labels[:train_size]
     holdout = torch.from_numpy(test.data).permute(0, 3, 1, 2).contiguous()
-    return ImageSet(name, _resize(images, image_size), labels, _resize(holdout, image_size))
+    holdout_labels = torch.tensor(test.targets, dtype=torch.int64)
+    return ImageSet(name, _resize(images, image_size), labels, _resize(holdout, image_size), holdout_labels)
 
 
 def _read_folder(root: Path, image_size: int) -> torch.Tensor:

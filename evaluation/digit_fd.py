@@ -84,26 +84,6 @@ def accuracy(net: DigitNet, images: torch.Tensor, labels: torch.Tensor) -> float
     return float((net.logits(images.float() / 255.0).argmax(1) == labels).double().mean())
 
 
-def digits_holdout_labels(holdout: torch.Tensor) -> torch.Tensor:
-    """Labels of the digits hold-out images, found by content in sklearn's digits (all 1797 distinct).
-
-    ``ImageSet`` carries labels for the training split only; matching by content keeps this
-    independent of how the split was drawn.
-    """
-    from sklearn.datasets import load_digits
-
-    from ddpm.data import _resize
-
-    bunch = load_digits()
-    images = torch.from_numpy(np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8))[:, None]
-    images = _resize(images, holdout.shape[-1])
-    table = {row.tobytes(): int(label) for row, label in zip(images.numpy(), bunch.target, strict=True)}
-    labels = [table.get(row.tobytes(), -1) for row in holdout.numpy()]
-    if -1 in labels:
-        raise ValueError("holdout: images are not sklearn digits; cannot label them for the digit classifier")
-    return torch.tensor(labels, dtype=torch.int64)
-
-
 @dataclass
 class DigitFD:
     """The trained classifier and the training images' feature statistics, ready to score samples."""

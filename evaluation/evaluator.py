@@ -17,7 +17,7 @@ from ddpm.data import ImageSet
 from ddpm.schedule import ddim_sample
 from ddpm.settings import Settings
 
-from .digit_fd import DigitFD, digits_holdout_labels, load_digit_fd
+from .digit_fd import DigitFD, load_digit_fd
 from .fid import FIDUnavailable, cache_dir, fid
 from .mq import COPY_LEVELS, Neighbours, copy_scores, holdout_quantiles, mq_counts, nearest_neighbours
 from .plots import plot_ratio_histogram, save_pair_grid
@@ -128,8 +128,9 @@ class MemorizationEvaluator:
     def _digit_score(self, images: torch.Tensor) -> float | None:
         if self._digit_fd is None and not self.digit_fd_reason:
             try:
-                labels = getattr(self.data, "holdout_labels", None)
-                labels = labels if labels is not None else digits_holdout_labels(self.data.holdout)
+                labels = self.data.holdout_labels
+                if labels is None:
+                    raise ValueError("the digit classifier needs labelled held-out digits")
                 self._digit_fd = load_digit_fd(
                     self.data.images, self.data.labels, self.data.holdout, labels, self.cache, self.settings.seed
                 )

@@ -53,7 +53,10 @@ class RunWriter:
         for name, cols in (
             ("assignments.csv", "round,shard,sample_id"),
             ("moved.csv", "round,sample_id,from_shard,to_shard"),
-            ("shards.csv", "round,shard,node,local_step,num_examples,train_loss,skip_rate,aug_rate,steps"),
+            (
+                "shards.csv",
+                "round,shard,node,local_step,num_examples,train_loss,skip_rate,aug_rate,steps,train_seconds",
+            ),
         ):
             (self.path / name).write_text(cols + "\n")
 
@@ -90,7 +93,7 @@ class RunWriter:
 
     def add_shard_metrics(self, server_round: int, shard_metrics: dict[int, dict[str, float]]) -> None:
         """One row per shard that replied: what it trained on and how (shards.csv)."""
-        cols = ["node", "local_step", "num_examples", "train_loss", "skip_rate", "aug_rate", "steps"]
+        cols = ["node", "local_step", "num_examples", "train_loss", "skip_rate", "aug_rate", "steps", "train_seconds"]
         rows = [[server_round, s] + [m.get(c) for c in cols] for s, m in sorted(shard_metrics.items())]
         pd.DataFrame(rows).to_csv(self.path / "shards.csv", mode="a", header=False, index=False)
 

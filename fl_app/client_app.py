@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -39,6 +41,7 @@ def make_client_app(**train_kwargs) -> ClientApp:
         model = build_unet(settings.model, settings.image_size, data.channels)
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
         state = load_shard_state(context.state, shard)
+        started = time.perf_counter()
         result = train_shard(
             model,
             data.images[torch.from_numpy(ids)],
@@ -59,6 +62,7 @@ def make_client_app(**train_kwargs) -> ClientApp:
                         "skip-rate": result.skip_rate,
                         "aug-rate": result.aug_rate,
                         "steps": result.steps,
+                        "train-seconds": time.perf_counter() - started,
                     }
                 ),
                 "skips": ArrayRecord({"ids": torch.from_numpy(ids), "counts": result.skip_counts}),

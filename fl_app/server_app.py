@@ -27,6 +27,18 @@ from .config import dataset_of, settings_from_run_config
 log = logging.getLogger("iet_agc")
 
 
+EVAL_PREFIXES = ("mq_", "copy_", "fid", "digit_fd")
+
+
+def _fmt(value: Any) -> str:
+    """Counts as integers, rates and distances with 4 significant digits, missing as n/a."""
+    if value is None or (isinstance(value, float) and value != value):
+        return "n/a"
+    if isinstance(value, float) and not value.is_integer():
+        return f"{value:.4g}"
+    return str(int(value)) if isinstance(value, (int, float)) else str(value)
+
+
 def _say(text: str) -> None:
     """Progress for the user: Flower streams the ServerApp's stdout with `flwr run --stream`."""
     print(f"[iet-agc] {text}", flush=True)
@@ -79,16 +91,20 @@ def run(
             "aug_rate": m.get("aug-rate"),
             "moved": int(m.get("moved", 0)),
         }
-        row["seconds"] = round(time.monotonic() - last_time[0], 2)
+        eval_seconds = 0.0
         if server_round in eval_rounds:
             model.load_state_dict(arrays.to_torch_state_dict())
+            eval_start = time.monotonic()
             row.update(evaluator(server_round, model))
+            eval_seconds = time.monotonic() - eval_start
+        row["seconds"] = round(time.monotonic() - last_time[0], 2)  # the round: train, aggregate, evaluate
         last_time[0] = time.monotonic()
         writer.add_round(row)
         _say(
             f"round {server_round}/{settings.num_rounds}: loss {row['train_loss']:.4f} skip {row['skip_rate']:.3f} "
-            f"aug {row['aug_rate']:.3f} moved {row['moved']} ({row['seconds']:.1f}s)"
-            + "".join(f" {k} {v}" for k, v in row.items() if k.startswith(("mq_", "fid")))
+            f"aug {row['aug_rate']:.3f} moved {row['moved']} ({row['seconds']:.1f}s"
+            + (f", evaluation {eval_seconds:.1f}s)" if eval_seconds else ")")
+            + "".join(f" {k} {_fmt(v)}" for k, v in row.items() if k.startswith(EVAL_PREFIXES))
         )
         return MetricRecord({k: float(v) for k, v in row.items() if isinstance(v, (int, float))})
 
@@ -124,12 +140,8 @@ def run(
     final = writer.rows[-1] if writer.rows else {}
     _say(
         f"done in {time.monotonic() - started:.0f}s: "
-        + ", ".join(f"{k} {final.get(k)}" for k in writer.columns if k.startswith("mq_"))
-        + (
-            f", FID {final['fid']:.2f}"
-            if final.get("fid") == final.get("fid") and final.get("fid") is not None
-            else f", FID unavailable ({fid_reason})"
-        )
+        + ", ".join(f"{k} {_fmt(final.get(k))}" for k in writer.columns if k.startswith(("mq_", "copy_", "digit_fd")))
+        + (f", FID unavailable ({fid_reason})" if fid_reason else f", FID {_fmt(final.get('fid'))}")
         + f"; results in {writer.path}"
     )
     return writer

@@ -77,8 +77,7 @@ def test_without_holdout_no_copy_scores(tmp_path, cache):
 
 
 def test_digit_classifier_is_deterministic_and_cached(tmp_path, digits, monkeypatch):
-    labels = dfd.digits_holdout_labels(digits.holdout)
-    # the labels found by content are the ones the data loader's split drew
+    labels = digits.holdout_labels
     from sklearn.datasets import load_digits
 
     order = np.random.default_rng(0).permutation(1797)
@@ -93,8 +92,6 @@ def test_digit_classifier_is_deterministic_and_cached(tmp_path, digits, monkeypa
     again = dfd.load_digit_fd(digits.images, digits.labels, digits.holdout, labels, tmp_path)
     assert again(digits.images) == pytest.approx(0.0, abs=1e-6)  # training images against themselves
     assert again(digits.holdout) < again(torch.rand(300, 1, 8, 8))
-    with pytest.raises(ValueError, match="not sklearn digits"):
-        dfd.digits_holdout_labels(torch.zeros(3, 1, 8, 8, dtype=torch.uint8))
 
 
 def test_skip_histogram(tmp_path):
