@@ -98,6 +98,18 @@ class Settings:
         return new
 
     # ---- derived -------------------------------------------------------------------
+    def dataset_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``ddpm.data.load_dataset`` (the same on the server and every node)."""
+        return dict(
+            name=self.dataset,
+            root=self.data_root,
+            holdout_root=self.holdout_root,
+            download=self.download,
+            image_size=self.image_size,
+            train_size=self.train_size,
+            seed=self.seed,
+        )
+
     @property
     def thresholds(self) -> tuple[float, ...]:
         return tuple(float(x) for x in self.mq_thresholds.split(","))

@@ -195,7 +195,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from ddpm.data import load_dataset
     from ddpm.device import resolve_device
-    from ddpm.schedule import ddim_sample
 
     from .evaluator import MemorizationEvaluator
 
@@ -208,15 +207,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if args.device:
             extra.append(f"device={json.dumps(args.device)}")
         settings = _settings(run_dir, extra)
-        data = load_dataset(
-            settings.dataset,
-            root=settings.data_root,
-            holdout_root=settings.holdout_root,
-            download=settings.download,
-            image_size=settings.image_size,
-            train_size=settings.train_size,
-            seed=settings.seed,
-        )
+        data = load_dataset(**settings.dataset_kwargs())
         if len(data) < settings.mq_neighbours:
             raise InputError(f"mq-neighbours: {settings.mq_neighbours} exceeds the {len(data)} training images")
         unet = DDPMPipeline.from_pretrained(pipeline_dir).unet
@@ -233,14 +224,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else (run_dir or pipeline_dir.parent) / f"evaluate-{stamp}"
     evaluator = MemorizationEvaluator(settings, data, out, device)
     with contextlib.redirect_stdout(sys.stderr):  # stdout is for the JSON line (torch.hub prints there)
-        images = ddim_sample(
-            unet,
-            settings.eval_num_images,
-            steps=settings.sample_steps,
-            batch_size=settings.eval_batch_size,
-            seed=settings.seed,
-            device=device,
-        )
+        images = evaluator.generate(unet)
         metrics = evaluator.evaluate_images(images, "final", f"{pipeline_dir} ({settings.eval_num_images} images)")
     summary = {
         **metrics,

@@ -54,16 +54,13 @@ class MemorizationEvaluator:
         self._digit_fd: DigitFD | None = None
 
     def __call__(self, server_round: int, model: UNet2DModel) -> dict[str, float | None]:
+        return self.evaluate_images(self.generate(model), f"round{server_round:03d}", f"round {server_round}")
+
+    def generate(self, model: UNet2DModel) -> torch.Tensor:
+        """``eval-num-images`` DDIM samples in [0, 1], seeded by the run's seed."""
         s = self.settings
-        images = ddim_sample(
-            model,
-            s.eval_num_images,
-            steps=s.sample_steps,
-            batch_size=s.eval_batch_size,
-            seed=s.seed,
-            device=self.device,
-        )
-        return self.evaluate_images(images, f"round{server_round:03d}", f"round {server_round}")
+        steps, batch = s.sample_steps, s.eval_batch_size
+        return ddim_sample(model, s.eval_num_images, steps=steps, batch_size=batch, seed=s.seed, device=self.device)
 
     # ---- the metrics ---------------------------------------------------------------------
     def evaluate_images(self, images: torch.Tensor, tag: str = "final", title: str = "") -> dict[str, float | None]:

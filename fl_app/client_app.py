@@ -15,7 +15,7 @@ from ddpm.data import load_dataset
 from ddpm.device import resolve_device
 from ddpm.unet import build_unet
 
-from .config import dataset_of, settings_from_message
+from .config import settings_from_message
 
 
 def make_client_app(**train_kwargs) -> ClientApp:
@@ -27,7 +27,7 @@ def make_client_app(**train_kwargs) -> ClientApp:
         cfg = msg.content["config"]
         settings = settings_from_message(cfg, context.node_config)
         shard, server_round = int(cfg["shard"]), int(cfg["server-round"])
-        data = load_dataset(**dataset_of(settings))
+        data = load_dataset(**settings.dataset_kwargs())
         if data.fingerprint != cfg["fingerprint"]:
             raise ValueError(
                 f"data set mismatch on node {context.node_id}: the server's {settings.dataset} copy has "

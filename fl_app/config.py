@@ -23,16 +23,3 @@ def settings_from_message(config: Mapping[str, Any], node_config: Mapping[str, A
     values = {k: v for k, v in config.items() if k in keys}
     values.update({k: v for k, v in (node_config or {}).items() if k in NODE_KEYS})
     return Settings.from_run_config(values)
-
-
-def dataset_of(settings: Settings) -> dict[str, Any]:
-    """Keyword arguments of ``load_dataset`` for these settings (the same on server and nodes)."""
-    return dict(
-        name=settings.dataset,
-        root=settings.data_root,
-        holdout_root=settings.holdout_root,
-        download=settings.download,
-        image_size=settings.image_size,
-        train_size=settings.train_size,
-        seed=settings.seed,
-    )

@@ -22,7 +22,7 @@ from evaluation.plots import plot_skip_histogram
 from strategies.iet import IETStrategy, RoundLog
 from strategies.msr import Redistribution, make_redistribution
 
-from .config import dataset_of, settings_from_run_config
+from .config import settings_from_run_config
 
 log = logging.getLogger("iet_agc")
 
@@ -53,7 +53,7 @@ def run(
 ) -> RunWriter:
     """Run IET-AGC+ end to end on ``grid``; returns the writer of the run folder."""
     started = time.monotonic()
-    data = load_dataset(**dataset_of(settings))
+    data = load_dataset(**settings.dataset_kwargs())
     if len(data) < settings.mq_neighbours:
         raise ValueError(f"mq-neighbours: must be <= the {len(data)} training images, got {settings.mq_neighbours}")
     shards = make_shards(

@@ -7,6 +7,7 @@ arrive (``counts`` is None) keeps its samples; it may still receive from its pre
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -46,34 +47,36 @@ def top_skipped(counts: np.ndarray, k: int, rng: np.random.Generator) -> np.ndar
     return np.sort(order[:k])
 
 
-class MemoryRedistribution:
+class PerShardRedistribution(ABC):
+    """Base of rules that pick floor(P * |shard|) positions per shard from its counts alone."""
+
+    def __init__(self, proportion: float) -> None:
+        self.proportion = proportion
+
+    @abstractmethod
+    def choose(self, counts: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+        """Positions (into the shard) of the k samples that leave it."""
+
+    def __call__(self, shards, counts, rng):
+        out = []
+        for s, c in zip(shards, counts, strict=True):
+            k = num_to_move(len(s), self.proportion)
+            out.append(np.empty(0, dtype=np.int64) if c is None else self.choose(np.asarray(c), k, rng))
+        return out
+
+
+class MemoryRedistribution(PerShardRedistribution):
     """MSR: move each shard's most-skipped samples (eq. 10-11)."""
 
-    def __init__(self, proportion: float) -> None:
-        self.proportion = proportion
-
-    def __call__(self, shards, counts, rng):
-        return [
-            np.empty(0, dtype=np.int64)
-            if c is None
-            else top_skipped(np.asarray(c), num_to_move(len(s), self.proportion), rng)
-            for s, c in zip(shards, counts, strict=True)
-        ]
+    def choose(self, counts, k, rng):
+        return top_skipped(counts, k, rng)
 
 
-class RandomRedistribution:
+class RandomRedistribution(PerShardRedistribution):
     """Table V's control: move the same number of samples, chosen at random."""
 
-    def __init__(self, proportion: float) -> None:
-        self.proportion = proportion
-
-    def __call__(self, shards, counts, rng):
-        return [
-            np.empty(0, dtype=np.int64)
-            if c is None
-            else np.sort(rng.choice(len(s), num_to_move(len(s), self.proportion), replace=False))
-            for s, c in zip(shards, counts, strict=True)
-        ]
+    def choose(self, counts, k, rng):
+        return np.sort(rng.choice(len(counts), k, replace=False))
 
 
 class NoRedistribution:
