@@ -103,7 +103,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         _stop(_stale_superlinks())
     config = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else _toml(v)}" for k, v in overrides.items())
     cmd = ["flwr", "run", str(app_dir), "--stream", "--run-config", config]
-    cmd += ["--federation-config", f"num-supernodes={args.supernodes}", *args.flwr_args]
+    gpus = args.gpus if args.gpus is not None else _default_gpus()
+    federation = f"num-supernodes={args.supernodes}" + (f" client-resources-num-gpus={gpus}" if gpus else "")
+    cmd += ["--federation-config", federation, *args.flwr_args]
     print("[iet-agc] " + " ".join(cmd), flush=True)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     run_id = None
@@ -120,6 +122,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"iet-agc run: run {run_id} ended as {status}: {details}", file=sys.stderr)
         return 1
     return 0
+
+
+def _default_gpus() -> float:
+    """One GPU per running ClientApp when CUDA is visible: Ray hides GPUs from actors asked for none."""
+    import torch
+
+    return 1.0 if torch.cuda.is_available() else 0.0
 
 
 def _toml(value) -> str:
@@ -139,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--run-config", action="append", default=[], help="a preset TOML file or 'key=value ...' (repeatable)"
     )
     run.add_argument("--supernodes", type=int, default=2, help="simulated SuperNodes (default 2)")
+    run.add_argument(
+        "--gpus",
+        type=float,
+        default=None,
+        help="GPUs per running ClientApp in simulation (default: 1 if CUDA is available, else 0; 0.5 = two share one)",
+    )
     run.add_argument("flwr_args", nargs=argparse.REMAINDER, help="passed on to flwr run")
     run.set_defaults(func=cmd_run)
     register_evaluation(sub)
