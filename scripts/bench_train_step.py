@@ -34,7 +34,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def bench(name: str, steps: int, device: torch.device, batch: int | None) -> dict:
+def bench(name: str, steps: int, device: torch.device, batch: int | None, warmup: int = 5) -> dict:
     size, channels, default_batch = SHAPES[name]
     batch = batch or default_batch
     torch.manual_seed(0)
@@ -70,7 +70,7 @@ def bench(name: str, steps: int, device: torch.device, batch: int | None) -> dic
 
     times = {"plain": [], "agc": [], "taa": []}
     aug_frac, skip_frac = [], []
-    for i in range(steps + 2):  # two warm-up iterations are dropped
+    for i in range(steps + warmup):  # warm-up iterations (kernel set-up per batch shape) are dropped
         pos, x0, t, noise = batch_draw(i)
         for mode in MODES:
             _sync(device)
@@ -86,7 +86,7 @@ def bench(name: str, steps: int, device: torch.device, batch: int | None) -> dic
                     aug_frac.append(out.aug.float().mean())
                     skip_frac.append(out.skip.float().mean())
             _sync(device)
-            if i >= 2:
+            if i >= warmup:
                 times[mode].append(time.perf_counter() - start)
     med = {m: statistics.median(v) for m, v in times.items()}
     f = float(torch.stack(aug_frac).mean())
@@ -113,10 +113,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--models", default="tiny,cifar")
     ap.add_argument("--batch", type=int, default=None, help="override the per-model batch size")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed iterations first (default 5)")
     args = ap.parse_args()
     device = resolve_device(args.device)
     for name in args.models.split(","):
-        row = bench(name, args.steps, device, args.batch)
+        row = bench(name, args.steps, device, args.batch, args.warmup)
         print(json.dumps(row), flush=True)
 
 

@@ -120,6 +120,7 @@ class IETStrategy(FedAvg):
         self.node_of_shard: dict[int, int] = {}
         self.on_round = on_round
         self.log: dict[int, RoundLog] = {}
+        self.expected_arrays: dict[str, tuple[int, ...]] = {}  # the global model's keys and shapes
 
     # ---- sending ---------------------------------------------------------------------
     def start(self, grid: Grid, *args, **kwargs):  # noqa: D102 - FedAvg's loop, waves per node
@@ -133,6 +134,7 @@ class IETStrategy(FedAvg):
             if s in before and before[s] != n:
                 log.warning("shard %d moved from node %d (gone) to node %d: its local state restarts", s, before[s], n)
         self.log[server_round] = RoundLog(assignment=[s.copy() for s in self.shards])
+        self.expected_arrays = {k: tuple(a.shape) for k, a in arrays.items()}
         messages = []
         for shard, ids in enumerate(self.shards):
             cfg = ConfigRecord({**self.train_config, **dict(config)})
@@ -180,6 +182,10 @@ class IETStrategy(FedAvg):
             counts = skips["counts"].numpy()
         except KeyError as err:
             return f"shard {shard}: skips lack {err}"
+        if self.expected_arrays and {k: tuple(a.shape) for k, a in weights.items()} != self.expected_arrays:
+            return f"shard {shard}: weights do not match the global model's keys and shapes"
+        if not all(np.isfinite(a.numpy()).all() for a in weights.values()):
+            return f"shard {shard}: weights hold NaN or infinity"
         expected = self.shards[shard]
         if ids.shape != expected.shape or counts.shape != expected.shape:
             return f"shard {shard}: {counts.size} skip counts for {expected.size} ids"

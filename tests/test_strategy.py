@@ -100,6 +100,8 @@ def test_weighted_average_equals_hand_computation_and_msr_applies():
             "other ids",
         ),
         ([0, 0, 0, 0], {"metrics": MetricRecord({"num-examples": 4})}, "metrics must hold"),
+        ([0, 0, 0, 0], {"arrays": ArrayRecord({"w": torch.zeros(3)})}, "keys and shapes"),
+        ([0, 0, 0, 0], {"arrays": ArrayRecord({"w": torch.full((2, 2), float("nan"))})}, "NaN"),
     ],
 )
 def test_bad_reply_is_dropped_with_reason_and_its_shard_keeps_samples(counts, extra, reason, caplog):
@@ -116,11 +118,11 @@ def test_bad_reply_is_dropped_with_reason_and_its_shard_keeps_samples(counts, ex
 
 def test_error_and_missing_replies_keep_shards_and_all_failed_stops():
     s = _strategy([[0, 1], [2, 3], [4, 5]], 6)
-    msgs = list(s.configure_train(1, ArrayRecord({"w": torch.zeros(1)}), ConfigRecord(), FakeGrid([1])))
+    msgs = list(s.configure_train(1, ArrayRecord({"w": torch.zeros(2, 2)}), ConfigRecord(), FakeGrid([1])))
     err = Message(Error(code=1, reason="data set mismatch on node 1"), reply_to=msgs[0])
     s.aggregate_train(1, [err, _reply(msgs[2], 1.0, [0, 3])])
     assert [x.tolist() for x in s.shards] == [[0, 1, 5], [2, 3], [4]]
-    msgs = list(s.configure_train(2, ArrayRecord({"w": torch.zeros(1)}), ConfigRecord(), FakeGrid([1])))
+    msgs = list(s.configure_train(2, ArrayRecord({"w": torch.zeros(2, 2)}), ConfigRecord(), FakeGrid([1])))
     with pytest.raises(RuntimeError, match="data set mismatch"):
         s.aggregate_train(2, [Message(Error(code=1, reason="data set mismatch"), reply_to=m) for m in msgs])
 
