@@ -3,7 +3,8 @@
     python scripts/bench_train_step.py [--device cpu|cuda] [--steps 20] [--models tiny,cifar]
 
 Each mode runs the same model, batch, optimizer (Adam), gradient clipping and data; modes are
-interleaved step by step so machine drift hits them alike; the median step time is reported.
+interleaved step by step, in a rotating order, so machine drift hits them alike; the median step
+time is reported.
 The memory bank is first warmed with real losses so skip and augmentation fractions are
 realistic; targets (issue 3): AGC <= 1.05x plain, TAA <= (1 + augmented fraction) x plain + 5%.
 """
@@ -72,7 +73,7 @@ def bench(name: str, steps: int, device: torch.device, batch: int | None, warmup
     aug_frac, skip_frac = [], []
     for i in range(steps + warmup):  # warm-up iterations (kernel set-up per batch shape) are dropped
         pos, x0, t, noise = batch_draw(i)
-        for mode in MODES:
+        for mode in MODES[i % 3 :] + MODES[: i % 3]:  # rotate the order: no mode always runs first
             _sync(device)
             start = time.perf_counter()
             if mode == "plain":
