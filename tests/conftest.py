@@ -25,3 +25,14 @@ TINY_RUN = {
 def tiny_run(tmp_path):
     """Run-config overrides for an in-process simulation that finishes in seconds."""
     return {**TINY_RUN, "out-dir": str(tmp_path / "runs")}
+
+
+@pytest.fixture
+def flower_task():
+    """Messages can only be made inside a Flower task: pretend to be one (ServerApp or ClientApp)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    old = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old

@@ -4,20 +4,13 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from ddpm.data import load_dataset
 from ddpm.settings import Settings
 from ddpm.unet import build_unet
 from fl_app.client_app import app
 
-
-@pytest.fixture(autouse=True)
-def _identity():
-    old = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+pytestmark = pytest.mark.usefixtures("flower_task")
 
 
 SETTINGS = Settings(train_size=60, local_epochs=1, batch_size=16, num_shards=2)

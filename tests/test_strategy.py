@@ -4,19 +4,11 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from strategies.iet import IETStrategy, assign_nodes, in_waves
 from strategies.msr import MemoryRedistribution
 
-
-@pytest.fixture(autouse=True)
-def _identity():
-    """Messages can only be made inside a Flower task; pretend to be the ServerApp's."""
-    old = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+pytestmark = pytest.mark.usefixtures("flower_task")
 
 
 class FakeGrid:
