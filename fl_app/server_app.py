@@ -72,18 +72,16 @@ def run(
     eval_rounds = {settings.num_rounds} | (
         set(range(settings.eval_every, settings.num_rounds + 1, settings.eval_every)) if settings.eval_every else set()
     )
-    rounds: dict[int, RoundLog] = {}
     last_time = [time.monotonic()]
 
     def on_round(server_round: int, rlog: RoundLog) -> None:
-        rounds[server_round] = rlog
         writer.add_assignment(server_round, rlog.assignment, rlog.moved)
         writer.add_shard_metrics(server_round, rlog.shard_metrics)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
             return None
-        m = rounds[server_round].metrics
+        m = strategy.log[server_round].metrics
         row: dict[str, Any] = {
             "round": server_round,
             "train_loss": m.get("train-loss"),
