@@ -13,7 +13,8 @@ def settings_from_run_config(run_config: Mapping[str, Any], overrides: Mapping[s
     return Settings.from_run_config({**dict(run_config), **dict(overrides or {})})
 
 
-NODE_KEYS = ("data-root", "holdout-root", "device")
+NODE_KEYS = ("data-root", "device")
+SERVER_ONLY_PATHS = ("holdout-root", "fid-weights", "fid-cache-dir")
 
 
 def settings_from_message(config: Mapping[str, Any], node_config: Mapping[str, Any] | None = None) -> Settings:
@@ -21,5 +22,6 @@ def settings_from_message(config: Mapping[str, Any], node_config: Mapping[str, A
     where its copy of the data lives and which device it trains on (``NODE_KEYS``)."""
     keys = set(Settings.keys())
     values = {k: v for k, v in config.items() if k in keys}
+    values.update({k: "" for k in SERVER_ONLY_PATHS})  # a node never evaluates: it needs none of them
     values.update({k: v for k, v in (node_config or {}).items() if k in NODE_KEYS})
     return Settings.from_run_config(values)

@@ -95,3 +95,12 @@ def test_readme_documents_every_setting():
     readme = (ROOT / "README.md").read_text()
     missing = [k for k in Settings.keys() if f"| `{k}` |" not in readme]
     assert not missing, f"README lacks settings: {missing}"
+
+
+def test_server_only_paths_are_not_required_on_a_node(tmp_path):
+    weights = tmp_path / "inception.pth"
+    weights.write_bytes(b"x")
+    sent = {**Settings(fid_weights=str(weights), holdout_root=str(tmp_path)).to_run_config(), "shard": 0}
+    weights.unlink()  # the node's file system does not have the server's files
+    s = settings_from_message(sent, {"data-root": str(tmp_path)})
+    assert s.fid_weights == "" and s.holdout_root == "" and s.data_root == str(tmp_path)
