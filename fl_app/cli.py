@@ -101,6 +101,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     env = {**os.environ, ENV_FLAG: "1"}
     if sys.platform.startswith("linux"):
         _stop(_stale_superlinks())
+    else:
+        print(
+            f"[iet-agc] note: a local SuperLink started earlier without {ENV_FLAG}=1 keeps building a "
+            "per-run environment; stop it once if so (it restarts on the next run)",
+            flush=True,
+        )
     config = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else _toml(v)}" for k, v in overrides.items())
     cmd = ["flwr", "run", str(app_dir), "--stream", "--run-config", config]
     gpus = args.gpus if args.gpus is not None else _default_gpus()
