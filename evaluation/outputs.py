@@ -131,7 +131,7 @@ class RunWriter:
             lines += [
                 "## Per round",
                 "",
-                frame.to_markdown(index=False) if _has_tabulate() else frame.to_string(index=False),
+                frame.to_markdown(index=False, floatfmt=".4g"),
                 "",
             ]
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + ["", "![samples](samples.png)", ""]
@@ -145,11 +145,3 @@ class RunWriter:
         target = self.path / "report.md"
         target.write_text("\n".join(lines))
         return target
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True

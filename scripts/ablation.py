@@ -67,15 +67,7 @@ def main() -> None:
         results.append(run_row(name, ROWS[name], Path(args.out), extra))
         print(json.dumps(results[-1], default=str), flush=True)
     table = pd.DataFrame(results).drop(columns="run")
-    print(table.to_markdown(index=False, floatfmt=".3g") if _tabulate() else table.to_string(index=False))
-
-
-def _tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    print(table.to_markdown(index=False, floatfmt=".3g"))
 
 
 if __name__ == "__main__":
