@@ -50,27 +50,35 @@ def _split_pairs(text: str) -> list[str]:
     return [p.strip() for p in re.split(r"\s+(?=[\w.-]+\s*=)", text.strip()) if p.strip()]
 
 
-def _stale_superlinks() -> list[int]:
-    """Local simulation SuperLinks (Linux /proc) that would build per-run environments."""
-    stale = []
+def _stale_superlinks() -> dict[int, str]:
+    """Local simulation SuperLinks (Linux /proc) that would run our app wrongly, with the reason.
+
+    Two ways: started without the flag (it builds a per-run environment), or started from another
+    Python environment (the ServerApp would import that environment's packages, not ours).
+    """
+    ours = str(Path(sys.executable).parent / "flower-superlink").encode()
+    stale = {}
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             cmd = (proc / "cmdline").read_bytes().split(b"\0")
-            if not any(part.endswith(b"flower-superlink") for part in cmd[:2]) or b"--simulation" not in cmd:
+            script = next((part for part in cmd[:2] if part.endswith(b"flower-superlink")), None)
+            if script is None or b"--simulation" not in cmd:
                 continue
             env = (proc / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
         if f"{ENV_FLAG}=1".encode() not in env:
-            stale.append(int(proc.name))
+            stale[int(proc.name)] = f"it was started without {ENV_FLAG}=1"
+        elif os.path.realpath(script) != os.path.realpath(ours):
+            stale[int(proc.name)] = f"it runs from another environment ({script.decode(errors='replace')})"
     return stale
 
 
-def _stop(pids: list[int]) -> None:
-    for pid in pids:
-        print(f"[iet-agc] stopping local SuperLink {pid}: it was started without {ENV_FLAG}=1", flush=True)
+def _stop(stale: dict[int, str]) -> None:
+    for pid, reason in stale.items():
+        print(f"[iet-agc] stopping local SuperLink {pid}: {reason}", flush=True)
         os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 20
+    pids, deadline = list(stale), time.monotonic() + 20
     while pids and time.monotonic() < deadline:
         pids = [p for p in pids if Path(f"/proc/{p}").exists()]
         time.sleep(0.2)

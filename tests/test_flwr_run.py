@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -63,3 +64,28 @@ def test_invalid_setting_exits_2_naming_the_key(fresh_shell):
         ["iet-agc", "run", "--run-config", "lr=-0.1"], cwd=ROOT, env=fresh_shell, capture_output=True, text=True
     )
     assert proc.returncode == 2 and "lr:" in proc.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_superlinks_from_elsewhere_or_without_the_flag_are_stale(tmp_path):
+    from fl_app.cli import ENV_FLAG, _stale_superlinks
+
+    fake = tmp_path / "bin" / "flower-superlink"  # a stand-in SuperLink from another environment
+    fake.parent.mkdir()
+    fake.write_text("import time\ntime.sleep(60)\n")
+    base = {k: v for k, v in os.environ.items() if k != ENV_FLAG}
+    procs = [
+        subprocess.Popen([sys.executable, str(fake), "--simulation"], env={**base, ENV_FLAG: "1"}),
+        subprocess.Popen([sys.executable, str(fake), "--simulation"], env=base),
+    ]
+    try:
+        for _ in range(50):  # wait until both show up in /proc with their command lines
+            stale = _stale_superlinks()
+            if all(p.pid in stale for p in procs):
+                break
+            time.sleep(0.1)
+        assert "another environment" in stale[procs[0].pid]
+        assert "without" in stale[procs[1].pid]
+    finally:
+        for p in procs:
+            p.kill()
