@@ -2,7 +2,7 @@
 
 Flower 1.41's local SuperLink builds a fresh per-run environment with ``uv`` (gigabytes for
 torch) unless FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 is set when it starts. This tool
-sets it, restarts a local SuperLink that was started without it, checks the settings before
+sets it, restarts a local SuperLink started without it (or from another environment), checks the settings before
 submitting, streams the logs, and exits non-zero when the run fails (``flwr run`` exits 0).
 """
 
