@@ -99,10 +99,15 @@ def _load_cifar(name: str, root: Path, download: bool, image_size: int, train_si
     return ImageSet(name, _resize(images, image_size), labels, _resize(holdout, image_size), holdout_labels)
 
 
+def image_files(root: Path) -> list[Path]:
+    """The image files under ``root`` (recursively), in a stable sorted order: their ids."""
+    return sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
 def _read_folder(root: Path, image_size: int) -> torch.Tensor:
     from PIL import Image
 
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = image_files(root)
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
     out = torch.empty((len(files), 3, image_size, image_size), dtype=torch.uint8)

@@ -20,7 +20,6 @@ if TYPE_CHECKING:  # torch loads lazily: `iet-agc run` does not need it
 
 import numpy as np
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
 
@@ -76,7 +75,9 @@ def _read_folder(root: Path, name: str) -> torch.Tensor:
     import torch
     from PIL import Image
 
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    from ddpm.data import IMAGE_SUFFIXES, image_files
+
+    files = image_files(root)
     if not files:
         raise InputError(f"--{name}: empty set: no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
     images = []

@@ -99,10 +99,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     app_dir = Path(args.app).resolve()
     try:
         overrides = _parse_overrides(args.run_config)
+        defaults = _project_defaults(app_dir)
         if "out-dir" not in overrides:  # runs land beside the user, not in the SuperLink's cwd
-            defaults = _project_defaults(app_dir)
             overrides["out-dir"] = str((Path.cwd() / defaults.get("out-dir", "runs")).resolve())
-        settings_from_run_config(_project_defaults(app_dir), overrides)
+        settings_from_run_config(defaults, overrides)
     except (ValueError, OSError, tomllib.TOMLDecodeError) as err:
         print(f"iet-agc run: invalid settings: {err}", file=sys.stderr)
         return 2
