@@ -9,9 +9,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from diffusers import UNet2DModel
-from torchvision.utils import save_image
 
 from ddpm.data import ImageSet
 from ddpm.schedule import ddim_sample
@@ -20,7 +18,7 @@ from ddpm.settings import Settings
 from .digit_fd import DigitFD, load_digit_fd
 from .fid import FIDUnavailable, cache_dir, fid
 from .mq import COPY_LEVELS, Neighbours, copy_scores, holdout_quantiles, mq_counts, nearest_neighbours
-from .plots import plot_ratio_histogram, save_pair_grid
+from .plots import plot_ratio_histogram, save_pair_grid, save_sample_grid
 
 log = logging.getLogger("iet_agc.evaluation")
 
@@ -78,12 +76,8 @@ class MemorizationEvaluator:
         metrics["fid"] = self._fid(images)
         if data.name == "digits":
             metrics["digit_fd"] = self._digit_score(images)
-        shown = images[:64]
-        if shown.shape[-1] < 32:  # enlarge tiny images (8x8 digits) so the grid can be seen
-            shown = F.interpolate(shown.float(), scale_factor=32 // shown.shape[-1], mode="nearest")
-        save_image(shown, self.out_dir / f"samples_{tag}.png", nrow=8)
         pictures = {
-            "samples": f"samples_{tag}.png",
+            "samples": save_sample_grid(images, self.out_dir / f"samples_{tag}.png").name,
             "pairs": save_pair_grid(images, data.images, neighbours, self.out_dir / f"pairs_{tag}.png").name,
             "ratios": plot_ratio_histogram(
                 ratio,

@@ -10,10 +10,11 @@ import numpy as np
 import pandas as pd
 import torch
 from diffusers import DDPMPipeline, UNet2DModel
-from torchvision.utils import save_image
 
 from ddpm.schedule import train_scheduler
 from ddpm.settings import Settings
+
+from .plots import save_sample_grid
 
 ROUND_COLUMNS = ("round", "train_loss", "skip_rate", "aug_rate", "moved", "seconds")
 
@@ -110,12 +111,7 @@ class RunWriter:
         return target
 
     def save_samples(self, images: torch.Tensor, name: str = "samples.png") -> Path:
-        target = self.path / name
-        images = images[:64]
-        if images.shape[-1] < 32:  # enlarge tiny images (8x8 digits) so the grid can be seen
-            images = images.repeat_interleave(32 // images.shape[-1], -1).repeat_interleave(32 // images.shape[-2], -2)
-        save_image(images, target, nrow=8)
-        return target
+        return save_sample_grid(images, self.path / name)
 
     def write_report(self, notes: list[str]) -> Path:
         frame = pd.DataFrame(self.rows)

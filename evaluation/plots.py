@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from torchvision.utils import make_grid
+from torchvision.utils import make_grid, save_image
 
 from .mq import Neighbours
 
@@ -27,6 +27,15 @@ def _figure(width: float, height: float) -> Figure:
 
 def _as01(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+
+
+def save_sample_grid(images: torch.Tensor, path: Path | str, count: int = 64) -> Path:
+    """The first ``count`` images in [0, 1] as an 8-wide grid; tiny images (8x8 digits) enlarged."""
+    shown = images[:count].float()
+    if shown.shape[-1] < 32:
+        shown = torch.nn.functional.interpolate(shown, scale_factor=32 // shown.shape[-1], mode="nearest")
+    save_image(shown, path, nrow=8)
+    return Path(path)
 
 
 def save_pair_grid(
