@@ -139,11 +139,6 @@ def feature_statistics(
     return (shift + mean).cpu().numpy(), cov.cpu().numpy()
 
 
-def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and covariance of a feature matrix (rows = images)."""
-    return features.mean(0), np.cov(features, rowvar=False)
-
-
 def frechet_distance_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), pytorch-fid's implementation."""
     from pytorch_fid.fid_score import calculate_frechet_distance
@@ -152,11 +147,6 @@ def frechet_distance_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
         warnings.filterwarnings("ignore", message=".*disp.*", category=DeprecationWarning)
         value = float(calculate_frechet_distance(mu1, sigma1, mu2, sigma2))
     return max(0.0, value)  # a distance: negative only by rounding
-
-
-def frechet_distance(feat_a: np.ndarray, feat_b: np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets (pytorch-fid's formula)."""
-    return frechet_distance_stats(*statistics(feat_a), *statistics(feat_b))
 
 
 def cached_statistics(
