@@ -1,37 +1,84 @@
-"""Per-shard state <-> Flower records, so it can live in a node's ``context.state`` between rounds."""
+"""Per-shard state on a node's disk, so it survives a crash of the node or of the whole run.
+
+``STATE_DIR/<run key>/shard-<s>/round-<r>.safetensors`` holds the Adam moments, the warm-up
+position and the AGC memory bank after round r. A round loads the newest file of an earlier
+round: a round redone after a crash starts from the same state as the first time. Files are
+written to a temporary name and renamed, and only the last two per shard are kept.
+"""
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+from pathlib import Path
+
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
 from .trainer import ShardState
 
-
-def _keys(shard: int) -> tuple[str, str]:
-    return f"shard-{shard}.arrays", f"shard-{shard}.meta"
+ROUND_FILE = re.compile(r"round-(\d+)\.safetensors$")
 
 
-def load_shard_state(state: RecordDict, shard: int) -> ShardState:
-    """The shard's saved state on this node, or a fresh one (bank of zeros, no optimizer moments)."""
-    akey, mkey = _keys(shard)
-    if akey not in state:
-        return ShardState()
-    arrays = state[akey].to_torch_state_dict()
-    moments: dict[int, dict[str, torch.Tensor]] = {}
-    for key, tensor in arrays.items():
-        if key.startswith("opt."):
-            _, index, name = key.split(".", 2)
-            moments.setdefault(int(index), {})[name] = tensor
-    return ShardState(optimizer=moments or None, step=int(state[mkey]["step"]), bank=arrays["bank"])
+def default_state_dir() -> Path:
+    """``$XDG_CACHE_HOME/iet-agc/state`` (``~/.cache/iet-agc/state``): node-local, shared in simulation."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "iet-agc" / "state"
 
 
-def save_shard_state(state: RecordDict, shard: int, shard_state: ShardState) -> None:
-    """Store the shard's optimizer moments, warm-up position and memory bank in ``state``."""
-    akey, mkey = _keys(shard)
-    tensors = {"bank": shard_state.bank.detach().cpu()}
-    for index, entry in (shard_state.optimizer or {}).items():
-        for name, value in entry.items():
-            tensors[f"opt.{index}.{name}"] = torch.as_tensor(value).detach().cpu()
-    state[akey] = ArrayRecord(tensors)
-    state[mkey] = ConfigRecord({"step": shard_state.step})
+class ShardStateStore:
+    """Saved shard states under one node-local directory, keyed by run and shard."""
+
+    def __init__(self, root: str | Path | None = None) -> None:
+        self.root = Path(root).expanduser() if root else default_state_dir()
+
+    def _dir(self, run_key: str, shard: int) -> Path:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", run_key):
+            raise ValueError(f"run key {run_key!r} is not a plain file name")
+        return self.root / run_key / f"shard-{shard}"
+
+    def _rounds(self, folder: Path) -> dict[int, Path]:
+        if not folder.is_dir():
+            return {}
+        return {int(m.group(1)): p for p in folder.iterdir() if (m := ROUND_FILE.fullmatch(p.name))}
+
+    def load(self, run_key: str, shard: int, before_round: int) -> tuple[ShardState, int | None]:
+        """The state after the shard's last round before ``before_round`` and that round's number,
+        or a fresh state and None where this node holds none (the shard restarts its local state)."""
+        rounds = {r: p for r, p in self._rounds(self._dir(run_key, shard)).items() if r < before_round}
+        for r in sorted(rounds, reverse=True):
+            try:
+                tensors = load_file(rounds[r])
+                with safe_open(rounds[r], framework="pt") as fh:  # the step is in the header
+                    step = int(fh.metadata()["step"])
+            except (OSError, SafetensorError, KeyError, ValueError):
+                continue  # unreadable (a crash while writing cannot cause it; a disk fault can): older one
+            moments: dict[int, dict[str, torch.Tensor]] = {}
+            for key, tensor in tensors.items():
+                if key.startswith("opt."):
+                    _, index, name = key.split(".", 2)
+                    moments.setdefault(int(index), {})[name] = tensor
+            return ShardState(optimizer=moments or None, step=step, bank=tensors["bank"]), r
+        return ShardState(), None
+
+    def save(self, run_key: str, shard: int, server_round: int, state: ShardState) -> Path:
+        """Write the shard's state after ``server_round``; keep it and the newest earlier one."""
+        folder = self._dir(run_key, shard)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {"bank": state.bank.detach().cpu().contiguous()}
+        for index, entry in (state.optimizer or {}).items():
+            for name, value in entry.items():
+                tensors[f"opt.{index}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        target = folder / f"round-{server_round:06d}.safetensors"
+        tmp = folder / f".{target.name}.tmp-{os.getpid()}"
+        save_file(tensors, tmp, metadata={"step": str(state.step), "round": str(server_round)})
+        os.replace(tmp, target)
+        earlier = sorted(r for r in self._rounds(folder) if r < server_round)
+        for r in earlier[:-1]:
+            (folder / f"round-{r:06d}.safetensors").unlink(missing_ok=True)
+        return target
+
+    def drop_run(self, run_key: str) -> None:
+        """Delete every shard state of a run (after it completed)."""
+        shutil.rmtree(self.root / run_key, ignore_errors=True)

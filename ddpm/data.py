@@ -104,6 +104,27 @@ def image_files(root: Path) -> list[Path]:
     return sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+DIGITS_IMAGES = 1797  # scikit-learn's bundled 8x8 digits (load_digits)
+CIFAR_TRAIN_IMAGES = 50000  # CIFAR-10 and CIFAR-100 training splits
+
+
+def num_train_images(name: str, root: str = "") -> int:
+    """How many training images data set ``name`` offers, without decoding any image.
+
+    digits: 1796 (of 1797, at least one is held out); cifar10/cifar100: 50000; imagefolder: the
+    number of files ``image_files(root)`` finds (the only case that reads the file system; the
+    root is taken as ``load_dataset`` takes it). ``train-size`` takes at most this many; 0 (all)
+    means this many, except for digits, which needs an explicit size.
+    """
+    if name == "digits":
+        return DIGITS_IMAGES - 1
+    if name in ("cifar10", "cifar100"):
+        return CIFAR_TRAIN_IMAGES
+    if name == "imagefolder":
+        return len(image_files(Path(root))) if root else 0
+    raise ValueError(f"dataset: unknown data set {name!r}; allowed: {', '.join(DATASETS)}")
+
+
 def _read_folder(root: Path, image_size: int) -> torch.Tensor:
     from PIL import Image
 

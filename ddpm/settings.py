@@ -1,73 +1,241 @@
 """One typed, validated settings object for a run, read from Flower's flat ``run_config``.
 
 Keys are the kebab-case names users write in ``pyproject.toml`` or a ``--run-config`` preset;
-attributes are their snake-case twins. Validation happens before any training and names the key.
+attributes are their snake-case twins. Each field declares its type and allowed range beside it
+(a ``Rule`` in the field's metadata); ``Settings.allowed()`` lists them, the README's settings
+table shows them. Two levels of checking, both raising ``ValueError('<key>: ...')``:
+
+- pure checks (types, ranges, choices, and the rules between settings that need no file system):
+  on every construction, so on the server, on every node and in every tool;
+- ``check_environment()``: what depends on the machine the run starts on (paths that must exist,
+  the number of images in an image folder, a writable ``out-dir``): only where the run is started
+  (``fl_app.config.settings_from_run_config``, used by ``iet-agc run`` and the ServerApp), never on
+  a node, which may lack the server's folders.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .data import DATASETS
-from .unet import MODEL_SIZES
+from .data import DATASETS, IMAGE_SUFFIXES, num_train_images
+from .schedule import NUM_TRAIN_TIMESTEPS
+from .unet import _SIZES, MODEL_SIZES
 
 MSR_MODES = ("memory", "random", "none")
 SKIP_COUNT_MODES = ("reset", "cumulative")
+DEVICE_PATTERN = r"auto|cpu|mps|(cuda|xpu)(:(0|[1-9][0-9]{0,2}))?"
+
+# Upper bounds where a larger value would only hang the run or exhaust memory.
+MAX_SEED = 2**31 - 1  # torch and numpy seeds
+MAX_ROUNDS = 10_000
+MAX_EPOCHS = 10_000
+MAX_BATCH = 65_536
+MAX_SHARDS = 1_000  # each shard keeps its own optimizer state on the nodes
+MAX_NODES = 1_000
+MAX_TRAIN_SIZE = 100_000_000
+MAX_EVAL_IMAGES = 1_000_000  # the paper evaluates 65,536
+MAX_NEIGHBOURS = 1_000  # the paper's n is 50
+MAX_TIMEOUT = 7 * 24 * 3600.0  # one week, in seconds
+MAX_IMAGE_SIZE = 1024
+RANDAUGMENT_MAX_MAGNITUDE = 30  # torchvision's RandAugment: 31 magnitude bins, 0..30
+RANDAUGMENT_NUM_OPS = 14  # torchvision's RandAugment operation space
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The allowed values of one setting: its type, and for numbers a closed or open interval."""
+
+    kind: type
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # low itself excluded
+    high_open: bool = False  # high itself excluded
+    inf: bool = False  # floats: +inf allowed as well (never -inf or NaN)
+    power_of_two: bool = False
+    choices: tuple[str, ...] = ()
+    pattern: str = ""  # strings: must match in full
+    nonempty: bool = False
+    path: bool = False  # strings: a file system path (no NUL character)
+    text: str = ""  # replaces the generated description
+
+    @property
+    def allowed(self) -> str:
+        """What the setting accepts, in words: the tail of ``'<key>: must be ...'``."""
+        if self.text:
+            return self.text
+        if self.kind is bool:
+            return "true or false"
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        if self.kind is str:
+            return "a non-empty path" if self.nonempty else ("a path (may be empty)" if self.path else "a string")
+        lo = "" if self.low is None else f"{'(' if self.low_open else '['}{_num(self.low)}"
+        hi = "" if self.high is None else f"{_num(self.high)}{')' if self.high_open else ']'}"
+        if lo and hi:
+            span = f"in {lo}, {hi}"
+        elif lo:
+            span = f"{'>' if self.low_open else '>='} {_num(self.low)}"
+        else:
+            span = f"{'<' if self.high_open else '<='} {_num(self.high)}"
+        if self.kind is int:
+            return ("a power of two " if self.power_of_two else "an integer ") + span
+        return f"a number {span}, or inf" if self.inf else f"a finite number {span}"
+
+    def fail(self, key: str, value: Any, note: str = "") -> ValueError:
+        shown = repr(value)
+        shown = shown if len(shown) <= 80 else f"{shown[:60]}... ({len(shown)} characters)"
+        return ValueError(f"{key}: must be {self.allowed}{note}, got {shown}")
+
+    def coerce(self, key: str, raw: Any) -> Any:
+        """The value as ``kind``: TOML's types plus what a message or the CLI may carry as text."""
+        if self.kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            if isinstance(raw, str) and raw.strip().lower() in ("true", "false"):
+                return raw.strip().lower() == "true"
+        elif self.kind is int:
+            if isinstance(raw, int) and not isinstance(raw, bool):
+                return raw
+            if isinstance(raw, float) and raw.is_integer():
+                return int(raw)
+        elif self.kind is float:
+            try:
+                if isinstance(raw, int | float) and not isinstance(raw, bool):
+                    return float(raw)
+                if isinstance(raw, str):
+                    return float(raw)
+            except (ValueError, OverflowError):
+                pass
+        elif isinstance(raw, str):
+            return raw
+        raise self.fail(key, raw)
+
+    def check(self, key: str, value: Any) -> None:
+        """Raise ``ValueError('<key>: must be ..., got ...')`` when ``value`` is outside the rule."""
+        if self.kind is float and not math.isfinite(value):
+            if self.inf and value == math.inf:
+                return
+            raise self.fail(key, value)
+        if self.kind in (int, float):
+            low_bad = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+            high_bad = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+            if low_bad or high_bad or (self.power_of_two and value & (value - 1)):
+                raise self.fail(key, value)
+        elif self.kind is str:
+            if self.choices and value not in self.choices:
+                raise self.fail(key, value)
+            if self.pattern and not re.fullmatch(self.pattern, value):
+                raise self.fail(key, value)
+            if self.nonempty and not value.strip():
+                raise self.fail(key, value)
+            if self.path and "\0" in value:
+                raise self.fail(key, value, " (no NUL character)")
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(x)
+
+
+def _setting(default: Any, kind: type, **rule: Any) -> Any:
+    return field(default=default, metadata={"rule": Rule(kind, **rule)})
+
+
+def _int(default: int, low: int, high: int, **rule: Any) -> Any:
+    return _setting(default, int, low=low, high=high, **rule)
+
+
+def _float(default: float, **rule: Any) -> Any:
+    return _setting(default, float, **rule)
+
+
+def _bool(default: bool) -> Any:
+    return _setting(default, bool)
+
+
+def _choice(default: str, choices: tuple[str, ...]) -> Any:
+    return _setting(default, str, choices=choices)
+
+
+def _path(default: str, **rule: Any) -> Any:
+    return _setting(default, str, path=True, **rule)
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Every run setting, with the CPU default preset's values as defaults."""
+    """Every run setting, with the CPU default preset's values as defaults.
+
+    Constructing one (keyword arguments, ``from_run_config``, ``replace``) coerces each value to
+    its field's type and runs the pure checks; ``Settings.allowed()`` maps each key to its range.
+    Rules between settings: ``image-size`` >= the model's smallest size (tiny 4, cifar 8, afhq64
+    16); ``train-size`` in [2, 1796] for digits, [0, 50000] for CIFAR (0 = all), and for an image
+    folder at most its number of images; ``num-shards`` and ``mq-neighbours`` <= the training
+    images used; ``data-root`` required for ``imagefolder``.
+    """
 
     # data and model
-    dataset: str = "digits"
-    data_root: str = ""
-    holdout_root: str = ""
-    download: bool = True
-    image_size: int = 8
-    train_size: int = 400
-    model: str = "tiny"
-    hflip: bool = False
+    dataset: str = _choice("digits", DATASETS)
+    data_root: str = _path("")
+    holdout_root: str = _path("")
+    download: bool = _bool(True)
+    image_size: int = _int(8, 4, MAX_IMAGE_SIZE, power_of_two=True)
+    train_size: int = _int(400, 0, MAX_TRAIN_SIZE)
+    model: str = _choice("tiny", MODEL_SIZES)
+    hflip: bool = _bool(False)
     # federation (IET)
-    num_shards: int = 4
-    num_rounds: int = 20
-    local_epochs: int = 10
-    batch_size: int = 32
-    lr: float = 1e-3
-    warmup_epochs: int = 5
-    grad_clip: float = 1.0
-    round_timeout: float = 3600.0
-    min_nodes: int = 1
-    seed: int = 0
-    device: str = "auto"
+    num_shards: int = _int(4, 1, MAX_SHARDS)
+    num_rounds: int = _int(20, 1, MAX_ROUNDS)
+    local_epochs: int = _int(10, 1, MAX_EPOCHS)
+    batch_size: int = _int(32, 1, MAX_BATCH)
+    lr: float = _float(1e-3, low=0, high=1, low_open=True)
+    warmup_epochs: int = _int(5, 0, MAX_EPOCHS)
+    grad_clip: float = _float(1.0, low=0, low_open=True)
+    round_timeout: float = _float(3600.0, low=0, high=MAX_TIMEOUT, low_open=True)
+    min_nodes: int = _int(1, 1, MAX_NODES)
+    max_failed_rounds: int = _int(3, 1, MAX_ROUNDS)
+    node_max_failures: int = _int(2, 1, MAX_ROUNDS)
+    seed: int = _int(0, 0, MAX_SEED)
+    device: str = _setting(
+        "auto", str, pattern=DEVICE_PATTERN, text="one of auto, cpu, cuda, cuda:N, mps, xpu, xpu:N (N in 0..999)"
+    )
     # AGC (eq. 3-4), TAA (eq. 5-8), MSR (eq. 10-11)
-    agc: bool = True
-    skip_threshold: float = 0.5
-    bank_eta: float = 0.8
-    taa: bool = True
-    aug_range: float = 1.7
-    aug_sharpness: float = 5.0
-    randaugment_magnitude: int = 3
-    randaugment_ops: int = 2
-    msr: str = "memory"
-    msr_proportion: float = 0.25
-    skip_counts: str = "reset"
+    agc: bool = _bool(True)
+    skip_threshold: float = _float(0.5, low=0, high=10, low_open=True)
+    bank_eta: float = _float(0.8, low=0, high=1, low_open=True, high_open=True)
+    taa: bool = _bool(True)
+    aug_range: float = _float(1.7, low=1, low_open=True, inf=True)
+    aug_sharpness: float = _float(5.0, low=0, low_open=True)
+    randaugment_magnitude: int = _int(3, 0, RANDAUGMENT_MAX_MAGNITUDE)
+    randaugment_ops: int = _int(2, 1, RANDAUGMENT_NUM_OPS)
+    msr: str = _choice("memory", MSR_MODES)
+    msr_proportion: float = _float(0.25, low=0, high=1, high_open=True)
+    skip_counts: str = _choice("reset", SKIP_COUNT_MODES)
     # evaluation
-    eval_every: int = 5
-    eval_num_images: int = 500
-    eval_batch_size: int = 256
-    sample_steps: int = 50
-    mq_neighbours: int = 50
-    mq_thresholds: str = "0.4,0.5,0.6"
-    fid: bool = True
-    fid_weights: str = ""
-    fid_cache_dir: str = ""
-    out_dir: str = "runs"
+    eval_every: int = _int(5, 0, MAX_ROUNDS)
+    eval_num_images: int = _int(500, 1, MAX_EVAL_IMAGES)
+    eval_batch_size: int = _int(256, 1, MAX_BATCH)
+    sample_steps: int = _int(50, 1, NUM_TRAIN_TIMESTEPS)
+    mq_neighbours: int = _int(50, 1, MAX_NEIGHBOURS)
+    mq_thresholds: str = _setting(
+        "0.4,0.5,0.6", str, text="comma-separated distinct numbers, each in (0, 1] (e.g. 0.4,0.5,0.6)"
+    )
+    fid: bool = _bool(True)
+    fid_weights: str = _path("")
+    fid_cache_dir: str = _path("")
+    out_dir: str = _path("runs", nonempty=True)
+    resume: str = _path("")
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            key = f.name.replace("_", "-")
+            object.__setattr__(self, f.name, f.metadata["rule"].coerce(key, getattr(self, f.name)))
+        self.validate()
 
     # ---- reading -------------------------------------------------------------------
     @classmethod
@@ -76,26 +244,27 @@ class Settings:
         return [f.name.replace("_", "-") for f in fields(cls)]
 
     @classmethod
+    def allowed(cls) -> dict[str, str]:
+        """Each key's allowed values in words (the README's settings table shows the same)."""
+        return {f.name.replace("_", "-"): f.metadata["rule"].allowed for f in fields(cls)}
+
+    @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> Settings:
         """Build from a flat run_config, rejecting unknown keys and wrong types, then validate."""
-        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        known = {f.name.replace("_", "-"): f.name for f in fields(cls)}
         values: dict[str, Any] = {}
         for key, raw in run_config.items():
             if key not in known:
                 raise ValueError(f"{key}: unknown setting; known settings: {', '.join(known)}")
-            values[known[key].name] = _coerce(key, raw, type(getattr(cls, known[key].name)))
-        settings = cls(**values)
-        settings.validate()
-        return settings
+            values[known[key]] = raw
+        return cls(**values)
 
     def to_run_config(self) -> dict[str, Any]:
         """Flat kebab-case mapping (what travels in a ConfigRecord and lands in settings.toml)."""
         return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
 
     def replace(self, **changes: Any) -> Settings:
-        new = dataclasses.replace(self, **changes)
-        new.validate()
-        return new
+        return dataclasses.replace(self, **changes)
 
     # ---- derived -------------------------------------------------------------------
     def dataset_kwargs(self) -> dict[str, Any]:
@@ -116,97 +285,119 @@ class Settings:
 
     # ---- validation ----------------------------------------------------------------
     def validate(self) -> None:
-        """Raise ``ValueError('<key>: ...')`` for the first setting outside its allowed range."""
-        _choice("dataset", self.dataset, DATASETS)
-        _choice("model", self.model, MODEL_SIZES)
-        _choice("msr", self.msr, MSR_MODES)
-        _choice("skip-counts", self.skip_counts, SKIP_COUNT_MODES)
-        _at_least("image-size", self.image_size, 4)
-        _at_least("train-size", self.train_size, 0)
-        _at_least("num-shards", self.num_shards, 1)
-        _at_least("num-rounds", self.num_rounds, 1)
-        _at_least("min-nodes", self.min_nodes, 1)
-        _at_least("local-epochs", self.local_epochs, 1)
-        _at_least("batch-size", self.batch_size, 1)
-        _at_least("warmup-epochs", self.warmup_epochs, 0)
-        _at_least("eval-every", self.eval_every, 0)
-        _at_least("eval-num-images", self.eval_num_images, 1)
-        _at_least("eval-batch-size", self.eval_batch_size, 1)
-        _at_least("sample-steps", self.sample_steps, 1)
-        _at_least("mq-neighbours", self.mq_neighbours, 1)
-        _at_least("randaugment-magnitude", self.randaugment_magnitude, 0)
-        _at_least("randaugment-ops", self.randaugment_ops, 1)
-        _positive("lr", self.lr)
-        _positive("grad-clip", self.grad_clip)
-        _positive("round-timeout", self.round_timeout)
-        _positive("skip-threshold", self.skip_threshold)
-        _positive("aug-sharpness", self.aug_sharpness)
-        if not (self.aug_range > 1 or math.isinf(self.aug_range)):
-            raise ValueError(f"aug-range: must be > 1 (or inf), got {self.aug_range}")
-        if not 0 < self.bank_eta < 1:
-            raise ValueError(f"bank-eta: must be in (0, 1), got {self.bank_eta}")
-        if not 0 <= self.msr_proportion < 1:
-            raise ValueError(f"msr-proportion: must be in [0, 1), got {self.msr_proportion}")
-        if self.image_size & (self.image_size - 1):
-            raise ValueError(f"image-size: must be a power of two, got {self.image_size}")
-        try:
-            thresholds = self.thresholds
-        except ValueError:
-            raise ValueError(f"mq-thresholds: comma-separated numbers, got {self.mq_thresholds!r}") from None
-        if not thresholds or any(not 0 < t <= 1 for t in thresholds):
-            raise ValueError(f"mq-thresholds: each must be in (0, 1], got {self.mq_thresholds!r}")
-        if self.device not in ("auto", "cpu") and not self.device.startswith(("cuda", "mps", "xpu")):
-            raise ValueError(f"device: 'auto', 'cpu', 'cuda[:N]', 'mps' or 'xpu', got {self.device!r}")
-        if self.dataset == "digits" and self.train_size < 2:
-            raise ValueError("train-size: digits needs a training subset size >= 2 (the rest is held out)")
+        """The pure checks: each field's rule, then the rules between settings (no file system)."""
+        for f in fields(self):
+            f.metadata["rule"].check(f.name.replace("_", "-"), getattr(self, f.name))
+        low = max(4, 2 ** (len(_SIZES[self.model]["down_block_types"]) - 1))
+        if self.image_size < low:
+            raise ValueError(
+                f"image-size: must be a power of two in [{low}, {MAX_IMAGE_SIZE}] for model {self.model!r} "
+                f"(it halves the image {low.bit_length() - 1} times), got {self.image_size}"
+            )
+        self._check_thresholds()
         if self.dataset == "imagefolder" and not self.data_root:
             raise ValueError("data-root: required for dataset 'imagefolder' (a folder of images)")
-        if self.data_root and self.dataset != "digits" and not Path(self.data_root).expanduser().is_dir():
-            raise ValueError(f"data-root: directory {self.data_root!r} does not exist")
-        if self.holdout_root and not Path(self.holdout_root).expanduser().is_dir():
-            raise ValueError(f"holdout-root: directory {self.holdout_root!r} does not exist")
-        if self.fid_weights and not Path(self.fid_weights).expanduser().is_file():
-            raise ValueError(f"fid-weights: file {self.fid_weights!r} does not exist")
-        limit = self.train_size if self.train_size else None
-        if limit is not None and self.num_shards > limit:
-            raise ValueError(f"num-shards: must be in [1, train-size={limit}], got {self.num_shards}")
+        if self.dataset != "imagefolder":  # sizes known without reading the disk
+            available = num_train_images(self.dataset)
+            low_size = 2 if self.dataset == "digits" else 0
+            if not low_size <= self.train_size <= available:
+                what = "1797 images, at least 1 held out" if self.dataset == "digits" else "0 = all"
+                raise ValueError(
+                    f"train-size: must be an integer in [{low_size}, {available}] for {self.dataset} ({what}), "
+                    f"got {self.train_size}"
+                )
+            self._check_train_size_bounds(self.train_size or available, "train-size")
+        elif self.train_size:
+            self._check_train_size_bounds(self.train_size, "train-size")
+
+    def _check_train_size_bounds(self, size: int, source: str) -> None:
+        """num-shards and mq-neighbours cannot exceed the number of training images used."""
+        for key, value in (("num-shards", self.num_shards), ("mq-neighbours", self.mq_neighbours)):
+            if value > size:
+                raise ValueError(f"{key}: must be an integer in [1, {size}] ({source} = {size}), got {value}")
+
+    def _check_thresholds(self) -> None:
+        parts = self.mq_thresholds.split(",")
+        rule = Rule(float, low=0, high=1, low_open=True)
+        try:
+            values = [float(p) for p in parts]
+            for v in values:
+                rule.check("mq-thresholds", v)
+        except ValueError:
+            raise ValueError(
+                f"mq-thresholds: must be comma-separated numbers, each in (0, 1], got {self.mq_thresholds!r}"
+            ) from None
+        if len({f"{v:g}" for v in values}) != len(values):  # one results column per threshold
+            raise ValueError(
+                f"mq-thresholds: must not repeat a threshold (to 6 significant digits, which name the "
+                f"results columns), got {self.mq_thresholds!r}"
+            )
+
+    def check_environment(self) -> None:
+        """The checks that read the file system of the machine that starts the run (never a node's).
+
+        Raises ``ValueError('<key>: ...')``: ``data-root``, ``holdout-root``, ``resume`` must be
+        existing folders and ``fid-weights`` an existing file when set; an image folder must hold
+        at least one image and at least ``train-size``, ``num-shards`` and ``mq-neighbours``
+        images; ``out-dir`` (and ``fid-cache-dir`` when set) must be a folder that exists or can
+        be made, and is writable.
+        """
+        if self.data_root and self.dataset != "digits":
+            _existing_dir("data-root", self.data_root)
+        if self.dataset == "imagefolder":
+            available = _count_images("data-root", self.data_root)
+            if self.train_size > available:
+                raise ValueError(
+                    f"train-size: must be an integer in [0, {available}] (0 = all): data-root "
+                    f"{self.data_root!r} holds {available} images, got {self.train_size}"
+                )
+            self._check_train_size_bounds(self.train_size or available, "training images")
+        if self.holdout_root:
+            _existing_dir("holdout-root", self.holdout_root)
+            if self.dataset == "imagefolder":
+                _count_images("holdout-root", self.holdout_root)
+        if self.fid_weights and not _probe("fid-weights", self.fid_weights, lambda p: p.expanduser().is_file()):
+            raise ValueError(f"fid-weights: must be an existing file, got {self.fid_weights!r} (no such file)")
+        if self.resume and not _probe("resume", self.resume, lambda p: p.expanduser().is_dir()):
+            raise ValueError(f"resume: must be an existing run folder, got {self.resume!r} (no such directory)")
+        if self.fid_cache_dir:
+            _writable_dir("fid-cache-dir", self.fid_cache_dir)
+        _writable_dir("out-dir", self.out_dir)
 
 
-def _coerce(key: str, raw: Any, kind: type) -> Any:
-    if kind is bool:
-        if isinstance(raw, bool):
-            return raw
-        if isinstance(raw, str) and raw.lower() in ("true", "false"):
-            return raw.lower() == "true"
-    elif kind is int:
-        if isinstance(raw, int) and not isinstance(raw, bool):
-            return raw
-        if isinstance(raw, float) and raw.is_integer():
-            return int(raw)
-    elif kind is float:
-        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-            return float(raw)
-        if isinstance(raw, str):
-            try:
-                return float(raw)
-            except ValueError:
-                pass
-    elif kind is str:
-        if isinstance(raw, str):
-            return raw
-    raise ValueError(f"{key}: expected {kind.__name__}, got {raw!r}")
+def _probe(key: str, value: str, test: Any) -> Any:
+    """``test(Path(value))``, with file system errors (name too long, unknown ~user) naming the key."""
+    try:
+        return test(Path(value))
+    except (OSError, RuntimeError) as err:
+        raise ValueError(f"{key}: cannot use {value!r} ({err})") from None
 
 
-def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{key}: must be one of {', '.join(allowed)}; got {value!r}")
+def _existing_dir(key: str, value: str) -> None:
+    """The data loaders take the path as written: a leading ``~`` is not expanded there."""
+    if not _probe(key, value, Path.is_dir):
+        hint = "; '~' is not expanded here, write the full path" if value.startswith("~") else ""
+        raise ValueError(f"{key}: must be an existing directory, got {value!r} (no such directory{hint})")
 
 
-def _at_least(key: str, value: int, low: int) -> None:
-    if value < low:
-        raise ValueError(f"{key}: must be an integer >= {low}, got {value}")
+def _count_images(key: str, root: str) -> int:
+    count = _probe(key, root, lambda p: num_train_images("imagefolder", str(p)))
+    if not count:
+        raise ValueError(f"{key}: must hold at least one image ({', '.join(IMAGE_SUFFIXES)}), found none in {root!r}")
+    return count
 
 
-def _positive(key: str, value: float) -> None:
-    if not value > 0 or math.isnan(value):
-        raise ValueError(f"{key}: must be > 0, got {value}")
+def _writable_dir(key: str, value: str) -> None:
+    """A folder that exists and is writable, or that can be made under a writable folder (made later)."""
+
+    def nearest(path: Path) -> Path:
+        path = path.expanduser()
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        return path
+
+    existing = _probe(key, value, nearest)
+    if not existing.is_dir():
+        raise ValueError(f"{key}: must be a writable directory, got {value!r} ({existing} is not a directory)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{key}: must be a writable directory, got {value!r} ({existing} is not writable)")

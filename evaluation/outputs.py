@@ -16,7 +16,14 @@ from ddpm.settings import Settings
 
 from .plots import save_sample_grid
 
-ROUND_COLUMNS = ("round", "train_loss", "skip_rate", "aug_rate", "moved", "seconds")
+ROUND_COLUMNS = ("round", "train_loss", "skip_rate", "aug_rate", "moved", "replies", "dropped", "timed_out", "seconds")
+SHARD_COLUMNS = ("node", "local_step", "num_examples", "train_loss", "skip_rate", "aug_rate", "steps", "train_seconds")
+TABLES = {  # the per-round tables appended as rounds finish, and their headers
+    "assignments.csv": "round,shard,sample_id",
+    "moved.csv": "round,sample_id,from_shard,to_shard",
+    "shards.csv": "round,shard," + ",".join(SHARD_COLUMNS),
+    "dropped.csv": "round,shard,node,reason",
+}
 
 
 def new_run_dir(settings: Settings) -> Path:
@@ -41,9 +48,13 @@ def _toml_value(v) -> str:
 
 
 class RunWriter:
-    """Writes one run's files as rounds finish, so a stopped run still leaves its table."""
+    """Writes one run's files as rounds finish, so a stopped run still leaves its table.
 
-    def __init__(self, path: Path, settings: Settings) -> None:
+    A resumed run passes the checkpoint's ``rows`` and ``completed_round``: the tables are cut
+    back to that round (a crash may have left rows of the round in flight) and go on from there.
+    """
+
+    def __init__(self, path: Path, settings: Settings, *, rows: list[dict] | None = None, completed_round: int = 0):
         self.path = Path(path)
         self.settings = settings
         self.rows: list[dict] = []
@@ -51,15 +62,15 @@ class RunWriter:
         self.columns = list(ROUND_COLUMNS) + eval_cols
         text = "".join(f"{k} = {_toml_value(v)}\n" for k, v in settings.to_run_config().items())
         (self.path / "settings.toml").write_text(text)
-        for name, cols in (
-            ("assignments.csv", "round,shard,sample_id"),
-            ("moved.csv", "round,sample_id,from_shard,to_shard"),
-            (
-                "shards.csv",
-                "round,shard,node,local_step,num_examples,train_loss,skip_rate,aug_rate,steps,train_seconds",
-            ),
-        ):
-            (self.path / name).write_text(cols + "\n")
+        for name, header in TABLES.items():
+            table = self.path / name
+            if rows is None or not table.is_file():
+                table.write_text(header + "\n")
+            else:
+                frame = pd.read_csv(table, keep_default_na=False, dtype=str)
+                frame[frame["round"].astype(int) <= completed_round].to_csv(table, index=False)
+        for row in rows or []:
+            self.add_round(row)
 
     def add_round(self, row: dict) -> None:
         """Append a round's row; columns an evaluator adds (e.g. copy_1) join the table."""
@@ -94,9 +105,13 @@ class RunWriter:
 
     def add_shard_metrics(self, server_round: int, shard_metrics: dict[int, dict[str, float]]) -> None:
         """One row per shard that replied: what it trained on and how (shards.csv)."""
-        cols = ["node", "local_step", "num_examples", "train_loss", "skip_rate", "aug_rate", "steps", "train_seconds"]
-        rows = [[server_round, s] + [m.get(c) for c in cols] for s, m in sorted(shard_metrics.items())]
+        rows = [[server_round, s] + [m.get(c) for c in SHARD_COLUMNS] for s, m in sorted(shard_metrics.items())]
         pd.DataFrame(rows).to_csv(self.path / "shards.csv", mode="a", header=False, index=False)
+
+    def add_dropped(self, server_round: int, dropped: list[tuple[int, int, str]]) -> None:
+        """One row per reply that was dropped or shard that got no reply, with the reason (dropped.csv)."""
+        rows = [[server_round, shard, node, reason] for shard, node, reason in dropped]
+        pd.DataFrame(rows).to_csv(self.path / "dropped.csv", mode="a", header=False, index=False)
 
     def save_skip_counts(self, counts: np.ndarray) -> Path:
         """Total skips per training id over the run (skip_counts.csv: sample_id, skips)."""

@@ -20,8 +20,10 @@ import tomllib
 from pathlib import Path
 
 from evaluation.cli import register as register_evaluation
+from strategies.checkpoint import CheckpointError, load_checkpoint
 
 from .config import settings_from_run_config
+from .resume import resumed_settings, run_folder_lock
 
 ENV_FLAG = "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"
 
@@ -32,21 +34,50 @@ def _project_defaults(app_dir: Path) -> dict:
 
 
 def _parse_overrides(run_config: list[str]) -> dict:
-    """``--run-config`` values as flwr reads them: a TOML file path or ``key=value`` pairs."""
+    """``--run-config`` values as flwr reads them: a TOML file path or ``key=value`` pairs.
+
+    Each pair is parsed on its own, so a syntax error names its key; a file's names the file and line.
+    """
     merged: dict = {}
     for item in run_config:
         path = Path(item)
         if path.suffix == ".toml" and "=" not in item:
             if not path.is_file():
                 raise ValueError(f"--run-config: file {item} does not exist")
-            with open(path, "rb") as fh:
-                merged.update(tomllib.load(fh))
-        else:
-            merged.update(tomllib.loads("\n".join(_split_pairs(item))))
+            try:
+                text = path.read_bytes().decode()
+                merged.update(tomllib.loads(text))
+            except UnicodeDecodeError as err:
+                raise ValueError(f"--run-config: {item}: not UTF-8 text ({err})") from None
+            except tomllib.TOMLDecodeError as err:
+                line = re.search(r"at line (\d+)", str(err))
+                where = ""
+                if line and 0 < int(line.group(1)) <= len(text.splitlines()):
+                    key = text.splitlines()[int(line.group(1)) - 1].partition("=")[0].strip()
+                    where = f"line {line.group(1)}" + (f" ({key})" if key else "") + ": "
+                raise ValueError(f"--run-config: {item}: {where}invalid TOML ({err})") from None
+            continue
+        pairs: dict = {}
+        for pair in _split_pairs(item):
+            key, sep, value = pair.partition("=")
+            key, value = key.strip(), value.strip()
+            if not sep or not key:
+                raise ValueError(f"--run-config: expected key=value, got {pair!r}")
+            try:
+                parsed = tomllib.loads(f"{key} = {value}")
+            except tomllib.TOMLDecodeError as err:
+                reason = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(err))  # our one-line document
+                raise ValueError(f"--run-config: {key}: invalid TOML value {value!r} ({reason})") from None
+            for name, parsed_value in parsed.items():  # one entry (a dotted key makes a table)
+                if name in pairs:
+                    raise ValueError(f"--run-config: {name}: given twice in {item!r}")
+                pairs[name] = parsed_value
+        merged.update(pairs)
     return merged
 
 
 def _split_pairs(text: str) -> list[str]:
+    """``'a=1 b="x y"'`` -> ``['a=1', 'b="x y"']``: split before each ``key=`` that follows whitespace."""
     return [p.strip() for p in re.split(r"\s+(?=[\w.-]+\s*=)", text.strip()) if p.strip()]
 
 
@@ -100,10 +131,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         overrides = _parse_overrides(args.run_config)
         defaults = _project_defaults(app_dir)
-        if "out-dir" not in overrides:  # runs land beside the user, not in the SuperLink's cwd
+        if args.resume is not None:
+            overrides = _resume_overrides(Path(args.resume), overrides)
+        elif "out-dir" not in overrides:  # runs land beside the user, not in the SuperLink's cwd
             overrides["out-dir"] = str((Path.cwd() / defaults.get("out-dir", "runs")).resolve())
         settings_from_run_config(defaults, overrides)
-    except (ValueError, OSError, tomllib.TOMLDecodeError) as err:
+    except CheckpointError as err:
+        print(f"iet-agc run: --resume: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError, RuntimeError, tomllib.TOMLDecodeError) as err:
         print(f"iet-agc run: invalid settings: {err}", file=sys.stderr)
         return 2
     env = {**os.environ, ENV_FLAG: "1"}
@@ -138,6 +174,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resume_overrides(run_dir: Path, given: dict) -> dict:
+    """The run's own settings from its checkpoint, with the user's changes where a resume allows them."""
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: not a run folder (no such directory)")
+    ckpt = load_checkpoint(run_dir)
+    with run_folder_lock(run_dir):  # refused here, before submitting, if a run still writes it
+        pass
+    merged = resumed_settings(ckpt.settings, given, defaults={})
+    merged["resume"] = str(run_dir.resolve())
+    print(f"[iet-agc] resuming {run_dir} after round {ckpt.server_round} of {merged['num-rounds']}", flush=True)
+    return merged
+
+
 def _default_gpus() -> float:
     """One GPU per running ClientApp when CUDA is visible: Ray hides GPUs from actors asked for none."""
     import torch
@@ -160,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("app", nargs="?", default=".", help="app folder holding pyproject.toml (default: .)")
     run.add_argument(
         "--run-config", action="append", default=[], help="a preset TOML file or 'key=value ...' (repeatable)"
+    )
+    run.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue a stopped run from its last checkpoint, with its own settings "
+        "(--run-config may change only run-length and evaluation keys)",
     )
     run.add_argument("--supernodes", type=int, default=2, help="simulated SuperNodes (default 2)")
     run.add_argument(

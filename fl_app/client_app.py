@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import time
+from logging import WARNING
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log
 
-from clients.state import load_shard_state, save_shard_state
+from clients.state import ShardStateStore
 from clients.trainer import shard_seed, train_shard
 from ddpm.data import load_dataset
 from ddpm.device import resolve_device
@@ -40,7 +42,19 @@ def make_client_app(**train_kwargs) -> ClientApp:
         device = resolve_device(settings.device)
         model = build_unet(settings.model, settings.image_size, data.channels)
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-        state = load_shard_state(context.state, shard)
+        store = ShardStateStore(context.node_config.get("state-dir") or None)
+        run_key = str(cfg["run-key"])
+        state, loaded = store.load(run_key, shard, server_round)
+        if loaded is None and server_round > 1:
+            log(
+                WARNING,
+                "shard %d, round %d: no saved state of run %s under %s on this node: its optimizer, warm-up "
+                "and memory bank restart",
+                shard,
+                server_round,
+                run_key,
+                store.root,
+            )
         started = time.perf_counter()
         result = train_shard(
             model,
@@ -51,7 +65,7 @@ def make_client_app(**train_kwargs) -> ClientApp:
             seed=shard_seed(settings.seed, server_round, shard),
             **train_kwargs,
         )
-        save_shard_state(context.state, shard, state)
+        store.save(run_key, shard, server_round, state)
         content = RecordDict(
             {
                 "arrays": ArrayRecord(model.cpu().state_dict()),

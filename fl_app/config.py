@@ -9,17 +9,28 @@ from ddpm.settings import Settings
 
 
 def settings_from_run_config(run_config: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> Settings:
-    """Defaults < run_config (pyproject + --run-config) < overrides; raises ValueError naming the key."""
-    return Settings.from_run_config({**dict(run_config), **dict(overrides or {})})
+    """The full check where a run starts (``iet-agc run`` before submitting, and the ServerApp).
+
+    Defaults < run_config (pyproject + --run-config) < overrides; every range, then the checks
+    against this machine (paths exist, the data set is large enough, out-dir is writable).
+    Raises ``ValueError('<key>: ...')`` for the first setting outside its range.
+    """
+    settings = Settings.from_run_config({**dict(run_config), **dict(overrides or {})})
+    settings.check_environment()
+    return settings
 
 
 NODE_KEYS = ("data-root", "device")
-SERVER_ONLY_PATHS = ("holdout-root", "fid-weights", "fid-cache-dir")
+SERVER_ONLY_PATHS = ("holdout-root", "fid-weights", "fid-cache-dir", "resume")
 
 
 def settings_from_message(config: Mapping[str, Any], node_config: Mapping[str, Any] | None = None) -> Settings:
     """The settings the server sent with a shard; a node's own ``--node-config`` may set
-    where its copy of the data lives and which device it trains on (``NODE_KEYS``)."""
+    where its copy of the data lives and which device it trains on (``NODE_KEYS``).
+
+    Only the pure checks run here (types, ranges, rules between settings): a node may not have
+    the server's folders (out-dir, hold-out images, FID weights), so nothing checks them here.
+    """
     keys = set(Settings.keys())
     values = {k: v for k, v in config.items() if k in keys}
     values.update({k: "" for k in SERVER_ONLY_PATHS})  # a node never evaluates: it needs none of them

@@ -1,12 +1,15 @@
-"""ServerApp: validated settings -> shards -> IET strategy rounds -> evaluation -> run folder."""
+"""ServerApp: validated settings -> shards (or a checkpoint) -> IET strategy rounds -> run folder."""
 
 from __future__ import annotations
 
-import logging
+import os
 import time
+import uuid
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
@@ -19,29 +22,46 @@ from ddpm.unet import build_unet, num_parameters
 from evaluation.evaluator import Evaluator, MemorizationEvaluator
 from evaluation.outputs import RunWriter, new_run_dir
 from evaluation.plots import plot_skip_histogram
-from strategies.iet import IETStrategy, RoundLog
+from strategies.checkpoint import Checkpoint, load_checkpoint
+from strategies.iet import IETStrategy, RunStopped
+from strategies.ledger import ShardLedger
 from strategies.msr import Redistribution, make_redistribution
 
 from .config import settings_from_run_config
-
-log = logging.getLogger("iet_agc")
-
-
-EVAL_PREFIXES = ("mq_", "copy_", "fid", "digit_fd")
+from .recorder import EVAL_SECONDS, RunRecorder, fmt, say
+from .resume import resumed_settings, run_folder_lock
 
 
-def _fmt(value: Any) -> str:
-    """Counts as integers, rates and distances with 4 significant digits, missing as n/a."""
-    if value is None or (isinstance(value, float) and value != value):
-        return "n/a"
-    if isinstance(value, float) and not value.is_integer():
-        return f"{value:.4g}"
-    return str(int(value)) if isinstance(value, (int, float)) else str(value)
+def eval_rounds(settings: Settings) -> set[int]:
+    """Rounds after which the global model is evaluated: every ``eval-every`` and the last."""
+    every = settings.eval_every
+    return {settings.num_rounds} | (set(range(every, settings.num_rounds + 1, every)) if every else set())
 
 
-def _say(text: str) -> None:
-    """Progress for the user: Flower streams the ServerApp's stdout with `flwr run --stream`."""
-    print(f"[iet-agc] {text}", flush=True)
+def evaluation_fn(
+    evaluator: Evaluator, model: torch.nn.Module, rounds: set[int]
+) -> Callable[[int, ArrayRecord], MetricRecord | None]:
+    """Flower's ``evaluate_fn``: the evaluator's metrics for the rounds in ``rounds``, else None."""
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round not in rounds:
+            return None
+        model.load_state_dict(arrays.to_torch_state_dict())
+        started = time.monotonic()
+        metrics = evaluator(server_round, model)
+        values = {k: float("nan") if v is None else float(v) for k, v in metrics.items()}
+        return MetricRecord({**values, EVAL_SECONDS: time.monotonic() - started})
+
+    return evaluate
+
+
+def _resume_point(settings: Settings, fingerprint: str) -> Checkpoint:
+    ckpt = load_checkpoint(settings.resume)
+    if ckpt.fingerprint != fingerprint:
+        raise ValueError(f"resume: the run trained on data set {ckpt.fingerprint}; this server's copy is {fingerprint}")
+    if settings.num_rounds < ckpt.server_round:
+        raise ValueError(f"num-rounds: the run already completed {ckpt.server_round} rounds, got {settings.num_rounds}")
+    return ckpt
 
 
 def run(
@@ -51,83 +71,85 @@ def run(
     redistribution: Redistribution | None = None,
     evaluator_factory: Callable[..., Evaluator] = MemorizationEvaluator,
 ) -> RunWriter:
-    """Run IET-AGC+ end to end on ``grid``; returns the writer of the run folder."""
+    """Run IET-AGC+ end to end on ``grid`` (or continue the run named by ``resume``); returns the
+    writer of the run folder. Only one process writes a run folder at a time (``.lock``)."""
     started = time.monotonic()
     data = load_dataset(**settings.dataset_kwargs())
     if len(data) < settings.mq_neighbours:
         raise ValueError(f"mq-neighbours: must be <= the {len(data)} training images, got {settings.mq_neighbours}")
-    shards = make_shards(
-        len(data), settings.num_shards, None if data.labels is None else data.labels.numpy(), settings.seed
-    )
-    device = resolve_device(settings.device)
-    writer = RunWriter(new_run_dir(settings), settings)
-    torch.manual_seed(settings.seed)
-    model = build_unet(settings.model, settings.image_size, data.channels)
-    _say(
-        f"{settings.dataset}: {len(data)} training images ({data.fingerprint}), {len(data.holdout)} held out; "
-        f"K={settings.num_shards} shards of ~{len(data) // settings.num_shards}; model {settings.model} "
-        f"({num_parameters(model) / 1e6:.2f}M params); device {device}; output {writer.path}"
-    )
-    evaluator = evaluator_factory(settings, data, writer.path, device)
-    eval_rounds = {settings.num_rounds} | (
-        set(range(settings.eval_every, settings.num_rounds + 1, settings.eval_every)) if settings.eval_every else set()
-    )
-    last_time = [time.monotonic()]
-
-    def on_round(server_round: int, rlog: RoundLog) -> None:
-        writer.add_assignment(server_round, rlog.assignment, rlog.moved)
-        writer.add_shard_metrics(server_round, rlog.shard_metrics)
-
-    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if server_round == 0:
-            return None
-        m = strategy.log[server_round].metrics
-        row: dict[str, Any] = {
-            "round": server_round,
-            "train_loss": m.get("train-loss"),
-            "skip_rate": m.get("skip-rate"),
-            "aug_rate": m.get("aug-rate"),
-            "moved": int(m.get("moved", 0)),
-        }
-        eval_seconds = 0.0
-        if server_round in eval_rounds:
-            model.load_state_dict(arrays.to_torch_state_dict())
-            eval_start = time.monotonic()
-            row.update(evaluator(server_round, model))
-            eval_seconds = time.monotonic() - eval_start
-        row["seconds"] = round(time.monotonic() - last_time[0], 2)  # the round: train, aggregate, evaluate
-        last_time[0] = time.monotonic()
-        writer.add_round(row)
-        _say(
-            f"round {server_round}/{settings.num_rounds}: loss {row['train_loss']:.4f} skip {row['skip_rate']:.3f} "
-            f"aug {row['aug_rate']:.3f} moved {row['moved']} ({row['seconds']:.1f}s"
-            + (f", evaluation {eval_seconds:.1f}s)" if eval_seconds else ")")
-            + "".join(f" {k} {_fmt(v)}" for k, v in row.items() if k.startswith(EVAL_PREFIXES))
+    run_dir = Path(settings.resume) if settings.resume else new_run_dir(settings)
+    with run_folder_lock(run_dir):
+        ckpt = _resume_point(settings, data.fingerprint) if settings.resume else None
+        device = resolve_device(settings.device)
+        torch.manual_seed(settings.seed)
+        model = build_unet(settings.model, settings.image_size, data.channels)
+        if ckpt is None:
+            run_key = uuid.uuid4().hex
+            writer = RunWriter(run_dir, settings)
+            labels = None if data.labels is None else data.labels.numpy()
+            shards = make_shards(len(data), settings.num_shards, labels, settings.seed)
+            ledger = ShardLedger(shards, len(data), settings.seed)
+        else:
+            run_key = ckpt.run_key
+            writer = RunWriter(run_dir, settings, rows=ckpt.rows, completed_round=ckpt.server_round)
+            ledger = ShardLedger.from_state_dict(ckpt.ledger_meta, ckpt.ledger_arrays)
+            model.load_state_dict({k: torch.from_numpy(v) for k, v in ckpt.weights.items()})
+        say(
+            f"{settings.dataset}: {len(data)} training images ({data.fingerprint}), {len(data.holdout)} held out; "
+            f"K={settings.num_shards} shards of ~{len(data) // settings.num_shards}; model {settings.model} "
+            f"({num_parameters(model) / 1e6:.2f}M params); device {device}; output {writer.path}"
+            + (f"; resuming after round {ckpt.server_round}" if ckpt else "")
         )
-        return MetricRecord({k: float(v) for k, v in row.items() if isinstance(v, (int, float))})
+        evaluator = evaluator_factory(settings, data, writer.path, device)
+        strategy = IETStrategy(
+            ledger,
+            num_samples=len(data),
+            train_config={**settings.to_run_config(), "fingerprint": data.fingerprint, "run-key": run_key},
+            redistribution=redistribution or make_redistribution(settings.msr, settings.msr_proportion),
+            seed=settings.seed,
+            cumulative_counts=settings.skip_counts == "cumulative",
+            min_nodes=settings.min_nodes,
+            max_failed_rounds=settings.max_failed_rounds,
+            node_max_failures=settings.node_max_failures,
+            recorder=RunRecorder(writer, run_key=run_key, fingerprint=data.fingerprint, num_rounds=settings.num_rounds),
+            should_stop=_parent_gone(),
+        )
+        try:
+            result = strategy.start(
+                grid=grid,
+                initial_arrays=ArrayRecord(model.state_dict()),
+                num_rounds=settings.num_rounds,
+                timeout=settings.round_timeout,
+                evaluate_fn=evaluation_fn(evaluator, model, eval_rounds(settings)),
+                first_round=1 if ckpt is None else ckpt.server_round + 1,
+            )
+        except RunStopped as err:
+            say(f"stopped: {err}. The checkpoint is kept; to continue: iet-agc run --resume {writer.path}")
+            raise
+        model.load_state_dict(result.arrays.to_torch_state_dict())
+        _finish(writer, settings, model, strategy.total_counts, evaluator, started)
+    return writer
 
-    strategy = IETStrategy(
-        shards,
-        num_samples=len(data),
-        train_config={**settings.to_run_config(), "fingerprint": data.fingerprint},
-        redistribution=redistribution or make_redistribution(settings.msr, settings.msr_proportion),
-        seed=settings.seed,
-        cumulative_counts=settings.skip_counts == "cumulative",
-        min_nodes=settings.min_nodes,
-        on_round=on_round,
-    )
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=settings.num_rounds,
-        timeout=settings.round_timeout,
-        evaluate_fn=evaluate,
-    )
-    model.load_state_dict(result.arrays.to_torch_state_dict())
+
+def _parent_gone() -> Callable[[], str | None]:
+    """A stop check: the process that started this ServerApp (Flower's SuperExec, which exits with
+    its SuperLink) is gone. A simulated run would otherwise go on unseen, writing its run folder."""
+    parent = os.getppid()
+
+    def check() -> str | None:
+        if os.getppid() != parent:
+            return f"the process that started this ServerApp (pid {parent}) is gone: its SuperLink stopped"
+        return None
+
+    return check
+
+
+def _finish(writer: RunWriter, settings: Settings, model, counts: np.ndarray, evaluator, started: float) -> None:
+    """The final pipeline, skip counts, samples and report; the summary line."""
     pipeline = writer.save_model(model)
-    writer.save_skip_counts(strategy.total_counts)
+    writer.save_skip_counts(counts)
     if settings.agc:
-        plot_skip_histogram(strategy.total_counts, writer.path / "skip_counts.png")
+        plot_skip_histogram(counts, writer.path / "skip_counts.png")
     notes = [f"final weights: `{pipeline.name}/` (load with `DDPMPipeline.from_pretrained`)"]
     if getattr(evaluator, "last_images", None) is not None:
         writer.save_samples(evaluator.last_images)
@@ -136,13 +158,12 @@ def run(
         notes.append(f"FID unavailable: {fid_reason}")
     writer.write_report(notes)
     final = writer.rows[-1] if writer.rows else {}
-    _say(
+    say(
         f"done in {time.monotonic() - started:.0f}s: "
-        + ", ".join(f"{k} {_fmt(final.get(k))}" for k in writer.columns if k.startswith(("mq_", "copy_", "digit_fd")))
-        + (f", FID unavailable ({fid_reason})" if fid_reason else f", FID {_fmt(final.get('fid'))}")
+        + ", ".join(f"{k} {fmt(final.get(k))}" for k in writer.columns if k.startswith(("mq_", "copy_", "digit_fd")))
+        + (f", FID unavailable ({fid_reason})" if fid_reason else f", FID {fmt(final.get('fid'))}")
         + f"; results in {writer.path}"
     )
-    return writer
 
 
 def make_server_app(overrides: Mapping[str, Any] | None = None, **run_kwargs) -> ServerApp:
@@ -152,6 +173,11 @@ def make_server_app(overrides: Mapping[str, Any] | None = None, **run_kwargs) ->
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         settings = settings_from_run_config(context.run_config, overrides)
+        if settings.resume:  # the run's own settings, with the changes a resume may make
+            given = {**dict(context.run_config), **dict(overrides or {})}
+            saved = load_checkpoint(settings.resume).settings
+            merged = resumed_settings(saved, given, Settings().to_run_config())
+            settings = settings_from_run_config({**merged, "resume": settings.resume})
         run(grid, settings, **run_kwargs)
 
     return app

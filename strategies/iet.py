@@ -1,91 +1,63 @@
 """The IET strategy: FedAvg over K shard models, one message per shard, MSR between rounds.
 
 K (shards) is independent of the number of nodes: shards are mapped onto the connected nodes
-and stay on their node while it stays. Two messages for one node can run at once in Flower's
-simulation (each on its own copy of the node's Context, last writer wins), so messages go out
-in waves holding at most one message per node: per-shard state on a node is never raced.
+and stay on their node while it stays healthy (``ShardLedger``). Messages go out in waves of
+at most one per node under the round's deadline (``WaveDispatcher``); every reply is checked
+before anything reads it (``check_train_reply``). A round without a valid reply keeps the
+global model; the run stops only after ``max_failed_rounds`` such rounds in a row. After every
+round the ``recorder`` gets the round and the strategy's state, which is enough to resume.
 """
 
 from __future__ import annotations
 
-import logging
+import io
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Protocol
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.result import Result
 
-from .msr import Moves, Redistribution, apply_moves, check_partition
-
-log = logging.getLogger("iet_agc.strategy")
-
-METRICS = ("num-examples", "train-loss", "skip-rate", "aug-rate", "steps")
-
-
-def assign_nodes(num_shards: int, node_ids: Iterable[int], previous: dict[int, int]) -> dict[int, int]:
-    """Map shards to nodes: keep each shard's node while it is connected, fill the rest by load.
-
-    New placements go to the least-loaded node (ties: smallest node id), so the map depends on
-    the set of nodes, never on the order the grid lists them.
-    """
-    nodes = sorted(set(node_ids))
-    if not nodes:
-        raise RuntimeError("no nodes connected")
-    mapping = {s: n for s, n in previous.items() if n in nodes and s < num_shards}
-    load = {n: 0 for n in nodes}
-    for n in mapping.values():
-        load[n] += 1
-    for s in range(num_shards):
-        if s not in mapping:
-            node = min(nodes, key=lambda n: (load[n], n))
-            mapping[s] = node
-            load[node] += 1
-    return mapping
+from .dispatch import DEADLINE, LATE, WaveDispatcher
+from .ledger import ShardLedger, assign_nodes  # noqa: F401 - assign_nodes is part of the API
+from .msr import Moves, Redistribution, apply_moves, check_partition, hold_moves_into
+from .replies import BadReply, Sent, ShardReply, check_train_reply
 
 
-def in_waves(messages: Sequence[Message]) -> list[list[Message]]:
-    """Split messages so that each wave holds at most one message per destination node."""
-    waves: list[list[Message]] = []
-    seen: dict[int, int] = {}
-    for msg in messages:
-        w = seen.get(msg.metadata.dst_node_id, 0)
-        seen[msg.metadata.dst_node_id] = w + 1
-        if w == len(waves):
-            waves.append([])
-        waves[w].append(msg)
-    return waves
-
-
-class WaveGrid:
-    """A Grid wrapper whose ``send_and_receive`` sends in per-node waves within one timeout."""
-
-    def __init__(self, grid: Grid) -> None:
-        self._grid = grid
-
-    def __getattr__(self, name: str):
-        return getattr(self._grid, name)
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        replies: list[Message] = []
-        for wave in in_waves(list(messages)):
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            replies.extend(self._grid.send_and_receive(wave, timeout=left))
-        return replies
+class RunStopped(RuntimeError):
+    """Too many failed rounds in a row: the run stops with its last checkpoint kept."""
 
 
 @dataclass
 class RoundLog:
-    """What the strategy learned in one round (for rounds.csv, assignments.csv, moved.csv)."""
+    """What happened in one round (rounds.csv, assignments.csv, moved.csv, shards.csv, dropped.csv)."""
 
-    assignment: list[np.ndarray]
-    metrics: dict[str, float] = field(default_factory=dict)
+    server_round: int
+    assignment: list[np.ndarray]  # the ids each shard was sent this round
+    metrics: dict[str, float] = field(default_factory=dict)  # FedAvg's weighted means, moved, counts
     moved: list[np.ndarray] = field(default_factory=list)
-    dropped: list[str] = field(default_factory=list)
+    dropped: list[tuple[int, int, str]] = field(default_factory=list)  # (shard or -1, node, reason)
+    timed_out: dict[int, str] = field(default_factory=dict)  # shard -> why it was not sent / answered
     shard_metrics: dict[int, dict[str, float]] = field(default_factory=dict)  # per shard: its reply
+    set_aside: dict[int, str] = field(default_factory=dict)  # nodes set aside after this round
+
+    @property
+    def failed(self) -> bool:
+        return not self.shard_metrics
+
+
+class RoundRecorder(Protocol):
+    """Receives each finished round and the strategy's state (rows, checkpoint)."""
+
+    def round_done(
+        self, rlog: RoundLog, arrays: ArrayRecord, evaluation: MetricRecord | None, state: tuple[dict, dict]
+    ) -> None: ...
 
 
 class IETStrategy(FedAvg):
@@ -93,7 +65,7 @@ class IETStrategy(FedAvg):
 
     def __init__(
         self,
-        shards: Sequence[np.ndarray],
+        shards: Sequence[np.ndarray] | ShardLedger,
         *,
         num_samples: int,
         train_config: dict,
@@ -101,7 +73,11 @@ class IETStrategy(FedAvg):
         seed: int = 0,
         cumulative_counts: bool = False,
         min_nodes: int = 1,
-        on_round: Callable[[int, RoundLog], None] | None = None,
+        max_failed_rounds: int = 3,
+        node_max_failures: int = 2,
+        recorder: RoundRecorder | None = None,
+        dispatcher: WaveDispatcher | None = None,
+        should_stop: Callable[[], str | None] | None = None,
     ) -> None:
         super().__init__(
             fraction_evaluate=0.0,
@@ -109,158 +85,227 @@ class IETStrategy(FedAvg):
             min_available_nodes=min_nodes,
             weighted_by_key="num-examples",
         )
-        check_partition(shards, num_samples)
-        self.shards = [np.sort(np.asarray(s, dtype=np.int64)) for s in shards]
-        self.num_samples = num_samples
+        self.ledger = shards if isinstance(shards, ShardLedger) else ShardLedger(list(shards), num_samples, seed)
         self.train_config = dict(train_config)
         self.redistribution = redistribution
-        self.rng = np.random.default_rng(seed)
         self.cumulative = cumulative_counts
-        self.total_counts = np.zeros(num_samples, dtype=np.int64)
-        self.node_of_shard: dict[int, int] = {}
-        self.on_round = on_round
+        self.max_failed_rounds = max_failed_rounds
+        self.node_max_failures = node_max_failures
+        self.recorder = recorder
+        self.dispatcher = dispatcher or WaveDispatcher()
+        self.should_stop = should_stop  # checked before each round: a reason to stop, or None
         self.log: dict[int, RoundLog] = {}
-        self.expected_arrays: dict[str, tuple[int, ...]] = {}  # the global model's keys and shapes
+        self.outgoing: list[Message] = []  # this round's messages; ids are set when pushed
+        self.expected_arrays: dict[str, tuple[str, tuple[int, ...]]] = {}  # key -> (dtype, shape)
 
-    # ---- sending ---------------------------------------------------------------------
-    def start(self, grid: Grid, *args, **kwargs):  # noqa: D102 - FedAvg's loop, waves per node
-        return super().start(WaveGrid(grid), *args, **kwargs)
+    # shards and counts live in the ledger; these names keep the strategy readable
+    @property
+    def shards(self) -> list[np.ndarray]:
+        return self.ledger.shards
 
+    @property
+    def total_counts(self) -> np.ndarray:
+        return self.ledger.total_counts
+
+    # ---- the round loop ---------------------------------------------------------------
+    def start(  # noqa: D417 - FedAvg's signature, plus where to begin
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float | None = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        *,
+        first_round: int = 1,
+    ) -> Result:
+        """Flower's ``Strategy.start`` loop, beginning at ``first_round`` (a resumed run) and
+        sending in per-node waves; a round without valid replies keeps the global model."""
+        log(INFO, "Starting %s strategy: rounds %d..%d", type(self).__name__, first_round, num_rounds)
+        self.summary()
+        train_config = ConfigRecord() if train_config is None else train_config
+        result, arrays, started = Result(), initial_arrays, time.time()
+        result.arrays = arrays
+        for server_round in range(first_round, num_rounds + 1):
+            log(INFO, "")
+            log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
+            if self.should_stop is not None and (reason := self.should_stop()):
+                raise RunStopped(reason)
+            messages = self.configure_train(server_round, arrays, train_config, grid)
+            dispatch = self.dispatcher.send(grid, messages, timeout)
+            rlog = self.log[server_round]
+            if dispatch.discarded:
+                log(
+                    WARNING,
+                    "round %d: discarded %d late replies to earlier rounds",
+                    server_round,
+                    len(dispatch.discarded),
+                )
+            for msg, reason in dispatch.unsent:
+                rlog.timed_out[int(msg.content["config"]["shard"])] = reason
+            for msg in dispatch.late:
+                rlog.timed_out[int(msg.content["config"]["shard"])] = LATE
+            new_arrays, train_metrics = self.aggregate_train(server_round, dispatch.replies)
+            if new_arrays is not None:
+                arrays = result.arrays = new_arrays
+                result.train_metrics_clientapp[server_round] = train_metrics
+            evaluation = evaluate_fn(server_round, arrays) if evaluate_fn else None
+            if evaluation is not None:
+                result.evaluate_metrics_serverapp[server_round] = evaluation
+            if self.recorder is not None:
+                self.recorder.round_done(rlog, arrays, evaluation, self.ledger.state_dict())
+            if self.ledger.failed_rounds >= self.max_failed_rounds:
+                raise RunStopped(self._stop_reason())
+        log(INFO, "Strategy execution finished in %.2fs", time.time() - started)
+        for line in io.StringIO(str(result)):
+            log(INFO, "\t%s", line.strip("\n"))
+        return result
+
+    def _stop_reason(self) -> str:
+        last = range(self.ledger.last_round - self.ledger.failed_rounds + 1, self.ledger.last_round + 1)
+        reasons = sorted(
+            {reason for r in last for _, _, reason in self.log[r].dropped}
+            | {reason for r in last for reason in self.log[r].timed_out.values()}
+        )
+        return (
+            f"{self.ledger.failed_rounds} rounds in a row (max-failed-rounds) without a valid reply, "
+            f"up to round {self.ledger.last_round}; reasons: {'; '.join(reasons) or 'no nodes replied'}"
+        )
+
+    # ---- sending ------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        nodes = self._wait_for_nodes(grid)
-        before = dict(self.node_of_shard)
-        self.node_of_shard = assign_nodes(len(self.shards), nodes, before)
-        for s, n in self.node_of_shard.items():
-            if s in before and before[s] != n:
-                log.warning("shard %d moved from node %d (gone) to node %d: its local state restarts", s, before[s], n)
-        self.log[server_round] = RoundLog(assignment=[s.copy() for s in self.shards])
-        self.expected_arrays = {k: tuple(a.shape) for k, a in arrays.items()}
-        messages = []
+        placement = self.ledger.place(self._wait_for_nodes(grid))
+        for node in placement.reinstated:
+            log(WARNING, "node %d gets shards again: no healthy node is left", node)
+        for s, (old, new) in placement.moved.items():
+            why = self.ledger.set_aside.get(old, "it left")
+            log(WARNING, "shard %d moved from node %d (%s) to node %d: its local state restarts", s, old, why, new)
+        self.log[server_round] = RoundLog(server_round, [s.copy() for s in self.shards])
+        self.expected_arrays = {k: (a.dtype, tuple(a.shape)) for k, a in arrays.items()}
+        self.outgoing = []
         for shard, ids in enumerate(self.shards):
             cfg = ConfigRecord({**self.train_config, **dict(config)})
             cfg["server-round"] = server_round
             cfg["shard"] = shard
             cfg["ids"] = ids.tolist()
             content = RecordDict({"arrays": arrays, "config": cfg})
-            messages.append(
-                Message(content=content, dst_node_id=self.node_of_shard[shard], message_type=MessageType.TRAIN)
-            )
-        return messages
+            node = placement.node_of_shard[shard]
+            self.outgoing.append(Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN))
+        return list(self.outgoing)
 
     def _wait_for_nodes(self, grid: Grid) -> list[int]:
         waited = 0
         while len(nodes := list(grid.get_node_ids())) < self.min_available_nodes:
             if waited % 10 == 0:
-                log.info(
-                    "waiting for nodes: %d connected, %d required (min-nodes)", len(nodes), self.min_available_nodes
+                log(
+                    INFO,
+                    "waiting for nodes: %d connected, %d required (min-nodes)",
+                    len(nodes),
+                    self.min_available_nodes,
                 )
             time.sleep(1)
             waited += 1
         return nodes
 
-    # ---- receiving -------------------------------------------------------------------
-    def check_reply(self, msg: Message) -> tuple[int, np.ndarray] | str:
-        """Return (shard, skip counts aligned with the ids sent), or the reason to drop the reply."""
-        if msg.has_error():
-            return f"error reply: {msg.error.reason}"
-        c = msg.content
-        try:
-            shard = int(c["info"]["shard"])
-            metrics = c["metrics"]
-            skips = c["skips"]
-            weights = c["arrays"]
-        except (KeyError, TypeError, ValueError) as err:
-            return f"malformed reply, missing {err}"
-        if not 0 <= shard < len(self.shards):
-            return f"unknown shard {shard}"
-        if not isinstance(metrics, MetricRecord) or any(k not in metrics for k in METRICS):
-            return f"shard {shard}: metrics must hold {', '.join(METRICS)}"
-        if not isinstance(weights, ArrayRecord) or not isinstance(skips, ArrayRecord):
-            return f"shard {shard}: 'arrays' and 'skips' must be ArrayRecords"
-        try:
-            ids = skips["ids"].numpy()
-            counts = skips["counts"].numpy()
-        except KeyError as err:
-            return f"shard {shard}: skips lack {err}"
-        if self.expected_arrays and {k: tuple(a.shape) for k, a in weights.items()} != self.expected_arrays:
-            return f"shard {shard}: weights do not match the global model's keys and shapes"
-        if not all(np.isfinite(a.numpy()).all() for a in weights.values()):
-            return f"shard {shard}: weights hold NaN or infinity"
-        expected = self.shards[shard]
-        if ids.shape != expected.shape or counts.shape != expected.shape:
-            return f"shard {shard}: {counts.size} skip counts for {expected.size} ids"
-        if not np.array_equal(ids.astype(np.int64), expected):
-            return f"shard {shard}: skip counts are for other ids than the ones sent"
-        if not np.issubdtype(counts.dtype, np.integer):
-            if not np.all(np.isfinite(counts)) or not np.all(counts == np.round(counts)):
-                return f"shard {shard}: skip counts must be finite integers"
-        if np.any(counts < 0):
-            return f"shard {shard}: skip counts must be non-negative"
-        if int(metrics["num-examples"]) != expected.size:
-            return f"shard {shard}: num-examples {metrics['num-examples']} != shard size {expected.size}"
-        return shard, counts.astype(np.int64)
+    # ---- receiving ----------------------------------------------------------------------
+    def _sent(self) -> dict[str, Sent]:
+        """This round's pushed messages by id: the only source of a reply's shard."""
+        max_count = int(self.train_config.get("local-epochs", 2**62))
+        return {
+            m.metadata.message_id: Sent(
+                int(m.content["config"]["shard"]),
+                m.metadata.dst_node_id,
+                self.shards[int(m.content["config"]["shard"])],
+                max_count,
+            )
+            for m in self.outgoing
+            if m.metadata.message_id
+        }
+
+    def check_replies(self, server_round: int, replies: Iterable[Message]) -> dict[int, ShardReply]:
+        """The valid reply per shard; every other reply is dropped with its reason in the round log."""
+        rlog = self.log[server_round]
+        sent, accepted = self._sent(), {}
+        for msg in replies:
+            target = sent.get(msg.metadata.reply_to_message_id)
+            node = msg.metadata.src_node_id
+            try:
+                if target is None:
+                    raise BadReply("answers no message of this round (late, or not a reply to the server)")
+                if target.shard in accepted:
+                    raise BadReply(f"a second reply for shard {target.shard}")
+                accepted[target.shard] = check_train_reply(msg, target, self.expected_arrays)
+            except BadReply as err:
+                shard = -1 if target is None else target.shard
+                log(WARNING, "round %d: dropped a reply from node %d (shard %d): %s", server_round, node, shard, err)
+                rlog.dropped.append((shard, node, str(err)))
+        return accepted
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
-        rlog = self.log.setdefault(server_round, RoundLog(assignment=[s.copy() for s in self.shards]))
-        accepted: dict[int, tuple[Message, np.ndarray]] = {}
-        for msg in replies:
-            checked = self.check_reply(msg)
-            if isinstance(checked, str):
-                log.warning(
-                    "round %d: dropped a reply from node %d: %s", server_round, msg.metadata.src_node_id, checked
-                )
-                rlog.dropped.append(checked)
-                continue
-            shard, counts = checked
-            if shard in accepted:
-                log.warning("round %d: dropped a second reply for shard %d", server_round, shard)
-                continue
-            accepted[shard] = (msg, counts)
-        missing = [s for s in range(len(self.shards)) if s not in accepted]
-        if missing:
-            log.warning("round %d: shards %s keep their samples (no valid reply)", server_round, missing)
-        if not accepted:
-            raise RuntimeError(
-                f"round {server_round}: no shard returned a valid reply; reasons: "
-                + ("; ".join(sorted(set(rlog.dropped))) or "timed out")
-            )
-        # FedAvg sees only weights and scalar metrics, in shard order (repeatable sums).
-        ordered = [accepted[s][0] for s in sorted(accepted)]
-        stripped = [
-            Message(
-                content=RecordDict({"arrays": m.content["arrays"], "metrics": m.content["metrics"]}),
-                reply_to=m,
-            )
-            for m in ordered
-        ]
-        arrays, metrics = super().aggregate_train(server_round, stripped)
-        for shard, (msg, _) in accepted.items():
-            info = msg.content["info"]
+        rlog = self.log[server_round]
+        accepted = self.check_replies(server_round, replies)
+        failed = [s for s in range(len(self.shards)) if s not in accepted]
+        if failed:
+            log(WARNING, "round %d: shards %s keep their samples (no valid reply)", server_round, failed)
+        arrays, metrics = None, None
+        if accepted:  # FedAvg sees only weights and the expected scalar metrics, in shard order
+            stripped = [
+                Message(RecordDict({"arrays": r.arrays, "metrics": r.metrics}), reply_to=r.message)
+                for r in (accepted[s] for s in sorted(accepted))
+            ]
+            arrays, metrics = super().aggregate_train(server_round, stripped)
+        for shard, reply in accepted.items():
             rlog.shard_metrics[shard] = {
-                "node": msg.metadata.src_node_id,
-                "local_step": int(info["local-step"]) if "local-step" in info else -1,
-                **{k.replace("-", "_"): float(v) for k, v in msg.content["metrics"].items()},
+                "node": reply.node,
+                "local_step": reply.local_step,
+                **{k.replace("-", "_"): float(v) for k, v in reply.metrics.items()},
             }
-        counts = [accepted[s][1] if s in accepted else None for s in range(len(self.shards))]
-        moves = self.redistribute(counts)
+        moves = self.redistribute([accepted[s].counts if s in accepted else None for s in range(len(self.shards))])
+        self._record_health(server_round, accepted)
         rlog.moved = moves.moved
         rlog.metrics = dict(metrics or {})
-        rlog.metrics["moved"] = float(sum(len(m) for m in moves.moved))
-        rlog.metrics["replies"] = float(len(accepted))
-        if self.on_round is not None:
-            self.on_round(server_round, rlog)
+        rlog.metrics.update(
+            moved=float(sum(len(m) for m in moves.moved)),
+            replies=float(len(accepted)),
+            dropped=float(len(rlog.dropped)),
+            timed_out=float(len(rlog.timed_out)),
+        )
+        self.ledger.failed_rounds = 0 if accepted else self.ledger.failed_rounds + 1
+        self.ledger.last_round = server_round
+        if not accepted:
+            log(WARNING, "round %d failed: no valid reply; the global model stays as it was", server_round)
         return arrays, metrics
 
+    def _record_health(self, server_round: int, accepted: dict[int, ShardReply]) -> None:
+        """A node's round fails when any shard it was given got no valid reply (late, busy,
+        dropped); shards not sent because the deadline passed count against no node."""
+        rlog = self.log[server_round]
+        outcomes: dict[int, str | None] = {}
+        reasons = {s: r for s, _, r in rlog.dropped if s >= 0} | rlog.timed_out
+        for shard, node in self.ledger.node_of_shard.items():
+            if shard in accepted:
+                outcomes.setdefault(node, None)
+            elif rlog.timed_out.get(shard) != DEADLINE:
+                outcomes[node] = reasons.get(shard, "no reply")
+        self.ledger.shard_failed = [s not in accepted for s in range(len(self.shards))]
+        rlog.set_aside = self.ledger.record_health(outcomes, self.node_max_failures)
+        for node, why in rlog.set_aside.items():
+            log(WARNING, "node %d is set aside (node-max-failures): %s; its shards move to healthy nodes", node, why)
+
     def redistribute(self, counts: list[np.ndarray | None]) -> Moves:
-        """Apply the redistribution rule to this round's (or the cumulative) skip counts."""
+        """Apply the redistribution rule to this round's (or the cumulative) skip counts; no
+        samples move into a shard whose round failed."""
+        ledger = self.ledger
         for shard, c in enumerate(counts):
             if c is not None:
-                self.total_counts[self.shards[shard]] += c
+                ledger.total_counts[ledger.shards[shard]] += c
         if self.cumulative:
-            counts = [None if c is None else self.total_counts[s] for s, c in zip(self.shards, counts, strict=True)]
-        leaving = self.redistribution(self.shards, counts, self.rng)
-        moves = apply_moves(self.shards, leaving)
-        check_partition(moves.shards, self.num_samples)
-        self.shards = moves.shards
+            counts = [None if c is None else ledger.total_counts[s] for s, c in zip(ledger.shards, counts, strict=True)]
+        leaving = self.redistribution(ledger.shards, counts, ledger.rng)
+        leaving = hold_moves_into(leaving, [c is None for c in counts])
+        moves = apply_moves(ledger.shards, leaving)
+        check_partition(moves.shards, ledger.num_samples)
+        ledger.shards = moves.shards
         return moves

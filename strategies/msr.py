@@ -97,6 +97,13 @@ def make_redistribution(mode: str, proportion: float) -> Redistribution:
     raise ValueError(f"msr: must be one of memory, random, none; got {mode!r}")
 
 
+def hold_moves_into(leaving: Sequence[np.ndarray], refusing: Sequence[bool]) -> list[np.ndarray]:
+    """Cancel the moves into every shard i with ``refusing[i]`` (its last round failed): shard i-1
+    keeps those samples, so MSR never strands samples in a shard that does not train."""
+    k = len(leaving)
+    return [np.empty(0, dtype=np.int64) if refusing[(i + 1) % k] else np.asarray(p) for i, p in enumerate(leaving)]
+
+
 def apply_moves(shards: Sequence[np.ndarray], leaving: Sequence[np.ndarray]) -> Moves:
     """Move ``shards[i][leaving[i]]`` to shard (i + 1) % K, all shards at once (eq. 11)."""
     k = len(shards)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -36,3 +41,34 @@ def flower_task():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     yield
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+
+
+def superlink_pids(home: Path | None = None) -> list[int]:
+    """Local simulation SuperLinks (those serving ``home`` when given; the local one is machine-wide)."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"flower-superlink" in cmd and (home is None or str(home).encode() in cmd):
+            pids.append(int(proc.name))
+    return pids
+
+
+def newcomer_env(tmp: Path) -> dict[str, str]:
+    """A shell as a newcomer has it: no Flower settings in the environment, an empty FLWR_HOME,
+    caches (node state among them) in a folder of the test's own."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_")}
+    env["FLWR_HOME"] = str(tmp / "flwr-home")
+    env["XDG_CACHE_HOME"] = str(tmp / "cache")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # the venv's iet-agc, flwr
+    return env
+
+
+@pytest.fixture
+def fresh_shell(tmp_path):
+    """``newcomer_env`` for one test; the SuperLink it starts ends with the test."""
+    yield newcomer_env(tmp_path)
+    for pid in superlink_pids(tmp_path / "flwr-home"):  # services the test started end with it
+        os.kill(pid, signal.SIGTERM)

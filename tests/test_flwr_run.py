@@ -1,7 +1,6 @@
 """The real `flwr run` path through the README's command (`iet-agc run`), in a fresh FLWR_HOME."""
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -11,29 +10,6 @@ import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _superlinks_of(home: Path) -> list[int]:
-    pids = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            cmd = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"flower-superlink" in cmd and str(home).encode() in cmd:
-            pids.append(int(proc.name))
-    return pids
-
-
-@pytest.fixture
-def fresh_shell(tmp_path):
-    """A shell as a newcomer has it: no Flower settings in the environment, an empty FLWR_HOME."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_")}
-    env["FLWR_HOME"] = str(tmp_path / "flwr-home")
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # the venv's iet-agc, flwr
-    yield env
-    for pid in _superlinks_of(tmp_path / "flwr-home"):  # services the test started end with it
-        os.kill(pid, signal.SIGTERM)
 
 
 def test_flwr_run_end_to_end(fresh_shell, tmp_path):

@@ -1,47 +1,92 @@
+"""The IET strategy on a scripted grid: placement, waves, averaging, MSR, failed rounds and nodes."""
+
 import logging
+import uuid
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from strategies.iet import IETStrategy, assign_nodes, in_waves
-from strategies.msr import MemoryRedistribution
+from strategies.dispatch import in_waves
+from strategies.iet import IETStrategy, RunStopped
+from strategies.ledger import ShardLedger, assign_nodes
+from strategies.msr import MemoryRedistribution, check_partition
 
 pytestmark = pytest.mark.usefixtures("flower_task")
 
 
+def push(messages):
+    """What a Grid does on push: give each message its id (replies can then refer to it)."""
+    for m in messages:
+        m.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+    return [m.metadata.message_id for m in messages]
+
+
 class FakeGrid:
-    def __init__(self, nodes):
-        self.nodes = nodes
+    """A Grid whose nodes answer with ``answer(msg)`` (a reply, or None for no reply)."""
+
+    def __init__(self, nodes, answer=None):
+        self.nodes, self.answer = list(nodes), answer
+        self.pushed: list[Message] = []
+        self.waiting: dict[str, Message] = {}
 
     def get_node_ids(self):
         return list(self.nodes)
 
+    def push_messages(self, messages):
+        messages = list(messages)
+        self.pushed += messages
+        ids = push(messages)
+        for m in messages:
+            reply = self.answer(m)
+            if reply is not None:
+                self.waiting[m.metadata.message_id] = reply
+        return ids
 
-def _strategy(shards, n, proportion=0.5):
+    def pull_messages(self, ids):
+        return [self.waiting.pop(i) for i in list(ids) if i in self.waiting]
+
+
+def _strategy(shards, n, proportion=0.5, **kwargs):
     return IETStrategy(
         [np.asarray(s) for s in shards],
         num_samples=n,
-        train_config={"lr": 0.1},
+        train_config={"lr": 0.1, "local-epochs": 10},
         redistribution=MemoryRedistribution(proportion),
         seed=0,
+        **kwargs,
     )
 
 
-def _reply(msg, weight, counts, **overrides):
+def reply(msg, weight=1.0, counts=None, **overrides):
+    """A well-formed reply to ``msg``; ``overrides`` replace whole records."""
     cfg = msg.content["config"]
     ids = np.asarray(cfg["ids"])
+    counts = np.zeros(len(ids), dtype=np.int64) if counts is None else counts
     content = {
         "arrays": ArrayRecord({"w": torch.full((2, 2), float(weight))}),
         "metrics": MetricRecord(
-            {"num-examples": len(ids), "train-loss": weight, "skip-rate": 0.1, "aug-rate": 0.2, "steps": 3}
+            {
+                "num-examples": len(ids),
+                "train-loss": weight,
+                "skip-rate": 0.1,
+                "aug-rate": 0.2,
+                "steps": 3,
+                "train-seconds": 0.5,
+            }
         ),
         "skips": ArrayRecord({"ids": torch.from_numpy(ids), "counts": torch.as_tensor(np.asarray(counts))}),
         "info": ConfigRecord({"shard": int(cfg["shard"]), "local-step": 3}),
     }
     content.update(overrides)
     return Message(content=RecordDict(content), reply_to=msg)
+
+
+def _round(s, server_round, nodes):
+    msgs = list(s.configure_train(server_round, ArrayRecord({"w": torch.zeros(2, 2)}), ConfigRecord(), FakeGrid(nodes)))
+    push(msgs)
+    return msgs
 
 
 def test_assign_nodes_is_stable_and_balanced():
@@ -67,56 +112,77 @@ def test_waves_hold_one_message_per_node():
 
 def test_weighted_average_equals_hand_computation_and_msr_applies():
     s = _strategy([[0, 1, 2, 3], [4, 5]], 6)
-    msgs = list(s.configure_train(1, ArrayRecord({"w": torch.zeros(2, 2)}), ConfigRecord(), FakeGrid([1])))
-    replies = [_reply(msgs[0], 1.0, [0, 7, 0, 9]), _reply(msgs[1], 4.0, [2, 0])]
+    msgs = _round(s, 1, [1])
+    replies = [reply(msgs[0], 1.0, [0, 7, 0, 9]), reply(msgs[1], 4.0, [2, 0])]
     arrays, metrics = s.aggregate_train(1, list(reversed(replies)))
     expect = (4 * 1.0 + 2 * 4.0) / 6
     assert np.allclose(arrays["w"].numpy(), expect)
     assert metrics["train-loss"] == pytest.approx(expect)
     # P = 0.5: shard 0 sends ids 1 and 3 (counts 7, 9), shard 1 sends id 4 (count 2)
     assert [x.tolist() for x in s.shards] == [[0, 2, 4], [1, 3, 5]]
-    assert s.log[1].metrics["moved"] == 3
+    assert s.log[1].metrics["moved"] == 3 and s.log[1].metrics["replies"] == 2
 
 
-@pytest.mark.parametrize(
-    ("counts", "extra", "reason"),
-    [
-        ([1, 2, 3], {}, "3 skip counts for 4 ids"),
-        ([1, -2, 3, 0], {}, "non-negative"),
-        (np.array([1.0, np.nan, 0.0, 0.0]), {}, "finite integers"),
-        (np.array([1.5, 0.0, 0.0, 0.0]), {}, "finite integers"),
-        ([0, 0, 0, 0], {"info": ConfigRecord({"shard": 7})}, "unknown shard"),
-        (
-            [0, 0, 0, 0],
-            {"skips": ArrayRecord({"ids": torch.tensor([9, 8, 7, 6]), "counts": torch.zeros(4)})},
-            "other ids",
-        ),
-        ([0, 0, 0, 0], {"metrics": MetricRecord({"num-examples": 4})}, "metrics must hold"),
-        ([0, 0, 0, 0], {"arrays": ArrayRecord({"w": torch.zeros(3)})}, "keys and shapes"),
-        ([0, 0, 0, 0], {"arrays": ArrayRecord({"w": torch.full((2, 2), float("nan"))})}, "NaN"),
-    ],
-)
-def test_bad_reply_is_dropped_with_reason_and_its_shard_keeps_samples(counts, extra, reason, caplog):
-    s = _strategy([[0, 1, 2, 3], [4, 5, 6, 7]], 8)
-    msgs = list(s.configure_train(1, ArrayRecord({"w": torch.zeros(2, 2)}), ConfigRecord(), FakeGrid([1, 2])))
-    good = _reply(msgs[1], 2.0, [5, 4, 0, 0])
-    bad = _reply(msgs[0], 100.0, counts, **extra)
-    with caplog.at_level(logging.WARNING, logger="iet_agc.strategy"):
-        arrays, _ = s.aggregate_train(1, [bad, good])
-    assert reason in caplog.text
-    assert np.allclose(arrays["w"].numpy(), 2.0)  # only the good reply is averaged
-    assert [x.tolist() for x in s.shards] == [[0, 1, 2, 3, 4, 5], [6, 7]]  # shard 0 kept all, got id 4
-
-
-def test_error_and_missing_replies_keep_shards_and_all_failed_stops():
+def test_error_and_missing_replies_keep_shards_and_nothing_moves_into_them():
     s = _strategy([[0, 1], [2, 3], [4, 5]], 6)
-    msgs = list(s.configure_train(1, ArrayRecord({"w": torch.zeros(2, 2)}), ConfigRecord(), FakeGrid([1])))
+    msgs = _round(s, 1, [1])
     err = Message(Error(code=1, reason="data set mismatch on node 1"), reply_to=msgs[0])
-    s.aggregate_train(1, [err, _reply(msgs[2], 1.0, [0, 3])])
-    assert [x.tolist() for x in s.shards] == [[0, 1, 5], [2, 3], [4]]
-    msgs = list(s.configure_train(2, ArrayRecord({"w": torch.zeros(2, 2)}), ConfigRecord(), FakeGrid([1])))
-    with pytest.raises(RuntimeError, match="data set mismatch"):
-        s.aggregate_train(2, [Message(Error(code=1, reason="data set mismatch"), reply_to=m) for m in msgs])
+    s.aggregate_train(1, [err, reply(msgs[2], 1.0, [0, 3])])
+    # shard 0 failed: shard 2's move into it is held back; shard 1 had no reply: nothing moves
+    assert [x.tolist() for x in s.shards] == [[0, 1], [2, 3], [4, 5]]
+    assert s.log[1].dropped == [(0, 1, "error reply: data set mismatch on node 1")]
+
+
+def test_a_round_without_valid_replies_keeps_the_model_and_the_run_stops_after_the_limit():
+    bad = lambda m: Message(Error(code=1, reason="disk full"), reply_to=m)  # noqa: E731
+    s = _strategy([[0, 1], [2, 3]], 4, max_failed_rounds=3)
+    start = ArrayRecord({"w": torch.full((2, 2), 5.0)})
+    with pytest.raises(RunStopped, match="3 rounds in a row.*disk full"):
+        s.start(FakeGrid([1, 2], bad), start, num_rounds=10, timeout=5)
+    assert s.ledger.last_round == 3 and s.ledger.failed_rounds == 3
+    assert [x.tolist() for x in s.shards] == [[0, 1], [2, 3]]
+
+
+def test_failed_rounds_do_not_stop_a_run_that_recovers():
+    calls = {"n": 0}
+
+    def flaky(m):
+        calls["n"] += 1
+        return Message(Error(code=1, reason="oops"), reply_to=m) if calls["n"] <= 4 else reply(m, 2.0)
+
+    s = _strategy([[0, 1], [2, 3]], 4, max_failed_rounds=3)
+    result = s.start(FakeGrid([1, 2], flaky), ArrayRecord({"w": torch.zeros(2, 2)}), num_rounds=4, timeout=5)
+    assert [s.log[r].failed for r in (1, 2, 3, 4)] == [True, True, False, False]
+    assert np.allclose(result.arrays["w"].numpy(), 2.0)
+
+
+def test_a_failing_node_is_set_aside_and_its_shards_train_elsewhere():
+    """Node 3 fails every round: after node-max-failures its shards move, and every sample trains."""
+
+    def answer(m):
+        if m.metadata.dst_node_id == 3:
+            return Message(Error(code=1, reason="data set mismatch"), reply_to=m)
+        return reply(m, 1.0, np.arange(len(m.content["config"]["ids"])) % 3)
+
+    s = _strategy([range(0, 10), range(10, 20), range(20, 30)], 30, proportion=0.3, node_max_failures=2)
+    grid = FakeGrid([1, 2, 3], answer)
+    s.start(grid, ArrayRecord({"w": torch.zeros(2, 2)}), num_rounds=5, timeout=5)
+    assert s.log[2].set_aside == {3: "2 failed rounds in a row, the last: error reply: data set mismatch"}
+    assert 3 in s.ledger.set_aside and 3 not in s.ledger.node_of_shard.values()
+    trained = {r: sorted(s.log[r].shard_metrics) for r in s.log}
+    assert trained[1] == trained[2] == [0, 1] and trained[3] == trained[4] == trained[5] == [0, 1, 2]
+    for r in (3, 4, 5):  # every sample trains again
+        assert sorted(np.concatenate([s.log[r].assignment[i] for i in trained[r]]).tolist()) == list(range(30))
+    check_partition(s.shards, 30)
+
+
+def test_all_nodes_set_aside_are_reinstated():
+    ledger = ShardLedger([np.array([0]), np.array([1])], 2)
+    ledger.place([1, 2])
+    ledger.record_health({1: "x", 2: "y"}, limit=1)
+    assert set(ledger.set_aside) == {1, 2}
+    placement = ledger.place([1, 2])
+    assert placement.reinstated == [1, 2] and not ledger.set_aside
 
 
 def test_cumulative_counts_keep_history():
@@ -133,3 +199,22 @@ def test_cumulative_counts_keep_history():
     # this round nothing is skipped: cumulative counts still move id 3 and id 0 back
     s.redistribute([np.array([0, 0]), np.array([0, 0])])
     assert [x.tolist() for x in s.shards] == [[0, 1], [2, 3]]
+
+
+def test_ledger_state_round_trips_including_the_msr_rng():
+    s = _strategy([[0, 1, 2, 3], [4, 5, 6, 7]], 8)
+    msgs = _round(s, 1, [1, 2])
+    s.aggregate_train(1, [reply(msgs[0], 1.0, [1, 1, 0, 0]), reply(msgs[1], 1.0, [0, 0, 2, 2])])
+    meta, arrays = s.ledger.state_dict()
+    copy = ShardLedger.from_state_dict(meta, arrays)
+    assert [a.tolist() for a in copy.shards] == [a.tolist() for a in s.shards]
+    assert copy.total_counts.tolist() == s.total_counts.tolist() and copy.node_of_shard == s.ledger.node_of_shard
+    assert copy.rng.integers(1 << 30) == s.ledger.rng.integers(1 << 30)
+
+
+def test_dropped_replies_are_logged_through_flower(caplog):
+    s = _strategy([[0, 1], [2, 3]], 4)
+    msgs = _round(s, 1, [1, 2])
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        s.aggregate_train(1, [reply(msgs[0], 1.0, [1, 2, 3]), reply(msgs[1])])
+    assert "dropped a reply from node 1 (shard 0)" in caplog.text

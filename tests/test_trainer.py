@@ -1,7 +1,6 @@
 import torch
-from flwr.app import RecordDict
 
-from clients.state import load_shard_state, save_shard_state
+from clients.state import ShardStateStore
 from clients.trainer import ShardState, train_shard
 from ddpm.data import load_dataset
 from ddpm.settings import Settings
@@ -58,18 +57,20 @@ def test_taa_augments_once_the_bank_is_filled():
     assert r.aug_rate > 0.9
 
 
-def test_shard_state_round_trips_through_records():
+def test_shard_state_round_trips_through_the_node_store(tmp_path):
     images, settings, model = _setup()
     state = ShardState()
     train_shard(model, images, settings, state, device=CPU, seed=0)
-    records = RecordDict()
-    save_shard_state(records, 3, state)
-    back = load_shard_state(records, 3)
+    store = ShardStateStore(tmp_path)
+    store.save("run", 3, 1, state)
+    back, loaded = store.load("run", 3, before_round=2)
+    assert loaded == 1
     assert back.step == state.step and torch.equal(back.bank, state.bank)
     assert back.optimizer.keys() == state.optimizer.keys()
     for i, entry in state.optimizer.items():
         assert all(torch.equal(entry[k], back.optimizer[i][k]) for k in entry)
-    fresh = load_shard_state(records, 0)
+    fresh, loaded = store.load("run", 0, before_round=2)
+    assert loaded is None
     assert fresh.optimizer is None and fresh.step == 0 and not fresh.bank.any()
 
 

@@ -1,0 +1,81 @@
+"""Continuing a run from its checkpoint: which settings may change, and a lock so that only one
+process writes a run folder at a time."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+# Keys that do not change what is trained: run length, evaluation, where and how patiently it runs.
+RESUMABLE_KEYS = (
+    "num-rounds",
+    "eval-every",
+    "eval-num-images",
+    "eval-batch-size",
+    "sample-steps",
+    "mq-neighbours",
+    "fid",
+    "fid-weights",
+    "fid-cache-dir",
+    "holdout-root",
+    "data-root",  # where this machine keeps the data; the data set's fingerprint must still match
+    "device",
+    "round-timeout",
+    "min-nodes",
+    "max-failed-rounds",
+    "node-max-failures",
+    "out-dir",
+    "resume",
+)
+
+
+def resumed_settings(saved: Mapping[str, Any], given: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict:
+    """The saved run's settings with the ``given`` changes that do not alter the result.
+
+    A given key equal to the saved value, or equal to the app's default (``flwr run`` sends every
+    default along), is no change. Any other change of a key outside ``RESUMABLE_KEYS`` raises
+    ValueError naming the key.
+    """
+    merged = dict(saved)
+    for key, value in given.items():
+        if key not in saved or value == saved[key]:
+            merged.setdefault(key, value)
+            continue
+        if key in RESUMABLE_KEYS:
+            merged[key] = value
+        elif key in defaults and value == defaults[key]:
+            continue
+        else:
+            raise ValueError(
+                f"{key}: cannot change when resuming (the run used {saved[key]!r}, given {value!r}); "
+                f"only these keys may change: {', '.join(k for k in RESUMABLE_KEYS if k != 'resume')}"
+            )
+    return merged
+
+
+@contextmanager
+def run_folder_lock(run_dir: Path) -> Iterator[None]:
+    """Hold ``RUN_DIR/.lock`` while a ServerApp writes the folder; a second writer is refused.
+
+    The lock is released by the kernel when its process dies, SIGKILL included.
+    """
+    path = Path(run_dir) / ".lock"
+    fh = open(path, "a+")  # noqa: SIM115 - held for the whole run
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise RuntimeError(f"{run_dir}: the run folder is in use by {holder}; stop it before resuming") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"process {os.getpid()}\n")
+        fh.flush()
+        yield
+    finally:
+        fh.close()

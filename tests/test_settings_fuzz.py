@@ -1,0 +1,293 @@
+"""Property test: for every run-config key, bad values are refused before submission, naming the key.
+
+The check is the one ``iet-agc run`` makes before it submits (and the ServerApp before round 1):
+``fl_app.config.settings_from_run_config`` over the pyproject defaults. The allowed ranges are
+written out here again, independently of ``ddpm.settings``, so a range lost there fails here.
+Valid values drawn from the same table must pass, so a check that refuses everything fails too.
+Run with ``-s`` to see the count of bad settings refused / tried.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ddpm.settings import Settings
+from fl_app.config import settings_from_run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+with open(ROOT / "pyproject.toml", "rb") as _fh:
+    DEFAULTS = tomllib.load(_fh)["tool"]["flwr"]["app"]["config"]
+
+# The specification (README's settings table), under the pyproject defaults: digits, train-size 400.
+INTS = {  # key: (lowest, highest) allowed
+    "image-size": (4, 1024),  # and a power of two
+    "train-size": (2, 1796),  # digits: 1797 images, at least one held out
+    "num-shards": (1, 400),  # <= train-size
+    "num-rounds": (1, 10_000),
+    "local-epochs": (1, 10_000),
+    "batch-size": (1, 65_536),
+    "warmup-epochs": (0, 10_000),
+    "min-nodes": (1, 1_000),
+    "max-failed-rounds": (1, 10_000),
+    "node-max-failures": (1, 10_000),
+    "seed": (0, 2**31 - 1),
+    "randaugment-magnitude": (0, 30),
+    "randaugment-ops": (1, 14),
+    "eval-every": (0, 10_000),
+    "eval-num-images": (1, 1_000_000),
+    "eval-batch-size": (1, 65_536),
+    "sample-steps": (1, 1_000),
+    "mq-neighbours": (1, 400),  # <= train-size
+}
+GOOD_INTS = {"train-size": (50, 1796)}  # and >= num-shards (4) and mq-neighbours (50)
+FLOATS = {  # key: (low, low included, high or None, high included, +inf allowed)
+    "lr": (0.0, False, 1.0, True, False),
+    "grad-clip": (0.0, False, None, False, False),
+    "round-timeout": (0.0, False, 604_800.0, True, False),
+    "skip-threshold": (0.0, False, 10.0, True, False),
+    "bank-eta": (0.0, False, 1.0, False, False),
+    "aug-range": (1.0, False, None, False, True),
+    "aug-sharpness": (0.0, False, None, False, False),
+    "msr-proportion": (0.0, True, 1.0, False, False),
+}
+BOOLS = ("download", "hflip", "agc", "taa", "fid")
+CHOICES = {
+    "dataset": ("digits", "cifar10", "cifar100", "imagefolder"),
+    "model": ("tiny", "cifar", "afhq64"),
+    "msr": ("memory", "random", "none"),
+    "skip-counts": ("reset", "cumulative"),
+}
+PATHS = ("data-root", "holdout-root", "fid-weights", "fid-cache-dir", "out-dir", "resume")
+OTHER = ("device", "mq-thresholds")
+
+COUNTS = {"tried": 0, "refused": 0}
+PER_KEY: dict[str, int] = {}
+
+
+@pytest.fixture(scope="module")
+def places(tmp_path_factory):
+    """A regular file (paths under it can never be made, even by root) and an existing folder."""
+    base = tmp_path_factory.mktemp("fuzz")
+    (base / "file").write_text("x")
+    return {"file": str(base / "file"), "dir": str(base), "missing": str(base / "missing")}
+
+
+def test_the_table_covers_every_key():
+    spec = set(INTS) | set(FLOATS) | set(BOOLS) | set(CHOICES) | set(PATHS) | set(OTHER)
+    assert spec == set(Settings.keys()) == set(DEFAULTS)
+
+
+# ---- bad values --------------------------------------------------------------------------------
+NOT_A_NUMBER = st.none() | st.lists(st.integers(), max_size=2) | st.dictionaries(st.text(max_size=3), st.integers())
+FLOATS_ANY = st.floats(allow_nan=True, allow_infinity=True)
+
+
+def _bad_int(key: str) -> st.SearchStrategy:
+    lo, hi = INTS[key]
+    fractions = st.floats(allow_nan=True, allow_infinity=True).filter(lambda x: not float(x).is_integer())
+    out_of_range = st.integers(max_value=lo - 1) | st.integers(min_value=hi + 1) | st.just(10**400)
+    integral_floats = st.integers(min_value=hi + 1, max_value=10**15).map(float) | st.just(float(lo - 1))
+    bad = st.booleans() | fractions | out_of_range | integral_floats | st.text(max_size=8) | NOT_A_NUMBER
+    if key == "image-size":
+        bad = bad | st.integers(lo, hi).filter(lambda n: n & (n - 1))
+    return bad
+
+
+def _float_ok(key: str, x: float) -> bool:
+    lo, lo_in, hi, hi_in, inf_ok = FLOATS[key]
+    if math.isnan(x) or x == -math.inf:
+        return False
+    if x == math.inf:
+        return inf_ok
+    return (x >= lo if lo_in else x > lo) and (hi is None or (x <= hi if hi_in else x < hi))
+
+
+def _parses_as_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _bad_float(key: str) -> st.SearchStrategy:
+    numbers = (FLOATS_ANY | st.integers(-(10**6), 10**6)).filter(lambda x: not _float_ok(key, float(x)))
+    text = st.text(max_size=8).filter(lambda s: not _parses_as_float(s))
+    specials = st.sampled_from([math.nan, -math.inf, "nan", "-inf", "NaN", 10**400, -(10**400)])
+    if not FLOATS[key][4]:
+        specials = specials | st.sampled_from([math.inf, "inf", "Infinity"])
+    return numbers | numbers.map(repr) | text | specials | st.booleans() | NOT_A_NUMBER
+
+
+def _bad_bool(key: str) -> st.SearchStrategy:
+    text = st.text(max_size=8).filter(lambda s: s.strip().lower() not in ("true", "false"))
+    return st.integers() | FLOATS_ANY | text | st.sampled_from(["yes", "no", "1", "0", "on", "t"]) | NOT_A_NUMBER
+
+
+NOT_A_STRING = st.integers() | FLOATS_ANY | st.booleans() | NOT_A_NUMBER
+
+
+def _device_ok(text: str) -> bool:
+    if text in ("auto", "cpu", "mps", "cuda", "xpu"):
+        return True
+    kind, colon, index = text.partition(":")
+    return (
+        kind in ("cuda", "xpu")
+        and bool(colon)
+        and index.isascii()
+        and index.isdigit()
+        and len(index) <= 3
+        and (index == "0" or not index.startswith("0"))
+    )
+
+
+NEAR_DEVICES = ["cuda:", "cuda:-1", "CUDA", " cpu", "cpu ", "cuda:0:1", "gpu", "mps:0", "cuda:1x", "cuda:\u0663"]
+NEAR_DEVICES += ["xpu:abc", "", "tpu", "cuda:1000", "cuda:01", "auto:0", "cuda 0", "cpu\n"]
+
+
+def _thresholds_ok(text: str) -> bool:
+    try:
+        values = [float(p) for p in text.split(",")]
+    except ValueError:
+        return False
+    distinct = len({f"{v:g}" for v in values}) == len(values)
+    return distinct and all(0 < v <= 1 for v in values)  # NaN and inf fail the comparison
+
+
+GOOD_T = st.floats(min_value=0, max_value=1, exclude_min=True)
+BAD_T = st.floats(max_value=0) | st.floats(min_value=1, exclude_min=True) | st.sampled_from([math.nan, math.inf])
+
+
+def _bad_thresholds() -> st.SearchStrategy:
+    one_bad = st.tuples(st.lists(GOOD_T, max_size=3), BAD_T).map(lambda p: ",".join(map(repr, [*p[0], p[1]])))
+    repeated = GOOD_T.map(lambda t: f"{t!r},{t!r}")
+    garbage = st.text(max_size=12).filter(lambda s: not _thresholds_ok(s))
+    near = st.sampled_from(["", ",", "0.4,", ",0.5", "0.4,,0.5", "0.4;0.5", "0.5,0.50", "nan", "inf", "-0.1", "0"])
+    return one_bad | repeated | garbage | near | NOT_A_STRING
+
+
+def _bad_path(key: str, places: dict) -> st.SearchStrategy:
+    nul = st.text(max_size=6).map(lambda s: f"{places['dir']}/{s}\0x")
+    bad = NOT_A_STRING | nul
+    if key == "out-dir":
+        empty = st.text(alphabet=" \t\n", max_size=3)
+        under_file = st.text(alphabet="abc", min_size=1, max_size=5).map(lambda s: f"{places['file']}/{s}")
+        bad = bad | empty | under_file | st.just(places["file"])
+    if key == "fid-cache-dir":
+        bad = bad | st.text(alphabet="abc", min_size=1, max_size=5).map(lambda s: f"{places['file']}/{s}")
+    if key in ("holdout-root", "resume"):  # must be existing folders
+        missing = st.text(alphabet="abc", min_size=1, max_size=5).map(lambda s: f"{places['missing']}/{s}")
+        bad = bad | missing | st.just(places["file"])
+    if key == "fid-weights":  # must be an existing file
+        missing = st.text(alphabet="abc", min_size=1, max_size=5).map(lambda s: f"{places['missing']}/{s}.pth")
+        bad = bad | missing | st.just(places["dir"])
+    return bad
+
+
+def bad_values(key: str, places: dict) -> st.SearchStrategy:
+    if key in INTS:
+        return _bad_int(key)
+    if key in FLOATS:
+        return _bad_float(key)
+    if key in BOOLS:
+        return _bad_bool(key)
+    if key in CHOICES:
+        return NOT_A_STRING | st.text(max_size=12).filter(lambda s: s not in CHOICES[key])
+    if key == "device":
+        return NOT_A_STRING | st.sampled_from(NEAR_DEVICES) | st.text(max_size=10).filter(lambda s: not _device_ok(s))
+    if key == "mq-thresholds":
+        return _bad_thresholds()
+    return _bad_path(key, places)
+
+
+FUZZ = settings(
+    max_examples=60,
+    derandomize=True,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow],
+)
+
+
+@pytest.mark.parametrize("key", sorted(DEFAULTS))
+@FUZZ
+@given(data=st.data())
+def test_bad_values_are_refused_naming_the_key(key, places, data):
+    value = data.draw(bad_values(key, places), label=key)
+    COUNTS["tried"] += 1
+    PER_KEY[key] = PER_KEY.get(key, 0) + 1
+    with pytest.raises(ValueError) as err:
+        settings_from_run_config(DEFAULTS, {key: value})
+    assert str(err.value).startswith(f"{key}:"), f"{key}={value!r}: {err.value}"
+    COUNTS["refused"] += 1
+
+
+# ---- good values (so a check that refuses everything cannot pass) ----------------------------------
+def good_values(key: str, places: dict) -> st.SearchStrategy:
+    if key in INTS:
+        lo, hi = GOOD_INTS.get(key, INTS[key])
+        if key == "image-size":
+            return st.sampled_from([4, 8, 16, 32, 64, 128, 256, 512, 1024])
+        return st.integers(lo, hi) | st.integers(lo, hi).map(float)
+    if key in FLOATS:
+        lo, lo_in, hi, hi_in, inf_ok = FLOATS[key]
+        finite = st.floats(lo, hi if hi is not None else 1e300, exclude_min=not lo_in, exclude_max=not hi_in)
+        return finite | finite.map(repr) | (st.just("inf") if inf_ok else finite)
+    if key in BOOLS:
+        return st.booleans() | st.sampled_from(["true", "false", "True", "FALSE"])
+    if key in CHOICES:
+        return st.sampled_from([c for c in CHOICES[key] if c not in ("imagefolder", "afhq64")])
+    if key == "device":
+        return st.sampled_from(["auto", "cpu", "cuda", "mps", "xpu"]) | st.integers(0, 999).map(lambda n: f"cuda:{n}")
+    if key == "mq-thresholds":
+        return st.lists(GOOD_T, min_size=1, max_size=4, unique_by=lambda t: f"{t:g}").map(
+            lambda v: ",".join(map(repr, v))
+        )
+    if key in ("out-dir", "fid-cache-dir"):
+        return st.text(alphabet="abc", min_size=1, max_size=5).map(lambda s: f"{places['dir']}/{s}")
+    if key in ("holdout-root", "resume"):
+        return st.sampled_from(["", places["dir"]])
+    if key == "fid-weights":
+        return st.sampled_from(["", places["file"]])
+    return st.text(alphabet="abc/", max_size=8)  # data-root: unused by digits
+
+
+@pytest.mark.parametrize("key", sorted(DEFAULTS))
+@settings(
+    max_examples=15,
+    derandomize=True,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow],
+)
+@given(data=st.data())
+def test_good_values_are_accepted(key, places, data):
+    value = data.draw(good_values(key, places), label=key)
+    settings_from_run_config(DEFAULTS, {key: value})
+
+
+def test_error_messages_start_with_the_key():
+    """The CLI greps stderr for '<key>:'; every message of the check starts that way."""
+    assert re.match(r"^lr: must be a finite number in \(0, 1\], got nan$", _message({"lr": math.nan}))
+
+
+def _message(override: dict) -> str:
+    with pytest.raises(ValueError) as err:
+        settings_from_run_config(DEFAULTS, override)
+    return str(err.value)
+
+
+def test_zz_report_the_count():
+    """Runs last in this file: every bad value tried was refused, over every key."""
+    if not COUNTS["tried"]:
+        pytest.skip("run with the fuzz tests to count")
+    print(f"\nbad settings refused / tried: {COUNTS['refused']} / {COUNTS['tried']} over {len(PER_KEY)} keys")
+    assert COUNTS["refused"] == COUNTS["tried"]
+    assert set(PER_KEY) == set(DEFAULTS)
