@@ -223,14 +223,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="GPUs per running ClientApp in simulation (default: 1 if CUDA is available, else 0; 0.5 = two share one)",
     )
-    run.add_argument("flwr_args", nargs=argparse.REMAINDER, help="passed on to flwr run")
-    run.set_defaults(func=cmd_run)
+    run.set_defaults(func=cmd_run)  # options it does not know are passed on to flwr run
     register_evaluation(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "run":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.flwr_args = unknown  # `iet-agc run` passes options of flwr run's own through, in any position
     return args.func(args)
 
 

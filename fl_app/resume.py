@@ -42,16 +42,16 @@ def resumed_settings(saved: Mapping[str, Any], given: Mapping[str, Any], default
     """
     merged = dict(saved)
     for key, value in given.items():
-        if key not in saved or value == saved[key]:
-            merged.setdefault(key, value)
+        if key in saved and value == saved[key]:
             continue
         if key in RESUMABLE_KEYS:
             merged[key] = value
         elif key in defaults and value == defaults[key]:
-            continue
+            merged.setdefault(key, value)  # a setting newer than the run takes its default
         else:
+            used = repr(saved[key]) if key in saved else "its default"
             raise ValueError(
-                f"{key}: cannot change when resuming (the run used {saved[key]!r}, given {value!r}); "
+                f"{key}: cannot change when resuming (the run used {used}, given {value!r}); "
                 f"only these keys may change: {', '.join(k for k in RESUMABLE_KEYS if k != 'resume')}"
             )
     return merged

@@ -103,6 +103,9 @@ def latest_checkpoint(run_dir: Path) -> Path:
 def load_checkpoint(run_dir: Path) -> Checkpoint:
     """Read the newest checkpoint of ``run_dir``; a missing or corrupt file raises CheckpointError."""
     path = latest_checkpoint(run_dir)
+    for name in ("state.json", "weights.safetensors", "ledger.safetensors"):
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path}: missing {name}")
     try:
         state = json.loads((path / "state.json").read_text())
         weights = load_file(path / "weights.safetensors")
@@ -117,8 +120,6 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
             str(state["run-key"]),
             str(state["fingerprint"]),
         )
-    except FileNotFoundError as err:
-        raise CheckpointError(f"{path}: missing {Path(err.filename).name}") from None
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from None
     if state.get("format") != FORMAT:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -66,9 +67,21 @@ def newcomer_env(tmp: Path) -> dict[str, str]:
     return env
 
 
+def stop_local_superlinks(home: Path | None = None) -> None:
+    """Stop local SuperLinks (all, or those of ``home``): one started from another shell would run
+    the test's app with that shell's environment (its cache folder, for one)."""
+    pids = superlink_pids(home)
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while pids and time.monotonic() < deadline:
+        pids = [p for p in pids if Path(f"/proc/{p}").exists()]
+        time.sleep(0.2)
+
+
 @pytest.fixture
 def fresh_shell(tmp_path):
     """``newcomer_env`` for one test; the SuperLink it starts ends with the test."""
+    stop_local_superlinks()
     yield newcomer_env(tmp_path)
-    for pid in superlink_pids(tmp_path / "flwr-home"):  # services the test started end with it
-        os.kill(pid, signal.SIGTERM)
+    stop_local_superlinks(tmp_path / "flwr-home")  # services the test started end with it
