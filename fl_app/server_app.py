@@ -9,7 +9,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
@@ -127,7 +126,7 @@ def run(
             say(f"stopped: {err}. The checkpoint is kept; to continue: iet-agc run --resume {writer.path}")
             raise
         model.load_state_dict(result.arrays.to_torch_state_dict())
-        _finish(writer, settings, model, strategy.total_counts, evaluator, started)
+        _finish(writer, settings, model, strategy, evaluator, started)
     return writer
 
 
@@ -177,8 +176,9 @@ def _state(pid: int) -> str:
         return ""
 
 
-def _finish(writer: RunWriter, settings: Settings, model, counts: np.ndarray, evaluator, started: float) -> None:
+def _finish(writer: RunWriter, settings: Settings, model, strategy: IETStrategy, evaluator, started: float) -> None:
     """The final pipeline, skip counts, samples and report; the summary line."""
+    counts = strategy.total_counts
     pipeline = writer.save_model(model)
     writer.save_skip_counts(counts)
     if settings.agc:
@@ -189,12 +189,20 @@ def _finish(writer: RunWriter, settings: Settings, model, counts: np.ndarray, ev
     fid_reason = getattr(evaluator, "fid_reason", "")
     if fid_reason:
         notes.append(f"FID unavailable: {fid_reason}")
+    set_aside = [f"node {n} ({why})" for n, why in strategy.ledger.set_aside.items()]
+    failed = [str(r) for r, rlog in sorted(strategy.log.items()) if rlog.failed]
+    if set_aside:
+        notes.append("nodes set aside (node-max-failures), their shards trained elsewhere: " + "; ".join(set_aside))
+    if failed:
+        notes.append(f"failed rounds (no valid reply, the global model kept): {', '.join(failed)}")
     writer.write_report(notes)
     final = writer.rows[-1] if writer.rows else {}
     say(
         f"done in {time.monotonic() - started:.0f}s: "
         + ", ".join(f"{k} {fmt(final.get(k))}" for k in writer.columns if k.startswith(("mq_", "copy_", "digit_fd")))
         + (f", FID unavailable ({fid_reason})" if fid_reason else f", FID {fmt(final.get('fid'))}")
+        + (f"; set aside: {'; '.join(set_aside)}" if set_aside else "")
+        + (f"; failed rounds: {', '.join(failed)}" if failed else "")
         + f"; results in {writer.path}"
     )
 

@@ -94,3 +94,71 @@ def test_skip_counts_file_sums_match(two_runs):
     counts = pd.read_csv(run / "skip_counts.csv")
     assert counts["sample_id"].tolist() == list(range(120)) and (counts["skips"] >= 0).all()
     assert np.issubdtype(counts["skips"].dtype, np.integer)
+
+
+def _image_folder(path: Path, n: int, seed: int) -> Path:
+    from PIL import Image
+
+    path.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path / f"{i:03d}.png")
+    return path
+
+
+def test_a_node_with_another_data_copy_is_set_aside_and_every_sample_trains_again(tmp_path, capfd):
+    """Node 2 of 3 holds other images: it refuses every shard; after node-max-failures rounds its
+    shard moves to a healthy node, MSR never strands samples in it, and every sample trains again."""
+    from flwr.clientapp import ClientApp
+
+    from fl_app.client_app import make_client_app
+
+    ours, theirs = _image_folder(tmp_path / "ours", 36, 0), _image_folder(tmp_path / "theirs", 36, 1)
+    inner = make_client_app()
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        if context.node_config["partition-id"] == 2:
+            context.node_config["data-root"] = str(theirs)
+        return inner(msg, context)
+
+    overrides = {
+        "dataset": "imagefolder",
+        "data-root": str(ours),
+        "image-size": 8,
+        "train-size": 0,
+        "num-shards": 3,
+        "num-rounds": 4,
+        "local-epochs": 1,
+        "batch-size": 12,
+        "msr-proportion": 0.5,
+        "node-max-failures": 2,
+        "eval-every": 0,
+        "eval-num-images": 12,
+        "sample-steps": 2,
+        "mq-neighbours": 4,
+        "fid": False,
+        "out-dir": str(tmp_path / "runs"),
+    }
+    run_simulation(server_app=make_server_app(overrides), client_app=app, num_supernodes=3)
+    (run,) = (tmp_path / "runs").iterdir()
+    rounds = pd.read_csv(run / "rounds.csv")
+    assert rounds["replies"].tolist() == [2, 2, 3, 3] and rounds["dropped"].tolist() == [1, 1, 0, 0]
+    dropped = pd.read_csv(run / "dropped.csv")
+    assert len(dropped) == 2 and dropped["reason"].str.contains("data set mismatch").all()
+    bad_node = int(dropped["node"].iloc[0])
+    shards = pd.read_csv(run / "shards.csv")
+    assert bad_node not in set(shards["node"])
+    assign = pd.read_csv(run / "assignments.csv")
+    for r in (3, 4):  # after the limit, every sample is trained again
+        trained = shards[shards["round"] == r]["shard"]
+        ids = assign[(assign["round"] == r) & assign["shard"].isin(trained)]["sample_id"]
+        assert sorted(ids) == list(range(36))
+    moved = pd.read_csv(run / "moved.csv")
+    failed_shard = int(dropped["shard"].iloc[0])
+    assert not ((moved["round"] <= 2) & (moved["to_shard"] == failed_shard)).any()  # nothing moved in
+    out = capfd.readouterr().out
+    assert f"node {bad_node} set aside: 2 failed rounds in a row" in out and "data set mismatch" in out
+    assert f"set aside: node {bad_node} (2 failed rounds in a row" in out  # the run's summary line
+    assert "nodes set aside" in (run / "report.md").read_text()
