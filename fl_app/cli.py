@@ -135,7 +135,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             overrides = _resume_overrides(Path(args.resume), overrides)
         elif "out-dir" not in overrides:  # runs land beside the user, not in the SuperLink's cwd
             overrides["out-dir"] = str((Path.cwd() / defaults.get("out-dir", "runs")).resolve())
-        settings_from_run_config(defaults, overrides)
+        settings = settings_from_run_config(defaults, overrides)
+        if settings.min_nodes > args.supernodes:  # the run would wait for nodes forever
+            raise ValueError(f"min-nodes: must be <= --supernodes ({args.supernodes}), got {settings.min_nodes}")
+        if args.supernodes < 1:
+            raise ValueError(f"--supernodes: must be >= 1, got {args.supernodes}")
     except CheckpointError as err:
         print(f"iet-agc run: --resume: {err}", file=sys.stderr)
         return 2

@@ -99,6 +99,8 @@ def test_a_run_folder_has_one_writer(tmp_path):
     ("setup", "args", "message"),
     [
         (None, ["--resume", "{tmp}/nope"], "no such directory"),
+        (None, ["--run-config", "min-nodes=3"], "min-nodes: must be <= --supernodes (2)"),
+        (None, ["--supernodes", "0", "--run-config", "min-nodes=1"], "min-nodes: must be <= --supernodes (0)"),
         (lambda t: save_checkpoint(t, _checkpoint(1)), ["--resume", "{tmp}", "--run-config", "seed=3"], "seed:"),
         (
             lambda t: save_checkpoint(t, _checkpoint(1)),
