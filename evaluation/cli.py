@@ -1,7 +1,10 @@
 """Evaluation subcommands of the ``iet-agc`` tool: ``mq`` (arrays or folders) and ``evaluate`` (a model).
 
-Both print one JSON line on stdout. Bad inputs end with ``iet-agc <cmd>: error: ...`` on stderr
-and exit code 2 (as argparse does for bad arguments).
+Both print one JSON line on stdout. A bad input (a missing, corrupt or mis-shaped file, a folder
+named like an image, an unknown or absent device, an output that cannot be written, a count or
+threshold out of range, a bad argument) ends with one line ``iet-agc <cmd>: error: <option or
+file>: <reason>`` on stderr and exit code 2, as argparse does for bad arguments; inputs are checked
+before the long work starts.
 """
 
 from __future__ import annotations
@@ -10,8 +13,12 @@ import argparse
 import contextlib
 import datetime as dt
 import json
+import os
+import re
 import sys
 import tomllib
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,87 +28,196 @@ if TYPE_CHECKING:  # torch loads lazily: `iet-agc run` does not need it
 import numpy as np
 
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "WEBP")  # the decoders for ddpm.data.IMAGE_SUFFIXES, whatever the suffix says
+DEVICE_PATTERN = r"auto|cpu|mps|(cuda|xpu)(:(0|[1-9][0-9]{0,2}))?"
+DEVICES = "auto, cpu, cuda, cuda:N, mps, xpu, xpu:N"
 
 
 class InputError(ValueError):
-    """A user input the command cannot work with; the message says which and why."""
+    """A user input the command cannot work with; the message names it (option or file) and says why."""
+
+
+def _reason(err: BaseException) -> str:
+    """An exception's message on one line (OSError: its strerror and file name)."""
+    if isinstance(err, OSError) and err.strerror:
+        text = err.strerror + (f": {err.filename}" if err.filename else "")
+    else:
+        text = str(err) or type(err).__name__
+    return " ".join(text.split())
+
+
+# ---- paths --------------------------------------------------------------------------------
+def _probe(option: str, spec: str, test: Callable[[Path], Any]) -> Any:
+    """``test(Path(spec).expanduser())``; what the file system refuses (a name too long, an unknown
+    ``~user``, a NUL byte) is an InputError naming ``option``."""
+    try:
+        return test(Path(spec).expanduser())
+    except (OSError, RuntimeError, ValueError) as err:
+        raise InputError(f"{option}: cannot use {spec!r} ({_reason(err)})") from None
+
+
+def check_output(option: str, spec: str, *, folder: bool) -> Path:
+    """The output ``spec`` (a folder, or a file in one) can be made and written; returns its path.
+
+    Checked before any work: it is not a folder where a file goes (or a file where a folder goes),
+    and the nearest existing folder above it is a folder and writable. Missing folders are made later.
+    """
+
+    def nearest(path: Path) -> Path:
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        return path
+
+    path = _probe(option, spec, lambda p: p)
+    if _probe(option, spec, Path.is_dir) != folder and _probe(option, spec, Path.exists):
+        raise InputError(f"{option}: {spec} exists and is {'not ' if folder else ''}a folder")
+    existing = _probe(option, spec, lambda p: nearest(p if folder else p.parent))
+    if not existing.is_dir():
+        raise InputError(f"{option}: cannot write {spec}: {existing} is not a folder")
+    target = path if path.exists() else existing
+    if not os.access(target, os.W_OK | (os.X_OK if target.is_dir() else 0)):
+        raise InputError(f"{option}: cannot write {spec}: {target} is not writable")
+    return path
 
 
 # ---- reading image sets -------------------------------------------------------------------
 def load_images(spec: str, name: str) -> torch.Tensor:
     """A ``.npy`` array (N,C,H,W or N,H,W,C or N,H,W; uint8 0..255 or float 0..1) or an image folder,
-    as an (N, C, H, W) uint8 or float32 tensor. Raises InputError naming ``name`` for bad input."""
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return _read_folder(path, name)
-    if path.suffix != ".npy":
-        raise InputError(f"--{name}: {spec} is neither a .npy file nor a folder of images")
-    if not path.is_file():
-        raise InputError(f"--{name}: file {spec} does not exist")
+    as an (N, C, H, W) uint8 or float32 tensor. Raises InputError naming ``--name`` for bad input."""
+    option = f"--{name}"
+    path = _probe(option, spec, lambda p: p)
+    if _probe(option, spec, Path.is_dir):
+        return _read_folder(path, option)
+    if not _probe(option, spec, Path.exists):
+        raise InputError(f"{option}: {spec} does not exist")
+    if path.suffix.lower() != ".npy":
+        raise InputError(f"{option}: {spec} is neither a .npy file nor a folder of images")
+    try:  # mapped first: a header that declares more data than the file holds allocates nothing
+        mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        reason = _reason(err)
+        if "mmap length is greater than file size" in reason:
+            reason = "its header declares more data than the file holds (truncated?)"
+        raise InputError(f"{option}: cannot read {spec}: {reason}") from None
+    if not isinstance(mapped, np.ndarray):  # an .npz archive named .npy
+        mapped.close()
+        raise InputError(f"{option}: {spec} is an .npz archive, not one .npy array")
     try:
-        array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise InputError(f"--{name}: cannot read {spec}: {err}") from err
-    return _from_array(array, name)
+        array = np.array(mapped)
+    except MemoryError:
+        raise InputError(f"{option}: {spec} ({mapped.nbytes / 2**30:.1f} GiB) does not fit in memory") from None
+    finally:
+        del mapped
+    return _from_array(array, option)
 
 
-def _from_array(array: np.ndarray, name: str) -> torch.Tensor:
+def _from_array(array: np.ndarray, option: str) -> torch.Tensor:
     import torch
 
     if array.ndim == 3:  # (N, H, W) grey
         array = array[:, None]
     if array.ndim != 4:
-        raise InputError(f"--{name}: expected N,C,H,W or N,H,W,C images, got shape {array.shape}")
+        raise InputError(f"{option}: expected N,C,H,W or N,H,W,C images, got shape {array.shape}")
     if array.shape[1] not in (1, 3) and array.shape[3] in (1, 3):
         array = array.transpose(0, 3, 1, 2)  # N,H,W,C -> N,C,H,W
     elif array.shape[1] not in (1, 3):
-        raise InputError(f"--{name}: cannot find a channel axis of size 1 or 3 in shape {array.shape}")
+        raise InputError(f"{option}: cannot find a channel axis of size 1 or 3 in shape {array.shape}")
     if array.shape[0] == 0:
-        raise InputError(f"--{name}: empty set (shape {array.shape})")
+        raise InputError(f"{option}: empty set (shape {array.shape})")
+    if 0 in array.shape[2:]:
+        raise InputError(f"{option}: images of height or width 0 (shape {array.shape})")
     if array.dtype == np.uint8:
         return torch.from_numpy(np.ascontiguousarray(array))
     if not np.issubdtype(array.dtype, np.floating):
-        raise InputError(f"--{name}: expected uint8 (0..255) or float (0..1) values, got {array.dtype}")
+        raise InputError(f"{option}: expected uint8 (0..255) or float (0..1) values, got {array.dtype}")
     array = np.ascontiguousarray(array, dtype=np.float32)
     if not np.isfinite(array).all():
-        raise InputError(f"--{name}: contains NaN or infinite values")
+        raise InputError(f"{option}: contains NaN or infinite values")
     lo, hi = float(array.min()), float(array.max())
     if lo < 0 or hi > 1:
-        raise InputError(f"--{name}: float values must lie in [0, 1], got [{lo:.4g}, {hi:.4g}]")
+        raise InputError(f"{option}: float values must lie in [0, 1], got [{lo:.4g}, {hi:.4g}]")
     return torch.from_numpy(array)
 
 
-def _read_folder(root: Path, name: str) -> torch.Tensor:
-    import torch
+def read_image(path: Path, option: str):
+    """One decoded PIL image from ``path``; a folder, an unreadable, truncated or non-image file
+    (or one too large to decode safely) is an InputError naming the file."""
     from PIL import Image
+
+    if path.is_dir():
+        raise InputError(f"{option}: {path} is a folder named like an image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # refused, not decoded
+            with Image.open(path, formats=IMAGE_FORMATS) as img:
+                img.load()
+                return img.copy()
+    except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise InputError(f"{option}: {path}: not a readable image ({_reason(err)})") from None
+
+
+def _read_folder(root: Path, option: str) -> torch.Tensor:
+    import torch
 
     from ddpm.data import IMAGE_SUFFIXES, image_files
 
-    files = image_files(root)
+    try:
+        files = image_files(root)
+    except OSError as err:
+        raise InputError(f"{option}: cannot list {root}: {_reason(err)}") from None
     if not files:
-        raise InputError(f"--{name}: empty set: no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
-    images = []
+        raise InputError(f"{option}: empty set: no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
+    images, first = [], None
     for path in files:  # reading files, not the metric
-        with Image.open(path) as img:
-            images.append(img.copy())
+        img = read_image(path, option)
+        if first is None:
+            first = (path, img.size)
+        elif img.size != first[1]:
+            (w0, h0), (w, h) = first[1], img.size
+            raise InputError(f"{option}: {path} is {w}x{h} but {first[0]} is {w0}x{h0}; use images of one resolution")
+        images.append(img)
     grey = all(img.mode in GREY_MODES for img in images)
-    arrays = [np.asarray(img.convert("L" if grey else "RGB")) for img in images]
-    sizes = {a.shape for a in arrays}
-    if len(sizes) > 1:
-        raise InputError(f"--{name}: images under {root} have different sizes {sorted(sizes)}; use one resolution")
+    arrays = []
+    for path, img in zip(files, images, strict=True):
+        try:
+            arrays.append(np.asarray(img.convert("L" if grey else "RGB")))
+        except (OSError, ValueError) as err:  # a colour space without a conversion
+            raise InputError(f"{option}: {path}: cannot convert mode {img.mode} ({_reason(err)})") from None
     stacked = np.stack(arrays)
     return torch.from_numpy(stacked[:, None] if grey else stacked.transpose(0, 3, 1, 2).copy())
 
 
 def parse_thresholds(text: str) -> tuple[float, ...]:
-    """'0.4,0.5,0.6' -> (0.4, 0.5, 0.6); each must be in (0, 1]."""
+    """'0.4,0.5,0.6' -> (0.4, 0.5, 0.6); each in (0, 1], none repeated (they name the columns)."""
     try:
         values = tuple(float(x) for x in text.split(","))
     except ValueError:
         raise InputError(f"--thresholds: comma-separated numbers, got {text!r}") from None
-    if not values or any(not 0 < t <= 1 for t in values):
+    if not values or any(not 0 < t <= 1 for t in values):  # NaN fails both comparisons
         raise InputError(f"--thresholds: each must be in (0, 1], got {text!r}")
+    if len({f"{t:g}" for t in values}) != len(values):
+        raise InputError(f"--thresholds: a threshold is repeated, got {text!r}")
     return values
+
+
+def usable_device(name: str, option: str = "--device") -> torch.device:
+    """The torch device for ``name`` (auto, cpu, cuda[:N], mps, xpu[:N]), if this machine has it."""
+    import torch
+
+    from ddpm.device import resolve_device
+
+    if not re.fullmatch(DEVICE_PATTERN, name):
+        raise InputError(f"{option}: must be one of {DEVICES} (N in 0..999), got {name!r}")
+    device = resolve_device(name)
+    backend = {"cuda": torch.cuda, "xpu": getattr(torch, "xpu", None), "mps": getattr(torch.backends, "mps", None)}
+    if device.type in backend:
+        module = backend[device.type]
+        if module is None or not module.is_available():
+            raise InputError(f"{option}: {name}: no {device.type} device on this machine; use cpu or auto")
+        count = module.device_count() if device.type != "mps" else 1
+        if (device.index or 0) >= count:
+            raise InputError(f"{option}: {name}: this machine has {count} {device.type} device(s), numbered from 0")
+    return device
 
 
 # ---- iet-agc mq ---------------------------------------------------------------------------
@@ -138,34 +254,50 @@ def mq_report(
 
 def cmd_mq(args: argparse.Namespace) -> int:
     """``iet-agc mq``: one JSON line with mq_<delta>, n_generated (and copy_1/copy_5 with --holdout)."""
-    from ddpm.device import resolve_device
-
-    try:
+    try:  # the cheap checks first, then the reading
         thresholds = parse_thresholds(args.thresholds)
+        if args.n < 1:
+            raise InputError(f"--n: must be >= 1, got {args.n}")
+        device = usable_device(args.device, "--device")
+        per_image = check_output("--per-image", args.per_image, folder=False) if args.per_image else None
         generated = load_images(args.generated, "generated")
         train = load_images(args.train, "train")
         holdout = load_images(args.holdout, "holdout") if args.holdout else None
-        summary, neighbours = mq_report(generated, train, holdout, args.n, thresholds, resolve_device(args.device))
-    except (InputError, ValueError) as err:
+        summary, neighbours = mq_report(generated, train, holdout, args.n, thresholds, device)
+    except InputError as err:
         return _fail("mq", err)
-    if args.per_image:
+    if per_image is not None:
         import pandas as pd
 
-        pd.DataFrame(
-            {"generated": np.arange(len(neighbours.ratio)), "ratio": neighbours.ratio, "nearest": neighbours.nearest}
-        ).to_csv(args.per_image, index=False)
+        table = {
+            "generated": np.arange(len(neighbours.ratio)),
+            "ratio": neighbours.ratio,
+            "nearest": neighbours.nearest,
+        }
+        try:
+            per_image.parent.mkdir(parents=True, exist_ok=True)
+            pd.DataFrame(table).to_csv(per_image, index=False)
+        except OSError as err:
+            return _fail("mq", InputError(f"--per-image: cannot write {args.per_image}: {_reason(err)}"))
     print(json.dumps(summary), flush=True)
     return 0
 
 
 # ---- iet-agc evaluate ---------------------------------------------------------------------
-def _locate(source: Path) -> tuple[Path | None, Path]:
+def _locate(spec: str) -> tuple[Path | None, Path]:
     """(run folder or None, pipeline folder) for a run folder or a DDPMPipeline folder."""
-    if (source / "pipeline" / "model_index.json").is_file():
+    option = "RUN_DIR_OR_PIPELINE"
+    source = _probe(option, spec, lambda p: p)
+    if _probe(option, spec, lambda p: (p / "pipeline" / "model_index.json").is_file()):
         return source, source / "pipeline"
-    if (source / "model_index.json").is_file():
+    if _probe(option, spec, lambda p: (p / "model_index.json").is_file()):
         return (source.parent if (source.parent / "settings.toml").is_file() else None), source
-    raise InputError(f"{source}: neither a run folder (with pipeline/) nor a DDPMPipeline folder (model_index.json)")
+    if not source.exists():
+        raise InputError(f"{spec}: does not exist")
+    kind = "a folder" if source.is_dir() else "a file"
+    raise InputError(
+        f"{spec}: {kind}, neither a run folder (with pipeline/) nor a DDPMPipeline folder (model_index.json)"
+    )
 
 
 def _parse_value(text: str) -> Any:
@@ -175,56 +307,149 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def _settings(run_dir: Path | None, overrides: list[str]):
+def _settings(run_dir: Path | None, args: argparse.Namespace):
+    """The run's settings.toml (if any) < ``--set`` < ``--num-images``/``--device``; a refusal names
+    where the value came from (the option, or the settings file)."""
     from ddpm.settings import Settings
 
     values: dict[str, Any] = {}
-    if run_dir is not None and (run_dir / "settings.toml").is_file():
-        with open(run_dir / "settings.toml", "rb") as fh:
-            values.update(tomllib.load(fh))
-    for item in overrides:
+    origin: dict[str, str] = {}
+    toml = run_dir / "settings.toml" if run_dir is not None else None
+    if toml is not None and toml.is_file():
+        try:
+            with open(toml, "rb") as fh:
+                values.update(tomllib.load(fh))
+        except (OSError, ValueError) as err:  # TOMLDecodeError and UnicodeDecodeError are ValueErrors
+            raise InputError(f"{toml}: not a readable TOML file ({_reason(err)})") from None
+        origin.update(dict.fromkeys(values, str(toml)))
+    for item in args.set:
         key, sep, value = item.partition("=")
-        if not sep:
+        if not sep or not key.strip():
             raise InputError(f"--set: expected KEY=VALUE, got {item!r}")
         values[key.strip()] = _parse_value(value.strip())
-    return Settings.from_run_config(values)
+        origin[key.strip()] = f"--set {key.strip()}"
+    if args.num_images is not None:
+        values["eval-num-images"], origin["eval-num-images"] = args.num_images, "--num-images"
+    if args.device:
+        values["device"], origin["device"] = args.device, "--device"
+
+    def refused(err: ValueError) -> InputError:
+        key = str(err).partition(":")[0]
+        where = origin.get(key, "")
+        return InputError(f"{where}: {err}" if where and not where.startswith("--set") else f"{err}")
+
+    try:
+        settings = Settings.from_run_config(values)
+    except ValueError as err:
+        raise refused(err) from None
+    return settings, origin, refused
+
+
+def _load_data(settings) -> tuple[Any, list[warnings.WarningMessage]]:
+    """The data set and the warnings loading it raised, or an InputError naming the setting and,
+    for a bad image, the file."""
+    from PIL import Image
+
+    from ddpm.data import image_files, load_dataset
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:  # the caller shows them once all checks passed
+            warnings.simplefilter("always")
+            data = load_dataset(**settings.dataset_kwargs())
+        return data, caught
+    except ValueError as err:  # load_dataset's own checks name the setting
+        raise InputError(str(err)) from None
+    except (OSError, RuntimeError, Image.DecompressionBombError) as err:  # unreadable files, no download
+        if settings.dataset == "imagefolder":  # find the file: ddpm.data's reader does not name it
+            for option, root in (("data-root", settings.data_root), ("holdout-root", settings.holdout_root)):
+                with contextlib.suppress(OSError):
+                    for path in image_files(Path(root)) if root else []:
+                        read_image(path, option)  # raises InputError naming the file
+        key = "data-root" if settings.dataset == "imagefolder" else "dataset"
+        raise InputError(f"{key}: cannot load data set {settings.dataset!r}: {_reason(err)}") from None
+
+
+def _json_object(path: Path) -> dict:
+    """The JSON object in ``path``, or an InputError naming the file."""
+    try:
+        value = json.loads(path.read_bytes())
+    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise InputError(f"{path}: not a readable JSON file ({_reason(err)})") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _load_unet(pipeline_dir: Path):
+    """The pipeline's UNet2DModel (safetensors only: no pickle), or an InputError naming the file."""
+    from diffusers import UNet2DModel
+    from diffusers.utils import logging as diffusers_logging
+
+    _json_object(pipeline_dir / "model_index.json")
+    unet_dir = pipeline_dir / "unet"
+    if not (unet_dir / "config.json").is_file():
+        raise InputError(f"{pipeline_dir}: no unet/config.json; not a DDPMPipeline folder")
+    kind = _json_object(unet_dir / "config.json").get("_class_name", "UNet2DModel")
+    if kind != "UNet2DModel":
+        raise InputError(f"{unet_dir / 'config.json'}: a {kind}, not a UNet2DModel")
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)  # its messages would break the one-line error
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True, low_cpu_mem_usage=False)
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError) as err:  # missing, corrupt or mis-shaped
+        pickled = " (.bin weights are pickles and are not read: save the model in safetensors)"
+        hint = pickled if (unet_dir / "diffusion_pytorch_model.bin").exists() else ""
+        raise InputError(f"{unet_dir}: cannot load the UNet ({_reason(err)[:300]}){hint}") from None
+    finally:
+        diffusers_logging.set_verbosity(level)
+    cfg = unet.config
+    if cfg.in_channels != cfg.out_channels or not isinstance(cfg.sample_size, int):
+        raise InputError(
+            f"{unet_dir}: not a pixel-space denoiser (in_channels {cfg.in_channels}, out_channels "
+            f"{cfg.out_channels}, sample_size {cfg.sample_size})"
+        )
+    return unet
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``iet-agc evaluate``: sample a saved model with DDIM, write the evaluation, print its metrics."""
-    from diffusers import DDPMPipeline
-
-    from ddpm.data import load_dataset
-    from ddpm.device import resolve_device
-
     from .evaluator import MemorizationEvaluator
 
-    try:
-        source = Path(args.source).expanduser()
-        run_dir, pipeline_dir = _locate(source)
-        extra = list(args.set)
-        if args.num_images is not None:
-            extra.append(f"eval-num-images={args.num_images}")
-        if args.device:
-            extra.append(f"device={json.dumps(args.device)}")
-        settings = _settings(run_dir, extra)
-        data = load_dataset(**settings.dataset_kwargs())
+    try:  # every input is checked before sampling starts
+        run_dir, pipeline_dir = _locate(args.source)
+        settings, origin, refused = _settings(run_dir, args)
+        where = origin.get("device", "the default")
+        device = usable_device(settings.device, where if where.startswith("--") else f"device (from {where})")
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out_spec = args.out or str((run_dir or pipeline_dir.parent) / f"evaluate-{stamp}")
+        out = check_output("--out", out_spec, folder=True)
+        try:  # this machine's files: data-root, holdout-root, fid-weights, fid-cache-dir
+            here = {"out_dir": str(out), "resume": ""} | ({} if settings.fid else {"fid_weights": ""})
+            settings.replace(**here).check_environment()
+        except ValueError as err:
+            raise refused(err) from None
+        data, notes = _load_data(settings)
         if len(data) < settings.mq_neighbours:
             raise InputError(f"mq-neighbours: {settings.mq_neighbours} exceeds the {len(data)} training images")
-        unet = DDPMPipeline.from_pretrained(pipeline_dir).unet
+        unet = _load_unet(pipeline_dir)
         cfg = unet.config
         if (cfg.in_channels, cfg.sample_size) != (data.channels, data.image_size):
             raise InputError(
-                f"the model makes {cfg.in_channels}x{cfg.sample_size}x{cfg.sample_size} images, the data set "
-                f"{data.channels}x{data.image_size}x{data.image_size}; set dataset/image-size with --set"
+                f"{pipeline_dir}: the model makes {cfg.in_channels}x{cfg.sample_size}x{cfg.sample_size} images, the "
+                f"data set {data.channels}x{data.image_size}x{data.image_size}; set dataset/image-size with --set"
             )
-    except (InputError, ValueError, OSError, tomllib.TOMLDecodeError) as err:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise InputError(f"--out: cannot make {out_spec}: {_reason(err)}") from None
+    except InputError as err:
         return _fail("evaluate", err)
-    device = resolve_device(settings.device)
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = Path(args.out) if args.out else (run_dir or pipeline_dir.parent) / f"evaluate-{stamp}"
+    for note in notes:
+        warnings.showwarning(note.message, note.category, note.filename, note.lineno)
     evaluator = MemorizationEvaluator(settings, data, out, device)
-    with contextlib.redirect_stdout(sys.stderr):  # stdout is for the JSON line (torch.hub prints there)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is for the JSON line
         images = evaluator.generate(unet)
         metrics = evaluator.evaluate_images(images, "final", f"{pipeline_dir} ({settings.eval_num_images} images)")
     summary = {
@@ -239,42 +464,68 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _fail(command: str, err: Exception) -> int:
-    print(f"iet-agc {command}: error: {err}", file=sys.stderr, flush=True)
+    print(f"iet-agc {command}: error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
     return 2
 
 
 # ---- wiring -------------------------------------------------------------------------------
+def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Make ``parser`` report a bad argument as one line ``<prog>: error: <option>: <reason>`` (exit 2),
+    without the usage block, and refuse unknown arguments itself (as a subcommand, argparse would
+    leave them to the top-level parser, which prints its own usage)."""
+    prog = parser.prog
+
+    def error(message: str):
+        parser.exit(2, f"{prog}: error: {' '.join(message.removeprefix('argument ').split())}\n")
+
+    def parse_known_args(args=None, namespace=None):
+        namespace, extras = type(parser).parse_known_args(parser, args, namespace)
+        if extras:
+            error(f"unrecognized arguments: {' '.join(extras)} (see {prog} --help)")
+        return namespace, extras
+
+    parser.error = error  # type: ignore[method-assign]
+    parser.parse_known_args = parse_known_args  # type: ignore[method-assign]
+    return parser
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``mq`` and ``evaluate`` subcommands (each sets ``func`` -> exit code) to ``iet-agc``."""
     mq = sub.add_parser(
         "mq",
         help="MQ (eq. 12-13) of generated images against training images",
         description="Each of G, T, H is a .npy array (N,C,H,W or N,H,W,C; uint8 0..255 or float 0..1) "
-        "or a folder of images. Prints one JSON line.",
+        "or a folder of images (.png, .jpg, .jpeg, .bmp, .webp; one resolution). Prints one JSON line. "
+        "A bad input exits 2 with one line naming it.",
     )
     mq.add_argument("--generated", required=True, metavar="G", help="generated images")
     mq.add_argument("--train", required=True, metavar="T", help="training images (ids = row order)")
     mq.add_argument("--holdout", default="", metavar="H", help="held-out real images: adds copy_1, copy_5")
-    mq.add_argument("--n", type=int, default=50, help="neighbours in the ratio's denominator (default 50)")
-    mq.add_argument("--thresholds", default="0.4,0.5,0.6", help="comma-separated deltas (default 0.4,0.5,0.6)")
-    mq.add_argument("--device", default="auto", help="auto, cpu, cuda[:N], mps (default auto)")
+    mq.add_argument("--n", type=int, default=50, help="neighbours in the ratio's denominator, >= 1 (default 50)")
+    mq.add_argument(
+        "--thresholds", default="0.4,0.5,0.6", help="comma-separated deltas in (0, 1] (default 0.4,0.5,0.6)"
+    )
+    mq.add_argument("--device", default="auto", help=f"{DEVICES} (default auto)")
     mq.add_argument("--per-image", default="", metavar="CSV", help="also write each image's ratio and nearest id")
     mq.set_defaults(func=cmd_mq)
+    one_line_errors(mq)
 
     ev = sub.add_parser(
         "evaluate",
         help="sample a saved model and write MQ, copy_1/copy_5, FID, pictures and a report",
         description="RUN_DIR_OR_PIPELINE is a run folder (pipeline/ and settings.toml) or a DDPMPipeline "
-        "folder. Writes eval_final.md, pictures and metrics.json; prints one JSON line.",
+        "folder (weights in safetensors). Writes eval_final.md, pictures and metrics.json; prints one JSON line. "
+        "A bad input exits 2 with one line naming it.",
     )
     ev.add_argument("source", metavar="RUN_DIR_OR_PIPELINE")
     ev.add_argument("--num-images", type=int, default=None, help="generated images (default: eval-num-images)")
-    ev.add_argument("--device", default="", help="auto, cpu, cuda[:N], mps (default: the run's setting)")
+    ev.add_argument("--device", default="", help=f"{DEVICES} (default: the run's setting)")
     ev.add_argument("--out", default="", help="output folder (default: <run>/evaluate-<time>)")
     ev.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting, e.g. dataset=cifar10"
     )
     ev.set_defaults(func=cmd_evaluate)
+    one_line_errors(ev)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,13 @@
 """FID with pytorch-fid's Inception network, or the reason it could not be computed.
 
-Weights come from a configured file, pytorch-fid's own cache, or its download. When none can be
-had (offline), callers record FID as unavailable with the reason instead of failing the run.
-Training-set statistics are computed once per (data-set fingerprint, weights) and cached on disk.
+Weights come from a configured file (``fid-weights``), torch.hub's cache, or pytorch-fid's
+download into that cache. Whatever the source, the file's sha256 must be that of pytorch-fid's
+released ``pt_inception-2015-12-05`` weights, and it is read with ``torch.load(weights_only=True)``,
+which unpickles tensors and containers only and never runs code from the file. A missing, corrupt
+or different file raises ``FIDUnavailable`` with the reason; callers record FID as unavailable
+instead of failing the run. The network is assembled from pytorch-fid's building blocks here (its
+own constructor would download with a full unpickler). Training-set statistics are computed once
+per (data-set fingerprint, weights) and cached on disk.
 """
 
 from __future__ import annotations
@@ -11,18 +16,26 @@ import functools
 import hashlib
 import logging
 import os
+import pickle
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
+import pytorch_fid.inception as pf
 import torch
+import torchvision
 
 log = logging.getLogger("iet_agc.evaluation")
 
 DOWNLOAD_TAG = "pt_inception-2015-12-05"  # pytorch-fid's released FID weights
 DEFAULT_CACHE = Path.home() / ".cache" / "iet-agc"
+FID_WEIGHTS_URL = pf.FID_WEIGHTS_URL  # .../pt_inception-2015-12-05-6726825d.pth (pytorch-fid 0.3.0)
+FID_WEIGHTS_FILE = FID_WEIGHTS_URL.rsplit("/", 1)[-1]
+# sha256 of that file (95,628,359 bytes). Its first 8 hex digits are the ones in the file name, which
+# torch.hub's check_hash convention makes the sha256 prefix; the full digest is the one published with
+# the file by the projects that pin it (torch-fidelity hosts the same bytes).
+FID_WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 
 
 class FIDUnavailable(RuntimeError):
@@ -34,35 +47,156 @@ def cache_dir(setting: str = "") -> Path:
     return Path(setting).expanduser() if setting else DEFAULT_CACHE
 
 
-@functools.lru_cache(maxsize=2)
-def inception(weights: str = "", device: str = "cpu") -> torch.nn.Module:
-    """pytorch-fid's pool3 InceptionV3, from ``weights`` (a .pth file) or its cache/download."""
-    import pytorch_fid.inception as pf
+def download_path() -> Path:
+    """Where torch.hub (and so pytorch-fid) keeps the downloaded weights: ``<hub dir>/checkpoints``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_FILE
 
+
+def sha256_file(path: Path | str) -> str:
+    """The file's sha256 (hex), read in 4 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_inception_weights(
+    path: Path | str, expected_sha256: str = FID_WEIGHTS_SHA256, label: str = ""
+) -> dict[str, torch.Tensor]:
+    """The state dict in ``path``, after checking that its sha256 starts with ``expected_sha256``.
+
+    The default is the digest of pytorch-fid's release; tests pass the digest of a file they made.
+    A file that differs is never unpickled; an accepted one is read with ``weights_only=True``.
+    Raises FIDUnavailable naming ``label`` (default: the path) and the reason.
+    """
+    path = Path(path)
+    label = label or f"Inception weights file {path}"
+    expected = expected_sha256.strip().lower()
+    if not expected:
+        raise ValueError("expected_sha256 must not be empty")
     try:
+        digest = sha256_file(path)
+    except OSError as err:
+        raise FIDUnavailable(f"{label}: cannot read it ({err.strerror or err})") from err
+    if not digest.startswith(expected):
+        raise FIDUnavailable(
+            f"{label} refused: its sha256 is {digest[:16]}..., not {expected[:16]}... "
+            f"({DOWNLOAD_TAG} weights from {FID_WEIGHTS_URL})"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FIDUnavailable(f"{label}: not a weights-only state dict ({type(err).__name__}: {reason})") from err
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise FIDUnavailable(f"{label}: not a state dict of tensors")
+    return state
+
+
+class PoolInception(pf.InceptionV3):
+    """pytorch-fid's ``InceptionV3([3])`` (2048-d pool3 features), assembled from a given network.
+
+    ``InceptionV3.__init__`` builds ``fid_inception_v3()``, which downloads its weights through
+    torch.hub with a full unpickler; this constructor takes the network instead and lays out the
+    same four blocks (pytorch-fid 0.3.0), so ``forward`` (resize to 299, scale to [-1, 1]) is
+    pytorch-fid's own.
+    """
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        torch.nn.Module.__init__(self)  # not InceptionV3.__init__: it would download
+        self.resize_input = True
+        self.normalize_input = True
+        self.output_blocks = [pf.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]
+        self.last_needed_block = self.output_blocks[0]
+        pool = torch.nn.MaxPool2d(kernel_size=3, stride=2)
+        self.blocks = torch.nn.ModuleList(
+            [
+                torch.nn.Sequential(net.Conv2d_1a_3x3, net.Conv2d_2a_3x3, net.Conv2d_2b_3x3, pool),
+                torch.nn.Sequential(net.Conv2d_3b_1x1, net.Conv2d_4a_3x3, torch.nn.MaxPool2d(kernel_size=3, stride=2)),
+                torch.nn.Sequential(
+                    net.Mixed_5b,
+                    net.Mixed_5c,
+                    net.Mixed_5d,
+                    net.Mixed_6a,
+                    net.Mixed_6b,
+                    net.Mixed_6c,
+                    net.Mixed_6d,
+                    net.Mixed_6e,
+                ),
+                torch.nn.Sequential(net.Mixed_7a, net.Mixed_7b, net.Mixed_7c, torch.nn.AdaptiveAvgPool2d((1, 1))),
+            ]
+        )
+        for param in self.parameters():
+            param.requires_grad = False
+
+
+def fid_inception_net(state: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    """``pytorch_fid.inception.fid_inception_v3()`` without its download: torchvision's Inception v3
+    with pytorch-fid's FID blocks, loaded (strictly) from ``state``, or left random when None."""
+    net = torchvision.models.inception_v3(num_classes=1008, aux_logits=False, weights=None, init_weights=False)
+    net.Mixed_5b = pf.FIDInceptionA(192, pool_features=32)
+    net.Mixed_5c = pf.FIDInceptionA(256, pool_features=64)
+    net.Mixed_5d = pf.FIDInceptionA(288, pool_features=64)
+    net.Mixed_6b = pf.FIDInceptionC(768, channels_7x7=128)
+    net.Mixed_6c = pf.FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6d = pf.FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6e = pf.FIDInceptionC(768, channels_7x7=192)
+    net.Mixed_7b = pf.FIDInceptionE_1(1280)
+    net.Mixed_7c = pf.FIDInceptionE_2(2048)
+    if state is not None:
+        net.load_state_dict(state)
+    return net
+
+
+@functools.lru_cache(maxsize=2)
+def inception(weights: str = "", device: str = "cpu", expected_sha256: str = FID_WEIGHTS_SHA256) -> torch.nn.Module:
+    """pytorch-fid's pool3 InceptionV3 from ``weights`` (a .pth file) or torch.hub's cache/download.
+
+    Either file must have the sha256 ``expected_sha256`` (a prefix is enough; default: pytorch-fid's
+    release). Raises FIDUnavailable with the reason (offline, missing, corrupt or different file).
+    """
+    if weights:
+        label = f"fid-weights file {weights}"
+        try:
+            path = Path(weights).expanduser()
+            found = path.is_file()
+        except (OSError, RuntimeError, ValueError) as err:  # name too long, unknown ~user, NUL
+            raise FIDUnavailable(f"{label}: {err}") from err
+        if not found:
+            raise FIDUnavailable(f"{label}: no such file")
+    else:
+        path = download_path()
+        label = f"cached Inception weights {path}"
+        if not path.is_file():
+            log.info("downloading the FID Inception weights from %s to %s", FID_WEIGHTS_URL, path)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                # torch.hub writes to a temporary file and keeps it only when its sha256 matches
+                torch.hub.download_url_to_file(FID_WEIGHTS_URL, str(path), hash_prefix=expected_sha256, progress=False)
+            except (OSError, RuntimeError) as err:  # offline (URLError is an OSError), hash mismatch
+                reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                raise FIDUnavailable(
+                    f"Inception weights unavailable (download from {FID_WEIGHTS_URL}): {type(err).__name__}: {reason}"
+                ) from err
+    try:
+        state = load_inception_weights(path, expected_sha256, label)
+    except FIDUnavailable as err:
         if weights:
-            state = torch.load(Path(weights).expanduser(), map_location="cpu", weights_only=True)
-            # pytorch-fid only knows its download URL; hand it the local file instead.
-            with mock.patch.object(pf, "load_state_dict_from_url", lambda *a, **k: state):
-                model = pf.InceptionV3([pf.InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
-        else:
-            model = pf.InceptionV3([pf.InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
-    except Exception as err:  # network errors, missing or corrupt files
-        source = f"fid-weights file {weights}" if weights else f"download from {pf.FID_WEIGHTS_URL}"
-        raise FIDUnavailable(f"Inception weights unavailable ({source}): {type(err).__name__}: {err}") from err
-    return model.to(device).eval()
+            raise
+        raise FIDUnavailable(f"{err}; delete the file to download it again") from err
+    try:
+        net = fid_inception_net(state)
+    except RuntimeError as err:  # a file with the expected hash but another layout (only with a custom hash)
+        raise FIDUnavailable(f"{label}: not pytorch-fid's Inception layout ({str(err).splitlines()[0]})") from err
+    return PoolInception(net).to(device).eval()
 
 
 def random_inception(device: torch.device | str = "cpu") -> torch.nn.Module:
     """pytorch-fid's network with random weights: for timings and tests only, never for a reported FID."""
-    import pytorch_fid.inception as pf
-
-    with (
-        mock.patch.object(pf, "load_state_dict_from_url", lambda *a, **k: {}),
-        mock.patch.object(torch.nn.Module, "load_state_dict", lambda *a, **k: None),
-    ):
-        model = pf.InceptionV3([pf.InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
-    return model.to(device).eval()
+    return PoolInception(fid_inception_net(None)).to(device).eval()
 
 
 def weights_tag(weights: str = "") -> str:
@@ -76,11 +210,7 @@ def weights_tag(weights: str = "") -> str:
 
 @functools.lru_cache(maxsize=8)
 def _file_hash(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return "w" + h.hexdigest()[:16]
+    return "w" + sha256_file(path)[:16]
 
 
 def _to01(batch: torch.Tensor) -> torch.Tensor:
@@ -191,15 +321,17 @@ def fid(
     reference_key: str = "",
     cache: str = "",
     model: Callable[[torch.Tensor], object] | None = None,
+    expected_sha256: str = FID_WEIGHTS_SHA256,
 ) -> float:
     """FID of the first ``num_images`` generated images (all by default) against reference images.
 
     Images are uint8 or float in [0, 1]. With ``reference_key`` (e.g. the data-set fingerprint) the
     reference statistics are cached under ``cache``/fid. Raises FIDUnavailable when no weights can
-    be had; ``model`` replaces the Inception network (tests, other feature extractors).
+    be had or they differ from ``expected_sha256`` (see ``inception``); ``model`` replaces the
+    Inception network (tests, other feature extractors).
     """
     if model is None:
-        model = inception(weights, str(device))
+        model = inception(weights, str(device), expected_sha256)
         tag = weights_tag(weights)
     else:
         tag = f"custom-{type(model).__name__}"

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from unittest import mock
+import urllib.error
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from ddpm.data import load_dataset
+from ddpm.settings import Settings
 from evaluation import fid as fidmod
+from evaluation.evaluator import MemorizationEvaluator
 from evaluation.fid import (
+    FID_WEIGHTS_SHA256,
     FIDUnavailable,
     cached_statistics,
     feature_statistics,
@@ -17,6 +22,7 @@ from evaluation.fid import (
     frechet_distance_stats,
     inception,
     inception_features,
+    sha256_file,
 )
 
 
@@ -89,31 +95,137 @@ def test_reference_statistics_cached_under_key(tmp_path):
 def test_missing_or_corrupt_weights_raise_unavailable(tmp_path):
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(FIDUnavailable, match="fid-weights file"):
+    with pytest.raises(FIDUnavailable, match="fid-weights file .*bad.pth refused: its sha256 is"):
         inception(str(bad), "cpu")
-    with pytest.raises(FIDUnavailable, match="fid-weights file"):
+    with pytest.raises(FIDUnavailable, match="fid-weights file .*missing.pth: no such file"):
         fid(torch.rand(4, 3, 8, 8), torch.rand(4, 3, 8, 8), str(tmp_path / "missing.pth"))
+    with pytest.raises(FIDUnavailable, match="not a weights-only state dict"):  # right hash, not a checkpoint
+        inception(str(bad), "cpu", sha256_file(bad))
 
 
-def test_inception_from_weights_file_gives_pool3_features(tmp_path):
+def test_known_hash_is_pytorch_fids():
     import pytorch_fid.inception as pf
 
-    with (  # a weights file laid out like pytorch-fid's release, with random values
-        mock.patch.object(pf, "load_state_dict_from_url", lambda *a, **k: {}),
-        mock.patch.object(torch.nn.Module, "load_state_dict", lambda *a, **k: None),
-    ):
-        state = pf.fid_inception_v3().state_dict()
-    path = tmp_path / "w.pth"
-    torch.save(state, path)
-    net = inception(str(path), "cpu")
-    torch.testing.assert_close(net.state_dict()["blocks.0.0.conv.weight"], state["Conv2d_1a_3x3.conv.weight"])
+    prefix = torch.hub.HASH_REGEX.search(pf.FID_WEIGHTS_URL.rsplit("/", 1)[-1]).group(1)
+    assert prefix == "6726825d" and FID_WEIGHTS_SHA256.startswith(prefix) and len(FID_WEIGHTS_SHA256) == 64
+    assert fidmod.FID_WEIGHTS_FILE == "pt_inception-2015-12-05-6726825d.pth"
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """An empty torch.hub directory (where pytorch-fid's download lands), with inception's cache cleared."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    inception.cache_clear()
+    yield fidmod.download_path()
+    inception.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def random_weights(tmp_path_factory):
+    """A weights file laid out like pytorch-fid's release (its keys and shapes), with random values."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "random.pth"
+    torch.save(fidmod.fid_inception_net(None).state_dict(), path)
+    return path
+
+
+def test_weights_with_another_hash_are_refused(random_weights, hub, tmp_path):
+    with pytest.raises(FIDUnavailable, match=r"random.pth refused: its sha256 is [0-9a-f]{16}\.\.\., not 6726825d"):
+        inception(str(random_weights), "cpu")
+    # the cached download is checked the same way (a stale or replaced file is refused, never loaded)
+    hub.parent.mkdir(parents=True)
+    hub.write_bytes(random_weights.read_bytes())
+    with pytest.raises(FIDUnavailable, match="cached Inception weights .* refused: .*delete the file"):
+        inception("", "cpu")
+    # the evaluator records FID as unavailable with that reason, and the evaluation goes on
+    data = load_dataset("digits", image_size=8, train_size=40, seed=0)
+    settings = Settings(fid=True, fid_weights=str(random_weights), fid_cache_dir=str(tmp_path), mq_neighbours=5)
+    ev = MemorizationEvaluator(settings, data, tmp_path / "eval", torch.device("cpu"))
+    metrics = ev.evaluate_images(data.images[:6].float() / 255)
+    assert metrics["fid"] is None and metrics["mq_0.4"] == 6
+    assert "fid-weights file" in ev.fid_reason and "refused: its sha256 is" in ev.fid_reason
+    assert f"FID: unavailable ({ev.fid_reason})" in ev.last_report.read_text()
+
+
+def test_download_is_hash_checked(hub, monkeypatch):
+    calls = []
+
+    def fake_download(url, dst, hash_prefix=None, progress=True):  # a server handing out another file
+        calls.append((url, hash_prefix))
+        Path(dst).write_bytes(b"another file")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    with pytest.raises(FIDUnavailable, match="cached Inception weights .* refused: its sha256"):
+        inception("", "cpu")
+    assert calls == [(fidmod.FID_WEIGHTS_URL, FID_WEIGHTS_SHA256)]  # torch.hub checks it while downloading too
+
+    def offline(url, dst, hash_prefix=None, progress=True):
+        raise urllib.error.URLError("Name or service not known")
+
+    hub.unlink()
+    inception.cache_clear()
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(FIDUnavailable, match="download from .*URLError"):
+        inception("", "cpu")
+
+
+class RunsCode:
+    """Unpickling this calls ``exec``: what a full unpickler does with a hostile .pth file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('ran')",))
+
+
+def test_a_pickle_that_runs_code_is_never_run(tmp_path, hub):
+    marker = tmp_path / "marker"
+    evil = tmp_path / "evil.pth"
+    torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(1), "x": RunsCode(marker)}, evil)
+    with pytest.raises(FIDUnavailable, match="refused: its sha256"):  # the hash refuses it unread
+        inception(str(evil), "cpu")
+    with pytest.raises(FIDUnavailable, match="not a weights-only state dict .*UnpicklingError"):
+        inception(str(evil), "cpu", sha256_file(evil))  # even with its own hash: weights_only=True refuses
+    hub.parent.mkdir(parents=True)
+    hub.write_bytes(evil.read_bytes())
+    with pytest.raises(FIDUnavailable, match="not a weights-only state dict"):
+        inception("", "cpu", sha256_file(evil))
+    assert not marker.exists()
+    torch.load(evil, weights_only=False)  # the file is live: a full unpickler runs it
+    assert marker.read_text() == "ran"
+
+
+@pytest.mark.filterwarnings("ignore:Matrix is singular")  # 3 images: singular covariances, both sides alike
+def test_accepted_weights_give_pytorch_fids_network_and_fid(random_weights, hub):
+    import pytorch_fid.inception as pf
+
+    digest = sha256_file(random_weights)
+    hub.parent.mkdir(parents=True)
+    hub.write_bytes(random_weights.read_bytes())
+    theirs = pf.InceptionV3([pf.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()  # pytorch-fid reads it from its cache
+    ours = inception(str(random_weights), "cpu", digest)
+    cached = inception("", "cpu", digest.upper()[:12])  # the cached download; a prefix of the hash will do
+    assert str(ours).replace("PoolInception", "InceptionV3", 1) == str(theirs)
+    for net in (ours, cached):
+        mine, ref = net.state_dict(), theirs.state_dict()
+        assert list(mine) == list(ref) and all(torch.equal(mine[k], ref[k]) for k in ref)
+    gen = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(5))  # grey is repeated to RGB
+    real = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(6))
     threads = torch.get_num_threads()
     torch.set_flush_denormal(True)  # random weights give denormal activations: slow, not wrong
-    torch.set_num_threads(1)  # one 299x299 image: threads only add spin-waits on a busy CPU
+    torch.set_num_threads(1)  # small 299x299 batches: threads only add spin-waits on a busy CPU
     try:
-        feats = inception_features(torch.rand(1, 1, 8, 8), net)  # grey is repeated to RGB
+        feats = inception_features(gen[:1], ours)
+        stats = {name: [feature_statistics(x, m) for x in (gen, real)] for name, m in (("ours", ours), ("pf", theirs))}
+        got = fid(gen, real, str(random_weights), expected_sha256=digest)  # one 2048-d sqrtm: ~10 s on a CPU
     finally:
         torch.set_flush_denormal(False)
         torch.set_num_threads(threads)
     assert feats.shape == (1, 2048) and np.isfinite(feats).all()
-    assert fidmod.weights_tag(str(path)).startswith("w") and fidmod.weights_tag("") == fidmod.DOWNLOAD_TAG
+    for (mu, sigma), (mu_pf, sigma_pf) in zip(stats["ours"], stats["pf"], strict=True):
+        np.testing.assert_array_equal(mu, mu_pf)  # pytorch-fid's own network's statistics, so its FID
+        np.testing.assert_array_equal(sigma, sigma_pf)
+    assert np.isfinite(got) and got >= 0
+    assert fidmod.weights_tag(str(random_weights)) == "w" + digest[:16]
+    assert fidmod.weights_tag("") == fidmod.DOWNLOAD_TAG
