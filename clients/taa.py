@@ -1,8 +1,36 @@
-"""Threshold-Aware Augmentation (eq. 5-7): augment kept samples just above the skip line.
+"""Threshold-Aware Augmentation (eq. 5-8): augment kept samples just above the skip line.
 
 Strength rho = exp(-A * |r - lambda| / lambda) grows as the ratio r approaches lambda. We read
-the paper's "RandAugment parameter" M as torchvision's RandAugment magnitude (its default
-31-bin scale) and apply ``magnitude = round(rho * M)`` per sample.
+the paper's "RandAugment parameter" M as a RandAugment magnitude on torchvision's 31-bin scale
+(0..30) and let rho scale it continuously: a copy's operations act at the fraction
+``s = rho * M / 30`` of their full range (rho = 1 is torchvision's RandAugment at magnitude M, but
+for the resampling details named below).
+
+``RandAugmentPolicy`` is RandAugment rewritten for batched float tensors: every sample draws its
+own ``num_ops`` operations, signs and gates; the work is grouped by operation (per slot, the five
+geometric ops share one ``grid_sample`` call and each other op is one group: at most 9 groups per
+slot, never a per-sample loop) with per-sample strength tensors. Operations and their
+strength at fraction s (sign +-1 drawn per sample, as torchvision's "signed" operations):
+
+=============  =========================================================================
+Identity       none
+ShearX/Y       shear factor +-0.3 s (about the image centre)
+TranslateX/Y   +-(150/331) s of the width/height, in pixels (sub-pixel, bilinear)
+Rotate         +-30 s degrees (about the centre, bilinear)
+Brightness     blend with black, factor 1 +- 0.9 s
+Color          blend with the grayscale image, factor 1 +- 0.9 s (1-channel images: none)
+Contrast       blend with the image's mean gray, factor 1 +- 0.9 s
+Sharpness      blend with torchvision's 3x3 smoothed image, factor 1 +- 0.9 s
+Posterize      keep 8 - 4 s bits: 0..255 levels floored to multiples of 2 ** (4 s)
+Solarize       invert pixels above 1 - s; applied with probability rho
+AutoContrast   torchvision's, full effect; applied with probability rho
+Equalize       torchvision's, full effect; applied with probability rho
+=============  =========================================================================
+
+Affine ops fill with black (torchvision's default fill). The last three have no strength that
+shrinks to nothing (Solarize inverts a saturated pixel fully at any threshold below 1), so rho
+is their probability: the expected change still grows continuously with rho and vanishes at 0.
+A sample with rho = 0 comes back unchanged (bit-exact).
 """
 
 from __future__ import annotations
@@ -11,7 +39,29 @@ import math
 from typing import Protocol
 
 import torch
-from torchvision.transforms import v2
+import torch.nn.functional as nnf
+from torchvision.transforms.v2 import functional as tvf
+
+NUM_MAGNITUDE_BINS = 31  # torchvision's RandAugment scale: magnitudes 0..30
+
+OPS: tuple[str, ...] = (
+    "Identity",
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
+    "Rotate",
+    "Brightness",
+    "Color",
+    "Contrast",
+    "Sharpness",
+    "Posterize",
+    "Solarize",
+    "AutoContrast",
+    "Equalize",
+)
+GATED_OPS: frozenset[str] = frozenset({"Solarize", "AutoContrast", "Equalize"})  # applied with probability rho
+GEOMETRIC: tuple[str, ...] = OPS[1:6]  # ShearX .. Rotate: resampled together, one call per slot
 
 
 def in_augment_range(ratio: torch.Tensor, keep: torch.Tensor, threshold: float, aug_range: float) -> torch.Tensor:
@@ -25,9 +75,9 @@ def strength(ratio: torch.Tensor, threshold: float, sharpness: float) -> torch.T
     return torch.exp(-sharpness * (ratio - threshold).abs() / threshold)
 
 
-def magnitudes(rho: torch.Tensor, max_magnitude: int) -> torch.Tensor:
-    """Per-sample RandAugment magnitude: round(rho * M), an integer in [0, M]."""
-    return torch.round(rho * max_magnitude).long()
+def op_fraction(rho: torch.Tensor, max_magnitude: int) -> torch.Tensor:
+    """Fraction of each operation's full range a copy gets: s = rho * M / 30 (continuous, no rounding)."""
+    return rho.clamp(0, 1) * (max_magnitude / (NUM_MAGNITUDE_BINS - 1))
 
 
 class AugmentPolicy(Protocol):
@@ -36,21 +86,165 @@ class AugmentPolicy(Protocol):
     def __call__(self, images: torch.Tensor, rho: torch.Tensor) -> torch.Tensor: ...
 
 
-class RandAugmentPolicy:
-    """torchvision RandAugment with the magnitude scaled by rho.
+# ---- the operations: x (G, C, H, W) in [0, 1], s (G,) fraction of the range, sign (G,) +-1 ----
 
-    Samples are grouped by their integer magnitude (at most M+1 groups, a fixed small loop,
-    not a per-sample one); each group gets one RandAugment draw of ``num_ops`` operations.
+
+def _col(v: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, 1, 1, 1)
+
+
+def _affine(x: torch.Tensor, mat: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Resample x with output pixel p (pixels, origin at the centre) read at mat @ p + shift."""
+    h, w = x.shape[-2:]
+    # normalised coordinates (align_corners=False): u = 2 p_x / w, v = 2 p_y / h
+    scale = x.new_tensor([w / 2, h / 2])
+    theta = torch.empty(x.shape[0], 2, 3, dtype=x.dtype, device=x.device)
+    theta[:, :, :2] = mat / scale.view(1, 2, 1) * scale.view(1, 1, 2)
+    theta[:, :, 2] = shift / scale
+    grid = nnf.affine_grid(theta, list(x.shape), align_corners=False)
+    return nnf.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _geometry(x, s, sign, op):
+    """The geometric ops at once, each sample its own: ``op`` (G,) indexes :data:`GEOMETRIC`."""
+    zero = torch.zeros_like(s)
+    shear = -sign * 0.3 * s
+    angle = torch.deg2rad(torch.where(op == 4, sign * 30.0 * s, zero))
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    sx, sy = torch.where(op == 0, shear, zero), torch.where(op == 1, shear, zero)
+    # rotation @ shear; at most one of the two is not the identity for a sample
+    mat = torch.stack(
+        [torch.stack([cos - sin * sy, cos * sx - sin], 1), torch.stack([sin + cos * sy, sin * sx + cos], 1)], 1
+    )
+    move = -sign * (150 / 331) * s
+    shift = torch.stack(
+        [torch.where(op == 2, move * x.shape[-1], zero), torch.where(op == 3, move * x.shape[-2], zero)], 1
+    )
+    return _affine(x, mat, shift)
+
+
+def _blend(x, degenerate, factor):
+    return (degenerate + _col(factor) * (x - degenerate)).clamp(0, 1)
+
+
+def _gray(x):
+    if x.shape[1] == 1:
+        return x
+    r, g, b = x.unbind(1)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+
+
+def _brightness(x, s, sign):
+    return _blend(x, torch.zeros_like(x), 1 + sign * 0.9 * s)
+
+
+def _color(x, s, sign):
+    if x.shape[1] == 1:  # torchvision: saturation leaves 1-channel images unchanged
+        return x
+    return _blend(x, _gray(x), 1 + sign * 0.9 * s)
+
+
+def _contrast(x, s, sign):
+    return _blend(x, _gray(x).mean(dim=(1, 2, 3), keepdim=True), 1 + sign * 0.9 * s)
+
+
+def _sharpness(x, s, sign):
+    if x.shape[-1] <= 2 or x.shape[-2] <= 2:  # torchvision: too small to smooth
+        return x
+    # torchvision's kernel [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13 as a sum of shifted views: on the CPU a
+    # convolution or pooling call costs far more for small groups (kernel set-up, threads)
+    h, w = x.shape[-2:]
+    total = 4 * x[..., 1:-1, 1:-1]
+    for dy in range(3):
+        for dx in range(3):
+            total = total + x[..., dy : h - 2 + dy, dx : w - 2 + dx]
+    smooth = x.clone()
+    smooth[..., 1:-1, 1:-1] = total / 13  # borders stay as they are
+    return _blend(x, smooth, 1 + sign * 0.9 * s)
+
+
+def _posterize(x, s, sign):
+    step = _col(torch.exp2(4.0 * s))  # on the 0..255 scale: 1 (8 bits, no change) .. 16 (4 bits)
+    levels = torch.floor(x * 255.0 / step + 1e-3) * step  # +1e-3: k/255 * 255 may land just below k
+    return (levels / 255.0).clamp(0, 1)
+
+
+def _solarize(x, s, sign):
+    return torch.where(x > 1 - _col(s), 1 - x, x)
+
+
+def _autocontrast(x, s, sign):
+    return tvf.autocontrast(x)
+
+
+def _equalize(x, s, sign):
+    return tvf.equalize(x)
+
+
+_APPLY = {
+    **{
+        name: lambda x, s, sign, i=i: _geometry(x, s, sign, torch.full_like(s, i, dtype=torch.long))
+        for i, name in enumerate(GEOMETRIC)
+    },
+    "Brightness": _brightness,
+    "Color": _color,
+    "Contrast": _contrast,
+    "Sharpness": _sharpness,
+    "Posterize": _posterize,
+    "Solarize": _solarize,
+    "AutoContrast": _autocontrast,
+    "Equalize": _equalize,
+}
+
+
+class RandAugmentPolicy:
+    """RandAugment whose strength grows continuously with rho, one independent draw per sample.
+
+    Each sample draws ``num_ops`` operations uniformly from :data:`OPS` (with repetition, as
+    torchvision), a sign per operation, and for the ops in :data:`GATED_OPS` a gate that lets them
+    act with probability rho. Samples are grouped by the operation they drew in each slot; the
+    randomness comes from torch's global generator, so a seeded run repeats.
     """
 
     def __init__(self, max_magnitude: int, num_ops: int = 2) -> None:
+        if not 0 <= max_magnitude < NUM_MAGNITUDE_BINS:
+            raise ValueError(f"randaugment-magnitude: {max_magnitude} not in [0, {NUM_MAGNITUDE_BINS - 1}]")
+        if num_ops < 1:
+            raise ValueError(f"randaugment-ops: {num_ops} must be at least 1")
         self.max_magnitude = max_magnitude
-        self._augs = [v2.RandAugment(num_ops=num_ops, magnitude=m) for m in range(max_magnitude + 1)]
+        self.num_ops = num_ops
+        self._gated = torch.tensor([op in GATED_OPS for op in OPS])
 
     def __call__(self, images: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
-        mags = magnitudes(rho, self.max_magnitude)
+        n, device = images.shape[0], images.device
+        if n == 0:
+            return images.clone()
+        rho = rho.to(device=device, dtype=images.dtype).reshape(n)
+        s = op_fraction(rho, self.max_magnitude)
+        k = len(OPS)
+        ops = torch.randint(0, k, (n, self.num_ops), device=device)
+        sign = torch.randint(0, 2, (n, self.num_ops), device=device).to(images.dtype) * 2 - 1
+        gate = torch.rand(n, self.num_ops, device=device) < rho.unsqueeze(1)
+        # rho = 0: nothing acts; a gated op acts with probability rho; the others act where s > 0
+        # (M = 0 leaves only AutoContrast and Equalize, as torchvision's magnitude 0)
+        active = (rho > 0).unsqueeze(1) & torch.where(self._gated.to(device)[ops], gate, (s > 0).unsqueeze(1))
+        ops = torch.where(active, ops, torch.zeros_like(ops))
+        # one host sync for the whole batch: group sizes per (slot, op)
+        slot = torch.arange(self.num_ops, device=device)
+        counts = torch.bincount((slot * k + ops).flatten(), minlength=self.num_ops * k).tolist()
+        order = torch.argsort(ops, dim=0, stable=True)  # (n, num_ops): sample indices sorted by op, per slot
+        geometric = len(GEOMETRIC)
         out = images.clone()
-        for m in mags.unique().tolist():  # <= M+1 groups
-            sel = mags == m
-            out[sel] = self._augs[m](images[sel]).clamp(0, 1)
+        for j in range(self.num_ops):
+            start = counts[j * k]  # Identity's group comes first and is skipped
+            # the geometric ops follow Identity in OPS: one group, one resampling call
+            size = sum(counts[j * k + 1 : j * k + 1 + geometric])
+            groups = [(size, None)] + [(counts[j * k + op], OPS[op]) for op in range(1 + geometric, k)]
+            for size, name in groups:
+                if size:
+                    idx = order[start : start + size, j]
+                    start += size
+                    x, si, sg = out[idx], s[idx], sign[idx, j]
+                    done = _geometry(x, si, sg, ops[idx, j] - 1) if name is None else _APPLY[name](x, si, sg)
+                    out.index_copy_(0, idx, done.to(out.dtype))
         return out

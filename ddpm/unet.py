@@ -1,4 +1,10 @@
-"""UNet factory over diffusers' ``UNet2DModel`` with named sizes (the paper's and a CPU one)."""
+"""UNet factory over diffusers' ``UNet2DModel`` with named sizes (the paper's and a CPU one).
+
+Attention is single-head over all channels, as in Ho et al.'s DDPM and the authors' ``model.py``
+``AttnBlock`` (GroupNorm, 1x1 q/k/v/out projections, softmax(q k^T / sqrt(C)), residual):
+``attention_head_dim=None`` makes diffusers give every attention block (down, mid, up) a head
+dimension equal to that block's channel count, i.e. one head.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ _SIZES: dict[str, dict] = {
         dropout=0.0,
         norm_num_groups=8,
     ),
-    # The paper's CIFAR model (DDPM, Ho et al.): 128 channels, (1,2,2,2), attention at 16x16,
+    # The paper's CIFAR model (DDPM, Ho et al.): 128 channels, (1,2,2,2), attention at level 1 = 16x16,
     # 2 residual blocks per level, dropout 0.1; ~35.7M parameters.
     "cifar": dict(
         block_out_channels=(128, 256, 256, 256),
@@ -25,17 +31,18 @@ _SIZES: dict[str, dict] = {
         dropout=0.1,
         norm_num_groups=32,
     ),
-    # AFHQ-DOG at 64x64: multipliers (1,2,2,2,4), attention at 16x16.
+    # AFHQ-DOG at 64x64: multipliers (1,2,2,2,4), attention at level 1 = 32x32 (the authors'
+    # config/Afhq_dog_fed.txt: --attn=1); the up path lists the levels in reverse.
     "afhq64": dict(
         block_out_channels=(128, 256, 256, 256, 512),
         down_block_types=(
             "DownBlock2D",
-            "DownBlock2D",
             "AttnDownBlock2D",
             "DownBlock2D",
             "DownBlock2D",
+            "DownBlock2D",
         ),
-        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
         layers_per_block=2,
         dropout=0.1,
         norm_num_groups=32,
@@ -54,7 +61,7 @@ def build_unet(size: str, image_size: int, channels: int) -> UNet2DModel:
         sample_size=image_size,
         in_channels=channels,
         out_channels=channels,
-        attention_head_dim=None if size == "tiny" else 8,
+        attention_head_dim=None,  # one head per attention block (see the module docstring)
         **spec,
     )
 
