@@ -29,6 +29,8 @@ from .ledger import ShardLedger, assign_nodes  # noqa: F401 - assign_nodes is pa
 from .msr import Moves, Redistribution, apply_moves, check_partition, hold_moves_into
 from .replies import BadReply, Sent, ShardReply, check_train_reply
 
+NO_NODES = "no node connected"
+
 
 class RunStopped(RuntimeError):
     """Too many failed rounds in a row: the run stops with its last checkpoint kept."""
@@ -94,6 +96,8 @@ class IETStrategy(FedAvg):
         self.recorder = recorder
         self.dispatcher = dispatcher or WaveDispatcher()
         self.should_stop = should_stop  # checked before each round: a reason to stop, or None
+        self.patience: float | None = None  # how long a later round waits for a node (the round timeout)
+        self._placed = False  # min-nodes is awaited before the first round only
         self.log: dict[int, RoundLog] = {}
         self.outgoing: list[Message] = []  # this round's messages; ids are set when pushed
         self.expected_arrays: dict[str, tuple[str, tuple[int, ...]]] = {}  # key -> (dtype, shape)
@@ -126,6 +130,7 @@ class IETStrategy(FedAvg):
         self.summary()
         train_config = ConfigRecord() if train_config is None else train_config
         result, arrays, started = Result(), initial_arrays, time.time()
+        self.patience = timeout
         result.arrays = arrays
         for server_round in range(first_round, num_rounds + 1):
             log(INFO, "")
@@ -175,7 +180,15 @@ class IETStrategy(FedAvg):
 
     # ---- sending ------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        placement = self.ledger.place(self._wait_for_nodes(grid))
+        first = not self._placed
+        nodes = self._wait_for_nodes(grid, self.min_available_nodes if first else 1, None if first else self.patience)
+        self._placed = True
+        if not nodes:  # every node is gone: the round fails, the run goes on (max-failed-rounds)
+            self.log[server_round] = RoundLog(server_round, [s.copy() for s in self.shards])
+            self.log[server_round].timed_out = dict.fromkeys(range(len(self.shards)), NO_NODES)
+            self.outgoing = []
+            return []
+        placement = self.ledger.place(nodes)
         for node in placement.reinstated:
             log(WARNING, "node %d gets shards again: no healthy node is left", node)
         for s, (old, new) in placement.moved.items():
@@ -194,16 +207,16 @@ class IETStrategy(FedAvg):
             self.outgoing.append(Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN))
         return list(self.outgoing)
 
-    def _wait_for_nodes(self, grid: Grid) -> list[int]:
-        waited = 0
-        while len(nodes := list(grid.get_node_ids())) < self.min_available_nodes:
+    def _wait_for_nodes(self, grid: Grid, need: int, patience: float | None) -> list[int]:
+        """The connected nodes once ``need`` are there; after ``patience`` seconds (None: no
+        limit) whatever is connected. Only the first round waits for ``min-nodes``: later rounds
+        go on with the nodes that are left, so a node that dies never stalls the run."""
+        started, waited = time.monotonic(), 0
+        while len(nodes := list(grid.get_node_ids())) < need:
+            if patience is not None and time.monotonic() - started >= patience:
+                break
             if waited % 10 == 0:
-                log(
-                    INFO,
-                    "waiting for nodes: %d connected, %d required (min-nodes)",
-                    len(nodes),
-                    self.min_available_nodes,
-                )
+                log(INFO, "waiting for nodes: %d connected, %d required", len(nodes), need)
             time.sleep(1)
             waited += 1
         return nodes
@@ -238,6 +251,7 @@ class IETStrategy(FedAvg):
                 accepted[target.shard] = check_train_reply(msg, target, self.expected_arrays)
             except BadReply as err:
                 shard = -1 if target is None else target.shard
+                node = node if target is None else target.node  # an error reply may come from the SuperLink
                 log(WARNING, "round %d: dropped a reply from node %d (shard %d): %s", server_round, node, shard, err)
                 rlog.dropped.append((shard, node, str(err)))
         return accepted

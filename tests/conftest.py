@@ -52,7 +52,7 @@ def superlink_pids(home: Path | None = None) -> list[int]:
             cmd = (proc / "cmdline").read_bytes()
         except OSError:
             continue
-        if b"flower-superlink" in cmd and (home is None or str(home).encode() in cmd):
+        if b"flower-superlink" in cmd and b"--simulation" in cmd and (home is None or str(home).encode() in cmd):
             pids.append(int(proc.name))
     return pids
 

@@ -218,3 +218,23 @@ def test_dropped_replies_are_logged_through_flower(caplog):
     with caplog.at_level(logging.WARNING, logger="flwr"):
         s.aggregate_train(1, [reply(msgs[0], 1.0, [1, 2, 3]), reply(msgs[1])])
     assert "dropped a reply from node 1 (shard 0)" in caplog.text
+
+
+def test_a_node_that_dies_never_stalls_the_run_and_no_nodes_is_a_failed_round():
+    """min-nodes is awaited before the first round only; with every node gone a round fails."""
+    grid = FakeGrid([1, 2], lambda m: reply(m, 1.0))
+    s = _strategy([[0, 1], [2, 3]], 4, min_nodes=2, max_failed_rounds=2)
+
+    def evaluate(server_round, arrays):
+        if server_round == 1:
+            grid.nodes = [1]  # node 2 dies
+        if server_round == 2:
+            grid.nodes = []  # and then node 1
+        return None
+
+    with pytest.raises(RunStopped, match="no node connected"):
+        s.start(grid, ArrayRecord({"w": torch.zeros(2, 2)}), num_rounds=6, timeout=0.5, evaluate_fn=evaluate)
+    assert sorted(s.log[2].shard_metrics) == [0, 1]  # both shards trained on node 1
+    assert {m["node"] for m in s.log[2].shard_metrics.values()} == {1}
+    assert s.log[3].failed and s.log[4].failed and s.ledger.last_round == 4
+    check_partition(s.shards, 4)
