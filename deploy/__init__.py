@@ -1,0 +1,1 @@
+"""Operator tools for a multi-machine Flower deployment (``python -m deploy.kit --help``)."""
