@@ -121,7 +121,7 @@ def num_train_images(name: str, root: str = "") -> int:
     if name in ("cifar10", "cifar100"):
         return CIFAR_TRAIN_IMAGES
     if name == "imagefolder":
-        return len(image_files(Path(root))) if root else 0
+        return len(image_files(Path(root).expanduser())) if root else 0
     raise ValueError(f"dataset: unknown data set {name!r}; allowed: {', '.join(DATASETS)}")
 
 
@@ -135,7 +135,7 @@ def _read_folder(root: Path, image_size: int) -> torch.Tensor:
     for i, path in enumerate(files):  # loading, not a training step
         with Image.open(path) as img:
             img = img.convert("RGB").resize((image_size, image_size), Image.BICUBIC)
-            out[i] = torch.from_numpy(np.asarray(img)).permute(2, 0, 1)
+            out[i] = torch.from_numpy(np.array(img)).permute(2, 0, 1)
     return out
 
 
@@ -154,15 +154,15 @@ def load_dataset(
     if name == "digits":
         return _load_digits(image_size, train_size, seed)
     if name in ("cifar10", "cifar100"):
-        return _load_cifar(name, Path(root) if root else DEFAULT_ROOT, download, image_size, train_size)
+        return _load_cifar(name, Path(root).expanduser() if root else DEFAULT_ROOT, download, image_size, train_size)
     if name == "imagefolder":
         if not root:
             raise ValueError("data-root: imagefolder needs the folder of training images")
-        images = _read_folder(Path(root), image_size)
+        images = _read_folder(Path(root).expanduser(), image_size)
         if train_size:
             images = images[:train_size]
         holdout = (
-            _read_folder(Path(holdout_root), image_size)
+            _read_folder(Path(holdout_root).expanduser(), image_size)
             if holdout_root
             else torch.empty((0, 3, image_size, image_size), dtype=torch.uint8)
         )

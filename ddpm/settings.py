@@ -374,10 +374,9 @@ def _probe(key: str, value: str, test: Any) -> Any:
 
 
 def _existing_dir(key: str, value: str) -> None:
-    """The data loaders take the path as written: a leading ``~`` is not expanded there."""
-    if not _probe(key, value, Path.is_dir):
-        hint = "; '~' is not expanded here, write the full path" if value.startswith("~") else ""
-        raise ValueError(f"{key}: must be an existing directory, got {value!r} (no such directory{hint})")
+    """An existing folder (a leading ``~`` is expanded, as the data loaders do)."""
+    if not _probe(key, value, lambda p: p.expanduser().is_dir()):
+        raise ValueError(f"{key}: must be an existing directory, got {value!r} (no such directory)")
 
 
 def _count_images(key: str, root: str) -> int:

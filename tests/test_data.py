@@ -54,3 +54,14 @@ def test_unlabelled_shards_are_equal_parts():
         make_shards(5, 0, None, seed=0)
     with pytest.raises(ValueError, match="num-shards"):
         make_shards(5, 6, None, seed=0)
+
+
+def test_image_folder_path_may_start_with_a_tilde(tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "imgs").mkdir()
+    for i in range(3):
+        Image.new("RGB", (4, 4), (i * 50, 0, 0)).save(tmp_path / "imgs" / f"{i}.png")
+    data = load_dataset("imagefolder", root="~/imgs", image_size=4)
+    assert len(data) == 3 and data.images[2, 0, 0, 0] == 100

@@ -295,7 +295,7 @@ def test_image_folder_size_is_checked_up_front(tmp_path):
 
 def test_missing_paths_name_their_key(tmp_path):
     _refused({"dataset": "cifar10", "data-root": str(tmp_path / "nope")}, "data-root", "existing directory")
-    _refused({"dataset": "cifar10", "data-root": "~/surely-not-here-iet"}, "data-root", "not expanded")
+    _refused({"dataset": "cifar10", "data-root": "~/surely-not-here-iet"}, "data-root", "no such directory")
     _refused({"holdout-root": str(tmp_path / "nope")}, "holdout-root")
     _refused({"fid-weights": str(tmp_path)}, "fid-weights", "existing file")
     a_file = tmp_path / "file"
