@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -78,7 +77,3 @@ class ShardStateStore:
         for r in earlier[:-1]:
             (folder / f"round-{r:06d}.safetensors").unlink(missing_ok=True)
         return target
-
-    def drop_run(self, run_key: str) -> None:
-        """Delete every shard state of a run (after it completed)."""
-        shutil.rmtree(self.root / run_key, ignore_errors=True)

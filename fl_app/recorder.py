@@ -44,9 +44,10 @@ class RunRecorder:
         self, rlog: RoundLog, arrays: ArrayRecord, evaluation: MetricRecord | None, state: tuple[dict, dict]
     ) -> None:
         r, m, w = rlog.server_round, rlog.metrics, self.writer
+        meta, ledger_arrays = state
         w.add_assignment(r, rlog.assignment, rlog.moved)
         w.add_shard_metrics(r, rlog.shard_metrics)
-        nodes = state[0]["node-of-shard"]
+        nodes = meta["node-of-shard"]
         w.add_dropped(r, rlog.dropped + [(s, nodes.get(str(s), -1), why) for s, why in sorted(rlog.timed_out.items())])
         row: dict[str, Any] = {
             "round": r,
@@ -64,7 +65,6 @@ class RunRecorder:
         row["seconds"] = round(time.monotonic() - self.last_time, 2)  # the round: train, aggregate, evaluate
         self.last_time = time.monotonic()
         w.add_round(row)
-        meta, ledger_arrays = state
         save_checkpoint(
             w.path,
             Checkpoint(

@@ -21,7 +21,7 @@ from ddpm.unet import build_unet, num_parameters
 from evaluation.evaluator import Evaluator, MemorizationEvaluator
 from evaluation.outputs import RunWriter, new_run_dir
 from evaluation.plots import plot_skip_histogram
-from strategies.checkpoint import Checkpoint, load_checkpoint
+from strategies.checkpoint import Checkpoint, checkpoint_settings, load_checkpoint
 from strategies.iet import IETStrategy, RunStopped
 from strategies.ledger import ShardLedger
 from strategies.msr import Redistribution, make_redistribution
@@ -216,7 +216,7 @@ def make_server_app(overrides: Mapping[str, Any] | None = None, **run_kwargs) ->
         settings = settings_from_run_config(context.run_config, overrides)
         if settings.resume:  # the run's own settings, with the changes a resume may make
             given = {**dict(context.run_config), **dict(overrides or {})}
-            saved = load_checkpoint(settings.resume).settings
+            saved = checkpoint_settings(settings.resume)
             merged = resumed_settings(saved, given, Settings().to_run_config())
             settings = settings_from_run_config({**merged, "resume": settings.resume})
         run(grid, settings, **run_kwargs)

@@ -100,21 +100,42 @@ def latest_checkpoint(run_dir: Path) -> Path:
     return found[-1]
 
 
+def _read_state(path: Path) -> dict:
+    """``state.json`` of a checkpoint folder, checked for its format."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing state.json") from None
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        found = state.get("format") if isinstance(state, dict) else None
+        raise CheckpointError(f"{path}/state.json: unreadable checkpoint (format {found!r}, expected {FORMAT})")
+    return state
+
+
+def checkpoint_settings(run_dir: Path) -> dict:
+    """The settings of the run whose newest checkpoint is in ``run_dir`` (state.json only)."""
+    path = latest_checkpoint(run_dir)
+    try:
+        return dict(_read_state(path)["settings"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from None
+
+
 def load_checkpoint(run_dir: Path) -> Checkpoint:
     """Read the newest checkpoint of ``run_dir``; a missing or corrupt file raises CheckpointError."""
     path = latest_checkpoint(run_dir)
-    for name in ("state.json", "weights.safetensors", "ledger.safetensors"):
+    state = _read_state(path)
+    for name in ("weights.safetensors", "ledger.safetensors"):
         if not (path / name).is_file():
             raise CheckpointError(f"{path}: missing {name}")
     try:
-        state = json.loads((path / "state.json").read_text())
-        weights = load_file(path / "weights.safetensors")
-        ledger_arrays = load_file(path / "ledger.safetensors")
-        ckpt = Checkpoint(
+        return Checkpoint(
             int(state["round"]),
-            weights,
+            load_file(path / "weights.safetensors"),
             state["ledger"],
-            ledger_arrays,
+            load_file(path / "ledger.safetensors"),
             list(state["rows"]),
             dict(state["settings"]),
             str(state["run-key"]),
@@ -122,6 +143,3 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
         )
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from None
-    if state.get("format") != FORMAT:
-        raise CheckpointError(f"{path}/state.json: format {state.get('format')!r}, expected {FORMAT}")
-    return ckpt

@@ -39,7 +39,6 @@ class Dispatch:
     """What became of one round's messages."""
 
     replies: list[Message] = field(default_factory=list)
-    sent: list[Message] = field(default_factory=list)  # pushed; their metadata.message_id is set
     unsent: list[tuple[Message, str]] = field(default_factory=list)  # never pushed, and why
     late: list[Message] = field(default_factory=list)  # pushed, unanswered at the deadline
     discarded: list[Message] = field(default_factory=list)  # late replies to earlier rounds
@@ -83,7 +82,6 @@ class WaveDispatcher:
                 out.unsent.extend((msg, DEADLINE) for msg in wave)
                 continue
             ids = [i for i in grid.push_messages(wave) if i]
-            out.sent.extend(m for m in wave if m.metadata.message_id in ids)
             out.unsent.extend(
                 (m, "the SuperLink refused the message") for m in wave if m.metadata.message_id not in ids
             )

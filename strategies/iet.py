@@ -25,7 +25,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.result import Result
 
 from .dispatch import DEADLINE, LATE, WaveDispatcher
-from .ledger import ShardLedger, assign_nodes  # noqa: F401 - assign_nodes is part of the API
+from .ledger import ShardLedger
 from .msr import Moves, Redistribution, apply_moves, check_partition, hold_moves_into
 from .replies import BadReply, Sent, ShardReply, check_train_reply
 
