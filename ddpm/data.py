@@ -1,19 +1,24 @@
 """Image data sets held in memory as uint8 tensors; a sample's id is its index in the training split.
 
 Every node resolves ids against its own copy, so each copy carries a fingerprint (size plus a
-content hash) that the server sends and the node checks before training.
+content hash) that the server sends and the node checks before training. A decoded copy is kept
+on disk (``ddpm.data_cache``) so that a fresh process, as Flower starts for every message in a
+deployment, maps it instead of decoding the data set again.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from . import data_cache
 
 DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "imagefolder")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -29,6 +34,7 @@ class ImageSet:
     labels: torch.Tensor | None  # int64 (N,) or None
     holdout: torch.Tensor  # uint8 (M, C, H, W); M may be 0
     holdout_labels: torch.Tensor | None = None  # int64 (M,) where the data set has labels
+    known_fingerprint: str = field(default="", repr=False)  # stored with a decoded copy on disk
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -44,6 +50,8 @@ class ImageSet:
     @functools.cached_property
     def fingerprint(self) -> str:
         """``<N>-<sha256 prefix>`` over the training images and labels."""
+        if self.known_fingerprint:
+            return self.known_fingerprint
         h = hashlib.sha256()
         h.update(str(tuple(self.images.shape)).encode())
         h.update(self.images.contiguous().numpy().tobytes())
@@ -139,21 +147,32 @@ def _read_folder(root: Path, image_size: int) -> torch.Tensor:
     return out
 
 
-@functools.lru_cache(maxsize=4)
-def load_dataset(
-    name: str,
-    *,
-    root: str = "",
-    holdout_root: str = "",
-    download: bool = True,
-    image_size: int = 8,
-    train_size: int = 0,
-    seed: int = 0,
+CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+
+
+def _sources(name: str, root: str, holdout_root: str) -> dict:
+    """What the decoded arrays depend on besides the loader's arguments: the source files."""
+    if name == "digits":
+        return {"scikit-learn": version("scikit-learn")}
+    if name in CIFAR_FOLDERS:
+        folder = (Path(root).expanduser() if root else DEFAULT_ROOT) / CIFAR_FOLDERS[name]
+        files = sorted(p for p in folder.glob("*") if p.is_file()) if folder.is_dir() else []
+        return {"root": str(folder.resolve()), "files": data_cache.file_signature(files, folder)}
+    out = {}
+    for key, folder in (("root", root), ("holdout", holdout_root)):
+        if folder:
+            path = Path(folder).expanduser().resolve()
+            out[key] = [str(path), data_cache.file_signature(image_files(path), path)]
+    return out
+
+
+def _decode(
+    name: str, root: str, holdout_root: str, download: bool, image_size: int, train_size: int, seed: int
 ) -> ImageSet:
-    """Load a data set by name; cached per process so every message of a node reuses it."""
+    """Read and decode the source files (what the disk copy saves a process from doing again)."""
     if name == "digits":
         return _load_digits(image_size, train_size, seed)
-    if name in ("cifar10", "cifar100"):
+    if name in CIFAR_FOLDERS:
         return _load_cifar(name, Path(root).expanduser() if root else DEFAULT_ROOT, download, image_size, train_size)
     if name == "imagefolder":
         if not root:
@@ -168,3 +187,52 @@ def load_dataset(
         )
         return ImageSet("imagefolder", images.contiguous(), None, holdout)
     raise ValueError(f"dataset: unknown data set {name!r}; allowed: {', '.join(DATASETS)}")
+
+
+ARRAYS = ("images", "labels", "holdout", "holdout_labels")
+
+
+@functools.lru_cache(maxsize=4)
+def load_dataset(
+    name: str,
+    *,
+    root: str = "",
+    holdout_root: str = "",
+    download: bool = True,
+    image_size: int = 8,
+    train_size: int = 0,
+    seed: int = 0,
+    cache_dir: str = "",
+) -> ImageSet:
+    """Load a data set by name: cached per process, and decoded once per machine.
+
+    ``cache_dir`` holds the decoded copies (``""``: ``data_cache.default_cache_dir()``; ``"off"``:
+    decode every time and keep nothing).
+    """
+    if name not in DATASETS or (name == "imagefolder" and not root):
+        return _decode(name, root, holdout_root, download, image_size, train_size, seed)  # its error
+    args = dict(name=name, root=root, holdout_root=holdout_root, image_size=image_size, train_size=train_size)
+    if name == "digits":
+        args["seed"] = seed  # the only loader whose split depends on the seed
+    if cache_dir == "off":
+        return _decode(name, root, holdout_root, download, image_size, train_size, seed)
+    base = Path(cache_dir).expanduser() if cache_dir else data_cache.default_cache_dir()
+    folder = base / data_cache.cache_key({**args, "sources": _sources(name, root, holdout_root)})
+    found = data_cache.read(folder)
+    if found is not None:
+        arrays, meta = found
+        t = {k: torch.from_numpy(a) for k, a in arrays.items()}
+        return ImageSet(
+            name,
+            t["images"],
+            t.get("labels"),
+            t["holdout"],
+            t.get("holdout_labels"),
+            known_fingerprint=meta["fingerprint"],
+        )
+    data = _decode(name, root, holdout_root, download, image_size, train_size, seed)
+    arrays = {k: getattr(data, k).numpy() for k in ARRAYS if getattr(data, k) is not None}
+    # sources again: a download may just have made the files the key is made of
+    folder = base / data_cache.cache_key({**args, "sources": _sources(name, root, holdout_root)})
+    data_cache.write(folder, arrays, {"name": name, "fingerprint": data.fingerprint, **args})
+    return data

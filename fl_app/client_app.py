@@ -29,7 +29,7 @@ def make_client_app(**train_kwargs) -> ClientApp:
         cfg = msg.content["config"]
         settings = settings_from_message(cfg, context.node_config)
         shard, server_round = int(cfg["shard"]), int(cfg["server-round"])
-        data = load_dataset(**settings.dataset_kwargs())
+        data = load_dataset(**settings.dataset_kwargs(), cache_dir=str(context.node_config.get("data-cache", "")))
         if data.fingerprint != cfg["fingerprint"]:
             raise ValueError(
                 f"data set mismatch on node {context.node_id}: the server's {settings.dataset} copy has "
@@ -80,7 +80,7 @@ def make_client_app(**train_kwargs) -> ClientApp:
                     }
                 ),
                 "skips": ArrayRecord({"ids": torch.from_numpy(ids), "counts": result.skip_counts}),
-                "info": ConfigRecord({"shard": shard, "local-step": state.step}),
+                "info": ConfigRecord({"shard": shard, "local-step": state.step, "fingerprint": data.fingerprint}),
             }
         )
         return Message(content=content, reply_to=msg)

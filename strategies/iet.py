@@ -101,6 +101,7 @@ class IETStrategy(FedAvg):
         self.log: dict[int, RoundLog] = {}
         self.outgoing: list[Message] = []  # this round's messages; ids are set when pushed
         self.expected_arrays: dict[str, tuple[str, tuple[int, ...]]] = {}  # key -> (dtype, shape)
+        self.confirmed: set[int] = set()  # nodes whose valid reply confirmed the data set's fingerprint
 
     # shards and counts live in the ledger; these names keep the strategy readable
     @property
@@ -231,6 +232,7 @@ class IETStrategy(FedAvg):
                 m.metadata.dst_node_id,
                 self.shards[int(m.content["config"]["shard"])],
                 max_count,
+                str(self.train_config.get("fingerprint", "")),
             )
             for m in self.outgoing
             if m.metadata.message_id
@@ -249,6 +251,9 @@ class IETStrategy(FedAvg):
                 if target.shard in accepted:
                     raise BadReply(f"a second reply for shard {target.shard}")
                 accepted[target.shard] = check_train_reply(msg, target, self.expected_arrays)
+                if node not in self.confirmed:  # once per node (and server process), as operators read it
+                    self.confirmed.add(node)
+                    log(INFO, "node %d confirmed data set %s", node, target.fingerprint or "(none sent)")
             except BadReply as err:
                 shard = -1 if target is None else target.shard
                 node = node if target is None else target.node  # an error reply may come from the SuperLink

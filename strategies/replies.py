@@ -16,7 +16,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 
 REPLY_RECORDS = ("arrays", "metrics", "skips", "info")
 METRIC_KEYS = ("num-examples", "train-loss", "skip-rate", "aug-rate", "steps", "train-seconds")
-INFO_KEYS = ("shard", "local-step")
+INFO_KEYS = ("shard", "local-step", "fingerprint")
 SKIP_KEYS = ("ids", "counts")
 INT64_MAX = np.iinfo(np.int64).max
 
@@ -33,6 +33,7 @@ class Sent:
     node: int
     ids: np.ndarray  # int64, sorted: the samples the shard trained on
     max_count: int  # a sample's skip count can be at most this (one visit per local epoch)
+    fingerprint: str = ""  # the data set the server sent with the shard; the node must confirm it
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class ShardReply:
     counts: np.ndarray  # int64, aligned with Sent.ids
     local_step: int
     message: Message
+    fingerprint: str = ""  # the data set the node confirmed (equal to the one sent)
 
 
 def _number(value: object, key: str, *, integer: bool = False) -> float:
@@ -111,6 +113,8 @@ def check_train_reply(msg: Message, sent: Sent, expected_arrays: dict[str, tuple
         raise BadReply(f"claims shard {claimed!r} but answers the message for shard {sent.shard}")
     if isinstance(local_step, bool) or not isinstance(local_step, int) or local_step < 0:
         raise BadReply(f"info local-step must be a non-negative integer, got {local_step!r}")
+    if info["fingerprint"] != sent.fingerprint:  # the node checks before training; a reply must agree
+        raise BadReply(f"confirms data set {info['fingerprint']!r}, the server's is {sent.fingerprint!r}")
 
     metrics = records["metrics"]
     _exact_keys(metrics, METRIC_KEYS, "metric")
@@ -150,7 +154,9 @@ def check_train_reply(msg: Message, sent: Sent, expected_arrays: dict[str, tuple
         raise BadReply("skip counts are for other ids than the ones sent")
     if _wraps_int64(counts) or (counts.size and (counts.min() < 0 or counts.max() > sent.max_count)):
         raise BadReply(f"skip counts must be in [0, {sent.max_count}] (one visit per local epoch)")
-    return ShardReply(sent.shard, sent.node, weights, metrics, counts.astype(np.int64), local_step, msg)
+    return ShardReply(
+        sent.shard, sent.node, weights, metrics, counts.astype(np.int64), local_step, msg, sent.fingerprint
+    )
 
 
 def _wraps_int64(arr: np.ndarray) -> bool:

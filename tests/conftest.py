@@ -27,6 +27,16 @@ TINY_RUN = {
 }
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _session_cache_home(tmp_path_factory):
+    """Decoded data sets, node state and models go to a folder of this test session, not the
+    user's ``~/.cache``: every session starts from what a clean machine has."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache-home")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture
 def tiny_run(tmp_path):
     """Run-config overrides for an in-process simulation that finishes in seconds."""

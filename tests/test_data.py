@@ -65,3 +65,97 @@ def test_image_folder_path_may_start_with_a_tilde(tmp_path, monkeypatch):
         Image.new("RGB", (4, 4), (i * 50, 0, 0)).save(tmp_path / "imgs" / f"{i}.png")
     data = load_dataset("imagefolder", root="~/imgs", image_size=4)
     assert len(data) == 3 and data.images[2, 0, 0, 0] == 100
+
+
+def _folder(root, n, size=6):
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", (size, size), (i * 20 % 256, 7, 0)).save(root / f"{i:03d}.png")
+    return root
+
+
+def _decodes(monkeypatch) -> list:
+    """Record every real decode (what the disk copy is there to save)."""
+    import ddpm.data as data
+
+    calls, real = [], data._decode
+    monkeypatch.setattr(data, "_decode", lambda *a: calls.append(a) or real(*a))
+    return calls
+
+
+def test_a_fresh_process_maps_the_decoded_copy_instead_of_decoding(tmp_path, monkeypatch):
+    root, cache = _folder(tmp_path / "imgs", 5), str(tmp_path / "cache")
+    calls = _decodes(monkeypatch)
+    first = load_dataset("imagefolder", root=str(root), image_size=6, cache_dir=cache)
+    load_dataset.cache_clear()  # as a new ClientApp process would start
+    again = load_dataset("imagefolder", root=str(root), image_size=6, cache_dir=cache)
+    assert len(calls) == 1, "the second load decoded the images again"
+    assert torch.equal(first.images, again.images) and first.fingerprint == again.fingerprint
+    assert again.known_fingerprint == first.fingerprint  # read from the copy, not hashed again
+    again.images[0] += 1  # copy-on-write: the process may write, the copy on disk stays as it was
+    load_dataset.cache_clear()
+    assert torch.equal(load_dataset("imagefolder", root=str(root), image_size=6, cache_dir=cache).images, first.images)
+    load_dataset.cache_clear()
+    digits = [load_dataset("digits", train_size=40, seed=s, cache_dir=cache) for s in (1, 1, 2)]
+    assert len(calls) == 3  # digits seed 1 once, seed 2 once: the seed is part of the key
+    assert digits[0] is digits[1] and digits[0].fingerprint != digits[2].fingerprint
+    load_dataset.cache_clear()
+    same = load_dataset("digits", train_size=40, seed=1, cache_dir=cache)
+    assert len(calls) == 3 and torch.equal(same.labels, digits[0].labels) and same.fingerprint == digits[0].fingerprint
+    assert torch.equal(same.holdout_labels, digits[0].holdout_labels)
+
+
+def test_a_changed_added_or_removed_image_is_a_new_copy(tmp_path, monkeypatch):
+    from PIL import Image
+
+    root, cache = _folder(tmp_path / "imgs", 4), str(tmp_path / "cache")
+    calls = _decodes(monkeypatch)
+
+    def load():
+        load_dataset.cache_clear()
+        return load_dataset("imagefolder", root=str(root), image_size=6, cache_dir=cache)
+
+    prints = [load().fingerprint]
+    Image.new("RGB", (6, 6), (1, 2, 3)).save(root / "002.png")  # edited in place
+    prints.append(load().fingerprint)
+    Image.new("RGB", (6, 6), (9, 9, 9)).save(root / "100.png")  # added
+    prints.append(load().fingerprint)
+    (root / "000.png").unlink()  # removed
+    prints.append(load().fingerprint)
+    assert len(calls) == 4 and len(set(prints)) == 4
+    assert prints[2].startswith("5-") and prints[3].startswith("4-")
+
+
+def test_a_broken_copy_is_decoded_again_and_an_unwritable_cache_is_no_error(tmp_path, monkeypatch):
+    root, cache = _folder(tmp_path / "imgs", 3), tmp_path / "cache"
+    calls = _decodes(monkeypatch)
+    good = load_dataset("imagefolder", root=str(root), image_size=6, cache_dir=str(cache))
+    (copy,) = cache.iterdir()
+    (copy / "images.npy").write_bytes((copy / "images.npy").read_bytes()[:100])  # truncated
+    load_dataset.cache_clear()
+    again = load_dataset("imagefolder", root=str(root), image_size=6, cache_dir=str(cache))
+    assert len(calls) == 2 and torch.equal(again.images, good.images)
+
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")  # the cache folder cannot be made
+    load_dataset.cache_clear()
+    assert torch.equal(
+        load_dataset("imagefolder", root=str(root), image_size=6, cache_dir=str(blocked)).images, good.images
+    )
+    load_dataset.cache_clear()
+    off = load_dataset("imagefolder", root=str(root), image_size=6, cache_dir="off")
+    assert torch.equal(off.images, good.images) and not (tmp_path / "off").exists() and len(calls) == 4
+
+
+def test_two_writers_of_one_copy_leave_one_complete_copy(tmp_path):
+    from ddpm import data_cache
+
+    arrays = {"images": np.arange(12, dtype=np.uint8).reshape(3, 1, 2, 2)}
+    target = tmp_path / "key"
+    assert data_cache.write(target, arrays, {"fingerprint": "3-a"})
+    assert data_cache.write(target, {"images": np.zeros((3, 1, 2, 2), np.uint8)}, {"fingerprint": "3-b"})
+    read, meta = data_cache.read(target)
+    assert meta["fingerprint"] == "3-a" and np.array_equal(read["images"], arrays["images"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["key"]  # the loser's temporary folder is gone

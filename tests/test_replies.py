@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from test_strategy import _round, _strategy, push, reply
+from test_strategy import FP, _round, _strategy, push, reply
 
 from strategies.msr import check_partition
 
@@ -89,12 +89,34 @@ CASES = [
     ("aug-rate < 0", _with(metrics=_metrics(**{"aug-rate": -0.1})), "aug-rate must be in [0, 1]"),
     ("seconds nan", _with(metrics=_metrics(**{"train-seconds": float("nan")})), "train-seconds must be finite"),
     ("metric list", _with(metrics=_metrics(**{"train-loss": [1.0, 2.0]})), "train-loss must be a number"),
-    ("info no local-step", _with(info=ConfigRecord({"shard": 0})), "missing local-step"),
-    ("info extra", _with(info=ConfigRecord({"shard": 0, "local-step": 3, "x": 1})), "unexpected x"),
-    ("info claims shard 1", _with(info=ConfigRecord({"shard": 1, "local-step": 3})), "claims shard 1"),
-    ("info shard string", _with(info=ConfigRecord({"shard": "0", "local-step": 3})), "claims shard '0'"),
-    ("local-step negative", _with(info=ConfigRecord({"shard": 0, "local-step": -1})), "local-step must be"),
-    ("local-step float", _with(info=ConfigRecord({"shard": 0, "local-step": 3.0})), "local-step must be"),
+    ("info no local-step", _with(info=ConfigRecord({"shard": 0, "fingerprint": FP})), "missing local-step"),
+    ("info no fingerprint", _with(info=ConfigRecord({"shard": 0, "local-step": 3})), "missing fingerprint"),
+    (
+        "info other data set",
+        _with(info=ConfigRecord({"shard": 0, "local-step": 3, "fingerprint": "8-ffffffff"})),
+        "confirms data set '8-ffffffff', the server's is '8-0123abcd'",
+    ),
+    ("info extra", _with(info=ConfigRecord({"shard": 0, "local-step": 3, "fingerprint": FP, "x": 1})), "unexpected x"),
+    (
+        "info claims shard 1",
+        _with(info=ConfigRecord({"shard": 1, "local-step": 3, "fingerprint": FP})),
+        "claims shard 1",
+    ),
+    (
+        "info shard string",
+        _with(info=ConfigRecord({"shard": "0", "local-step": 3, "fingerprint": FP})),
+        "claims shard '0'",
+    ),
+    (
+        "local-step negative",
+        _with(info=ConfigRecord({"shard": 0, "local-step": -1, "fingerprint": FP})),
+        "local-step must be",
+    ),
+    (
+        "local-step float",
+        _with(info=ConfigRecord({"shard": 0, "local-step": 3.0, "fingerprint": FP})),
+        "local-step must be",
+    ),
     ("weights key missing", _with(arrays=ArrayRecord({"v": torch.zeros(2, 2)})), "missing w"),
     ("weights key extra", _with(arrays=ArrayRecord({"w": torch.zeros(2, 2), "v": torch.zeros(1)})), "unexpected v"),
     ("weights shape", _with(arrays=ArrayRecord({"w": torch.zeros(4)})), "global model's is float32 (2, 2)"),
@@ -174,7 +196,9 @@ def test_an_impersonating_reply_never_replaces_the_real_one():
     msgs = _round(s, 1, [1, 2])  # shard 0 -> node 1, shard 1 -> node 2
     forged = reply(msgs[0], 99.0)  # node 2 answers the message sent to node 1
     forged.metadata.__dict__["_src_node_id"] = 2
-    own = reply(msgs[1], 99.0, info=ConfigRecord({"shard": 0, "local-step": 3}))  # node 2 claims shard 0
+    own = reply(
+        msgs[1], 99.0, info=ConfigRecord({"shard": 0, "local-step": 3, "fingerprint": FP})
+    )  # node 2 claims shard 0
     real = [reply(msgs[0], 1.0), reply(msgs[1], 3.0)]
     arrays, _ = s.aggregate_train(1, [forged, own, *real])
     reasons = [why for _, _, why in s.log[1].dropped]
@@ -196,3 +220,13 @@ def test_second_reply_late_reply_and_unknown_reply_are_dropped():
     assert sum("second reply" in r for r in reasons) == 1 and sum("answers no message" in r for r in reasons) == 2
     assert np.allclose(arrays["w"].numpy(), 1.0)
     check_partition(s.shards, 8)
+
+
+def test_each_node_confirmation_of_the_data_set_is_logged_once(caplog):
+    s = _strategy([range(0, 4), range(4, 8)], 8)
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        for server_round in (1, 2):
+            msgs = _round(s, server_round, [1, 2])
+            s.aggregate_train(server_round, [reply(m) for m in msgs])
+    lines = [r.getMessage() for r in caplog.records if "confirmed data set" in r.getMessage()]
+    assert sorted(lines) == [f"node 1 confirmed data set {FP}", f"node 2 confirmed data set {FP}"]

@@ -48,11 +48,14 @@ class FakeGrid:
         return [self.waiting.pop(i) for i in list(ids) if i in self.waiting]
 
 
+FP = "8-0123abcd"  # the data set fingerprint the test strategy sends
+
+
 def _strategy(shards, n, proportion=0.5, **kwargs):
     return IETStrategy(
         [np.asarray(s) for s in shards],
         num_samples=n,
-        train_config={"lr": 0.1, "local-epochs": 10},
+        train_config={"lr": 0.1, "local-epochs": 10, "fingerprint": FP},
         redistribution=MemoryRedistribution(proportion),
         seed=0,
         **kwargs,
@@ -77,7 +80,9 @@ def reply(msg, weight=1.0, counts=None, **overrides):
             }
         ),
         "skips": ArrayRecord({"ids": torch.from_numpy(ids), "counts": torch.as_tensor(np.asarray(counts))}),
-        "info": ConfigRecord({"shard": int(cfg["shard"]), "local-step": 3}),
+        "info": ConfigRecord(
+            {"shard": int(cfg["shard"]), "local-step": 3, "fingerprint": str(cfg.get("fingerprint", ""))}
+        ),
     }
     content.update(overrides)
     return Message(content=RecordDict(content), reply_to=msg)
