@@ -9,10 +9,6 @@ test kills one SuperNode during a round: the run completes on the other, no samp
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,10 +17,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from deploy import localhost
+from deploy.localhost import BIN, ROOT, Machines, flwr_json, online, wait_for
 from tests.conftest import newcomer_env
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 CONFIG = (
     "train-size=80 num-shards=2 num-rounds=2 local-epochs=1 batch-size=16 eval-every=0 eval-num-images=20 "
     "sample-steps=2 mq-neighbours=5 fid=false min-nodes=2 round-timeout=300.0"
@@ -33,139 +29,21 @@ CONFIG = (
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups, localhost ports")
 
 
-def free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-class Machines:
-    """Processes started in their own session; all of them (and their children) end with the test."""
-
-    def __init__(self, tmp: Path):
-        self.tmp = tmp
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def start(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
-        log = (self.tmp / f"{name}.log").open("wb")
-        proc = subprocess.Popen(
-            cmd, cwd=self.tmp, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        log.close()
-        self.procs[name] = proc
-        return proc
-
-    def log(self, name: str) -> str:
-        return (self.tmp / f"{name}.log").read_text(errors="replace")
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {n} ---\n{self.log(n)[-3000:]}" for n in self.procs)
-
-    def stop(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for proc in self.procs.values():
-                try:
-                    os.killpg(proc.pid, sig)  # the whole group: SuperExec, ServerApp, ClientApps
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + 15
-            for proc in self.procs.values():
-                try:
-                    proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    pass
-
-
 @pytest.fixture
 def machines(tmp_path):
-    m = Machines(tmp_path)
-    try:
+    with Machines(tmp_path) as m:
         yield m
-    finally:
-        m.stop()
-
-
-def wait_for(cond, timeout: float, what: str, machines: Machines) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        link = machines.procs.get("superlink")
-        if link is not None and link.poll() is not None:  # e.g. stopped by a test that stops every SuperLink
-            raise AssertionError(
-                f"the SuperLink exited ({link.returncode}) while waiting for {what}\n{machines.logs()}"
-            )
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}\n{machines.logs()}")
 
 
 def deploy(tmp_path: Path, machines: Machines, nodes: tuple[str, ...], rogue: bool) -> tuple[dict, dict[str, int]]:
-    """The README's steps 0-3 on localhost; returns the user's environment and the registered node ids."""
-    port, *node_ports = free_ports(1 + len(nodes) + rogue)
-    certs = tmp_path / "certs"
-    base = newcomer_env(tmp_path)
-    base["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-
-    # 0. the operator kit: CA, SuperLink certificate (SAN localhost + 127.0.0.1), node key pairs
-    kit = [sys.executable, "-m", "deploy.kit", str(certs), "--host", "localhost", "--ip", "127.0.0.1"]
-    kit += [a for n in nodes + ("rogue",) * rogue for a in ("--node", n)] + ["--port", str(port)]
-    made = subprocess.run(kit, cwd=ROOT, env=base, capture_output=True, text=True, timeout=60)
-    assert made.returncode == 0, made.stderr
-    assert "--auth-supernode-private-key" in made.stdout and "flwr supernode register" in made.stdout
+    """README steps 0-3 (``deploy.localhost``), plus what the kit must never do: overwrite keys."""
+    user, registered = localhost.deploy(tmp_path, machines, nodes, newcomer_env(tmp_path), rogue=rogue)
+    certs, printed = tmp_path / "certs", (tmp_path / "kit.log").read_text()
+    assert "--auth-supernode-private-key" in printed and "flwr supernode register" in printed
     assert (certs / "nodes" / f"{nodes[0]}.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
-    again = subprocess.run(kit, cwd=ROOT, env=base, capture_output=True, text=True, timeout=60)
+    kit = [sys.executable, "-m", "deploy.kit", str(certs), "--host", "localhost", "--node", nodes[0]]
+    again = subprocess.run(kit, cwd=ROOT, env=user, capture_output=True, text=True, timeout=60)
     assert again.returncode == 1 and "refusing to overwrite" in again.stderr  # keys are never replaced
-
-    # 1. the SuperLink machine: TLS, SuperNode authentication, state in a database
-    machines.start(
-        "superlink",
-        [str(BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(port)]
-        + ["--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "superlink.crt")]
-        + ["--ssl-keyfile", str(certs / "superlink.key"), "--enable-supernode-auth"]
-        + ["--database", str(tmp_path / "superlink.db"), "--disable-runtime-dependency-installation"],
-        {**base, "FLWR_HOME": str(tmp_path / "superlink-home")},
-    )
-    wait_for(lambda: "Uvicorn running on https" in machines.log("superlink"), 60, "the SuperLink", machines)
-
-    # 2. the user's machine: a TLS connection in $FLWR_HOME/config.toml, the nodes registered
-    user = {**base, "FLWR_HOME": str(tmp_path / "user-home")}
-    Path(user["FLWR_HOME"]).mkdir()
-    (Path(user["FLWR_HOME"]) / "config.toml").write_text(
-        f'[superlink.lab]\naddress = "localhost:{port}"\nroot-certificates = "{certs / "ca.crt"}"\n'
-    )
-    registered = {}
-    for node in nodes:
-        reg = subprocess.run(
-            [str(BIN / "flwr"), "supernode", "register", str(certs / "nodes" / f"{node}.pub"), "lab"]
-            + ["--format", "json"],
-            cwd=tmp_path,
-            env=user,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert reg.returncode == 0, reg.stdout + reg.stderr
-        registered[node] = int(json.loads(reg.stdout[reg.stdout.index("{") :])["node-id"])
-
-    # 3. the node machines (each its own runtime API port, node-config and state-dir); "rogue" is unregistered
-    for node, node_port in zip(nodes + ("rogue",) * rogue, node_ports, strict=True):
-        state = tmp_path / node / "state"
-        machines.start(
-            node,
-            [str(BIN / "flower-supernode"), "--superlink", f"localhost:{port}"]
-            + ["--root-certificates", str(certs / "ca.crt")]
-            + ["--auth-supernode-private-key", str(certs / "nodes" / f"{node}.key")]
-            + ["--port", str(node_port), "--max-retries", "5"]
-            + ["--node-config", f"device='cpu' state-dir='{state}'"],
-            {**base, "FLWR_HOME": str(tmp_path / node / "home")},
-        )
     return user, registered
 
 
@@ -226,18 +104,10 @@ def test_run_completes_when_a_node_dies_mid_round(tmp_path, machines):
     config = CONFIG.replace("num-rounds=2", "num-rounds=3").replace("round-timeout=300.0", "round-timeout=60.0")
 
     def flwr(*args: str) -> dict:
-        proc = subprocess.run(
-            [str(BIN / "flwr"), *args, "--format", "json"], cwd=ROOT, env=user, capture_output=True, text=True
-        )
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        return json.loads(proc.stdout[proc.stdout.index("{") :])
-
-    def online() -> set[int]:
-        res = flwr("supernode", "ls", "lab")
-        return {int(n["node-id"]) for n in res.get("nodes", []) if n["status"] == "online"}
+        return flwr_json(user, *args)
 
     # min-nodes=2 is awaited before round 1 only: the run goes on when a node dies later
-    wait_for(lambda: online() >= set(registered.values()), 90, "both nodes online", machines)
+    wait_for(lambda: online(user) >= set(registered.values()), 90, "both nodes online", machines)
     # submitted without --stream: this test follows the run through `flwr ls` and the run folder
     run_id = flwr("run", ".", "lab", "--run-config", f"{config} out-dir='{out}' node-max-failures=1")["run-id"]
 
@@ -247,7 +117,7 @@ def test_run_completes_when_a_node_dies_mid_round(tmp_path, machines):
 
     wait_for(lambda: rounds_done() >= 1, 240, "round 1", machines)
     time.sleep(3)  # round 2 has been sent to both nodes
-    os.killpg(machines.procs["n2"].pid, signal.SIGKILL)
+    machines.kill("n2")
 
     def status() -> str:  # `flwr ls --format json` exits 0 also when it fails: read "success"
         res = flwr("ls", "lab", "--run-id", str(run_id))

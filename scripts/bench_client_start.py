@@ -1,0 +1,123 @@
+"""What a message costs a node before training starts, as in a deployment: a fresh process each time.
+
+Flower 1.41 starts ``flwr-clientapp`` afresh for every message in a deployment, so the ClientApp
+pays its imports, the data set and the model again per shard and round. This script starts a
+fresh Python process per measurement that does what the ClientApp does before training (import
+the app, load the data set and check its fingerprint, build the UNet and load weights) and times
+each step from the moment the process was spawned. Two data-set modes in the same run:
+
+- ``decode``: the data set is read and decoded from its source files (``cache_dir="off"``:
+  what every message did before the decoded copy existed);
+- ``mapped``: the decoded copy on disk is memory-mapped (made once by a warm-up process).
+
+Cases: the embedded digits with the ``tiny`` model, and an image folder of ``--images`` JPEGs
+(64x64, made by the script) with the ``afhq64`` model; CIFAR-10 where a copy is on disk.
+
+    python scripts/bench_client_start.py [--repeat 3] [--images 3000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CHILD = r"""
+import json, sys, time
+spawned = float(sys.argv[1]); args = json.loads(sys.argv[2])
+started = time.time()
+import fl_app.client_app  # noqa: F401  what flwr-clientapp imports: torch, diffusers, flwr, the app
+from ddpm.data import load_dataset
+from ddpm.unet import build_unet
+imported = time.time()
+data = load_dataset(**args["data"], cache_dir=args["cache_dir"])
+fingerprint = data.fingerprint
+loaded = time.time()
+model = build_unet(args["model"], data.image_size, data.channels)
+model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})
+built = time.time()
+print(json.dumps({"interpreter": started - spawned, "imports": imported - started, "data": loaded - imported,
+                  "model": built - loaded, "total": built - spawned, "fingerprint": fingerprint}))
+"""
+
+STEPS = ("interpreter", "imports", "data", "model", "total")
+
+
+def make_folder(root: Path, n: int, size: int = 64) -> Path:
+    """``n`` distinct JPEG images of ``size`` x ``size`` (smooth random colour fields)."""
+    import numpy as np
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        small = (rng.random((8, 8, 3)) * 255).astype(np.uint8)
+        Image.fromarray(small).resize((size, size), Image.BICUBIC).save(root / f"{i:05d}.jpg", quality=90)
+    return root
+
+
+def one(data: dict, model: str, cache_dir: str) -> dict:
+    """Spawn a fresh interpreter that does the ClientApp's work before training; its timings."""
+    payload = json.dumps({"data": data, "model": model, "cache_dir": cache_dir})
+    spawned = time.time()
+    out = subprocess.run([sys.executable, "-c", CHILD, repr(spawned), payload], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(out.stderr[-2000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--images", type=int, default=3000)
+    ap.add_argument("--cifar-root", default="", help="a folder holding cifar-10-batches-py (skipped if absent)")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        cases = {
+            "digits (400), tiny": ({"name": "digits", "image_size": 8, "train_size": 400}, "tiny"),
+            f"image folder ({args.images} JPEG 64x64), afhq64": (
+                {"name": "imagefolder", "root": str(make_folder(tmp / "images", args.images)), "image_size": 64},
+                "afhq64",
+            ),
+        }
+        if args.cifar_root and (Path(args.cifar_root) / "cifar-10-batches-py").is_dir():
+            cases["cifar10 (50000), cifar"] = (
+                {"name": "cifar10", "root": args.cifar_root, "download": False, "image_size": 32},
+                "cifar",
+            )
+        else:
+            print("cifar10: skipped (no --cifar-root holding cifar-10-batches-py; no network here to download it)")
+        cache = str(tmp / "decoded")
+        rows = []
+        for name, (data, model) in cases.items():
+            warm = one(data, model, cache)  # makes the decoded copy (not counted)
+            runs = {"decode": [], "mapped": []}
+            for _ in range(args.repeat):  # interleaved, so both modes see the same machine load
+                runs["decode"].append(one(data, model, "off"))
+                runs["mapped"].append(one(data, model, cache))
+            assert {r["fingerprint"] for rs in runs.values() for r in rs} == {warm["fingerprint"]}
+            for mode, rs in runs.items():
+                row = {"case": name, "data set": mode}
+                row.update({s: statistics.median(r[s] for r in rs) for s in STEPS})
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    print()
+    print(f"Median seconds over {args.repeat} fresh processes, from spawn:")
+    print("| case | data set | interpreter | imports | data + fingerprint | model | total |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['case']} | {r['data set']} | {r['interpreter']:.2f} | {r['imports']:.2f} | {r['data']:.3f} | "
+            f"{r['model']:.3f} | {r['total']:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
