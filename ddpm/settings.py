@@ -200,6 +200,7 @@ class Settings:
     min_nodes: int = _int(1, 1, MAX_NODES)
     max_failed_rounds: int = _int(3, 1, MAX_ROUNDS)
     node_max_failures: int = _int(2, 1, MAX_ROUNDS)
+    messages_per_node: int = _int(2, 1, MAX_SHARDS)
     seed: int = _int(0, 0, MAX_SEED)
     device: str = _setting(
         "auto", str, pattern=DEVICE_PATTERN, text="one of auto, cpu, cuda, cuda:N, mps, xpu, xpu:N (N in 0..999)"

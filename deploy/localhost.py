@@ -119,6 +119,7 @@ def deploy(
     port, *node_ports = free_ports(1 + len(nodes) + rogue)
     certs = folder / "certs"
     base = {**base_env, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    base["PATH"] = f"{BIN}{os.pathsep}{base.get('PATH', '')}"  # Flower starts flower-superexec, flwr-clientapp
 
     # 0. the operator kit: CA, SuperLink certificate (SAN localhost + 127.0.0.1), node key pairs
     kit = [sys.executable, "-m", "deploy.kit", str(certs), "--host", "localhost", "--ip", "127.0.0.1"]

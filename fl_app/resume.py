@@ -28,6 +28,7 @@ RESUMABLE_KEYS = (
     "min-nodes",
     "max-failed-rounds",
     "node-max-failures",
+    "messages-per-node",
     "out-dir",
     "resume",
 )

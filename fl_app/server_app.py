@@ -22,6 +22,7 @@ from evaluation.evaluator import Evaluator, MemorizationEvaluator
 from evaluation.outputs import RunWriter, new_run_dir
 from evaluation.plots import plot_skip_histogram
 from strategies.checkpoint import Checkpoint, checkpoint_settings, load_checkpoint
+from strategies.dispatch import NodeQueues
 from strategies.iet import IETStrategy, RunStopped
 from strategies.ledger import ShardLedger
 from strategies.msr import Redistribution, make_redistribution
@@ -110,6 +111,7 @@ def run(
             min_nodes=settings.min_nodes,
             max_failed_rounds=settings.max_failed_rounds,
             node_max_failures=settings.node_max_failures,
+            dispatcher=NodeQueues(settings.messages_per_node),
             recorder=RunRecorder(writer, run_key=run_key, fingerprint=data.fingerprint, num_rounds=settings.num_rounds),
             should_stop=_parent_gone(),
         )

@@ -1,8 +1,8 @@
 """The IET strategy: FedAvg over K shard models, one message per shard, MSR between rounds.
 
 K (shards) is independent of the number of nodes: shards are mapped onto the connected nodes
-and stay on their node while it stays healthy (``ShardLedger``). Messages go out in waves of
-at most one per node under the round's deadline (``WaveDispatcher``); every reply is checked
+and stay on their node while it stays healthy (``ShardLedger``). Each node's messages go out in
+order, a few at a time, under the round's deadline (``NodeQueues``); every reply is checked
 before anything reads it (``check_train_reply``). A round without a valid reply keeps the
 global model; the run stops only after ``max_failed_rounds`` such rounds in a row. After every
 round the ``recorder`` gets the round and the strategy's state, which is enough to resume.
@@ -24,7 +24,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.result import Result
 
-from .dispatch import DEADLINE, LATE, WaveDispatcher
+from .dispatch import DEADLINE, LATE, NodeQueues
 from .ledger import ShardLedger
 from .msr import Moves, Redistribution, apply_moves, check_partition, hold_moves_into
 from .replies import BadReply, Sent, ShardReply, check_train_reply
@@ -78,7 +78,7 @@ class IETStrategy(FedAvg):
         max_failed_rounds: int = 3,
         node_max_failures: int = 2,
         recorder: RoundRecorder | None = None,
-        dispatcher: WaveDispatcher | None = None,
+        dispatcher: NodeQueues | None = None,
         should_stop: Callable[[], str | None] | None = None,
     ) -> None:
         super().__init__(
@@ -94,7 +94,7 @@ class IETStrategy(FedAvg):
         self.max_failed_rounds = max_failed_rounds
         self.node_max_failures = node_max_failures
         self.recorder = recorder
-        self.dispatcher = dispatcher or WaveDispatcher()
+        self.dispatcher = dispatcher or NodeQueues()
         self.should_stop = should_stop  # checked before each round: a reason to stop, or None
         self.patience: float | None = None  # how long a later round waits for a node (the round timeout)
         self._placed = False  # min-nodes is awaited before the first round only

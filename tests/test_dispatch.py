@@ -1,5 +1,6 @@
-"""The round deadline on a virtual clock: waves that cannot start are not sent, late replies free
-their node but are never merged, and a node never holds two unanswered messages at once."""
+"""The round deadline on a virtual clock: messages that cannot be sent in time are not sent, late
+replies free their node but are never merged, a node never holds more than ``per_node``
+unanswered messages, and no node waits for another."""
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from test_strategy import _strategy, push, reply
 
 import strategies.dispatch as dispatch_module
-from strategies.dispatch import BUSY, DEADLINE, LATE, WaveDispatcher
+from strategies.dispatch import BUSY, DEADLINE, LATE, NodeQueues
 from strategies.msr import check_partition
 
 pytestmark = pytest.mark.usefixtures("flower_task")
@@ -32,7 +33,7 @@ class TimedGrid:
         self.clock, self.nodes, self.delay, self.answer = clock, nodes, delay, answer
         self.ready: dict[str, tuple[float, Message]] = {}
         self.unanswered: dict[str, int] = {}  # message id -> node, until its reply is ready
-        self.races = 0
+        self.most = 0  # the most unanswered messages one node held at once
 
     def get_node_ids(self):
         return list(self.nodes)
@@ -47,9 +48,8 @@ class TimedGrid:
         messages = list(messages)
         ids = push(messages)
         for m in messages:
-            if m.metadata.dst_node_id in self.unanswered.values():
-                self.races += 1  # the node would run two messages at once
             self.unanswered[m.metadata.message_id] = m.metadata.dst_node_id
+            self.most = max(self.most, list(self.unanswered.values()).count(m.metadata.dst_node_id))
             self.ready[m.metadata.message_id] = (self.clock.t + self.delay(m), self.answer(m))
         return ids
 
@@ -77,17 +77,21 @@ def _msgs(nodes):
     ]
 
 
-def test_waves_after_the_deadline_are_not_sent_and_late_replies_are_discarded(clock):
+def test_one_per_node_late_replies_are_discarded_and_no_node_waits_for_another(clock):
     slow = {"on": True}
     delay = lambda m: 25.0 if (m.metadata.dst_node_id == 2 and slow["on"]) else 0.0  # noqa: E731
     grid = TimedGrid(clock, [1, 2], delay)
-    d = WaveDispatcher(poll_interval=1.0)
+    d = NodeQueues(per_node=1, poll_interval=1.0)
 
     first = _msgs([1, 2, 1, 2])
     out = d.send(grid, first, timeout=10)
-    assert [r.metadata.reply_to_message_id for r in out.replies] == [first[0].metadata.message_id]
+    # node 1 trains both of its shards while node 2 is still on its first one
+    assert [r.metadata.reply_to_message_id for r in out.replies] == [
+        first[0].metadata.message_id,
+        first[2].metadata.message_id,
+    ]
     assert out.late == [first[1]]
-    assert [(m, why) for m, why in out.unsent] == [(first[2], DEADLINE), (first[3], DEADLINE)]
+    assert [(m, why) for m, why in out.unsent] == [(first[3], DEADLINE)]
     assert d.busy_nodes() == {2}
 
     slow["on"] = False
@@ -104,12 +108,32 @@ def test_waves_after_the_deadline_are_not_sent_and_late_replies_are_discarded(cl
     sent_ids = {m.metadata.message_id for m in third}
     assert len(out.replies) == 4 and all(r.metadata.reply_to_message_id in sent_ids for r in out.replies)
     assert out.unsent == [] and d.busy_nodes() == set()
-    assert grid.races == 0
+    assert grid.most == 1
+
+
+def test_two_per_node_queue_the_next_message_while_one_trains(clock):
+    grid = TimedGrid(clock, [1, 2], lambda m: 4.0)
+    d = NodeQueues(per_node=2, poll_interval=1.0)
+    msgs = _msgs([1, 1, 1, 2, 1])
+    out = d.send(grid, msgs, timeout=None)
+    assert sorted(r.metadata.reply_to_message_id for r in out.replies) == sorted(m.metadata.message_id for m in msgs)
+    assert grid.most == 2 and out.unsent == [] and out.late == []
+    assert clock.t == 8.0  # node 1: two at once, then the other two; node 2 alongside
+
+    slow = _msgs([2, 2, 2])
+    grid.delay = lambda m: 25.0
+    out = d.send(grid, slow, timeout=10)
+    assert out.late == slow[:2] and [(m, why) for m, why in out.unsent] == [(slow[2], DEADLINE)]
+    assert d.busy_nodes() == {2}
+    with pytest.raises(ValueError, match="messages-per-node"):
+        NodeQueues(per_node=0)
 
 
 def test_no_late_reply_is_merged_into_a_later_round(clock):
     """Node 2's round-1 reply (weights 99) arrives during round 2: it must not reach any average."""
-    s = _strategy([range(0, 4), range(4, 8), range(8, 12), range(12, 16)], 16, node_max_failures=5)
+    s = _strategy(
+        [range(0, 4), range(4, 8), range(8, 12), range(12, 16)], 16, node_max_failures=5, dispatcher=NodeQueues(1)
+    )
 
     def answer(m):
         late = m.metadata.dst_node_id == 2 and m.content["config"]["server-round"] == 1
@@ -131,10 +155,10 @@ def test_no_late_reply_is_merged_into_a_later_round(clock):
     )
     assert 99.0 not in seen and np.allclose(result.arrays["w"].numpy(), 5.0)
     log = s.log
-    assert log[1].timed_out == {1: LATE, 2: DEADLINE, 3: DEADLINE} and sorted(log[1].shard_metrics) == [0]
+    assert log[1].timed_out == {1: LATE, 3: DEADLINE} and sorted(log[1].shard_metrics) == [0, 2]
     for r in (2, 3, 4):  # node 2 is still on its late message (ready at t = 25)
         assert set(log[r].timed_out.values()) == {BUSY} and sorted(log[r].shard_metrics) == [0, 2]
     assert sorted(log[5].shard_metrics) == [0, 1, 2, 3]  # everything trains again once it is back
     for r in log:
         check_partition(log[r].assignment, 16)
-    assert grid.races == 0
+    assert grid.most == 1

@@ -8,7 +8,6 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from strategies.dispatch import in_waves
 from strategies.iet import IETStrategy, RunStopped
 from strategies.ledger import ShardLedger, assign_nodes
 from strategies.msr import MemoryRedistribution, check_partition
@@ -103,14 +102,10 @@ def test_assign_nodes_is_stable_and_balanced():
     assert sorted(list(after.values()).count(n) for n in (10, 30)) == [2, 3]
 
 
-def test_waves_hold_one_message_per_node():
+def test_messages_follow_the_shards_and_their_nodes():
     s = _strategy([[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]], 10)
     msgs = s.configure_train(1, ArrayRecord({"w": torch.zeros(2, 2)}), ConfigRecord(), FakeGrid([7, 9]))
-    waves = in_waves(list(msgs))
-    assert [len(w) for w in waves] == [2, 2, 1]
-    for wave in waves:
-        nodes = [m.metadata.dst_node_id for m in wave]
-        assert len(nodes) == len(set(nodes))
+    assert [m.metadata.dst_node_id for m in msgs] == [7, 9, 7, 9, 7]
     assert [m.content["config"]["ids"] for m in msgs] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
     assert all(m.content["config"]["lr"] == 0.1 and m.content["config"]["server-round"] == 1 for m in msgs)
 

@@ -1,0 +1,139 @@
+"""Per-round overhead of a real deployment on localhost, per isolation mode and data-set mode.
+
+Starts the README's deployment with ``deploy.localhost`` (TLS, SuperNode authentication, a
+database; one SuperNode, so its shards run one after another), runs a short job with
+``flwr run . lab`` and reads the run folder: a round's overhead is its wall time minus the
+shards' own training seconds, per message = overhead / K. Rounds 2..R-1 are used (round 1 also
+waits for the node and installs the app; the last one evaluates). Variants, all in one call:
+
+- isolation ``subprocess`` (Flower's default: the SuperNode starts ``flwr-clientapp`` per message)
+  or ``process`` (a ``flower-superexec`` next to the node starts it);
+- data set decoded per message (node-config ``data-cache='off'``: what every message did
+  before) or memory-mapped from the node's decoded copy (the default);
+- the ``tiny`` UNet (0.7M parameters) or the ``cifar`` one (35.7M, 143 MB per message each way).
+
+Also times, in this process, what the app itself does with a ``cifar`` model's weights per
+message: ``ArrayRecord(state_dict)`` (serialise) and ``to_torch_state_dict`` (deserialise).
+
+    python scripts/bench_deployment.py [--rounds 4] [--variants all] [--images 3000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from deploy.localhost import BIN, ROOT, Machines, deploy, online, wait_for  # noqa: E402
+
+BASE = (
+    "num-shards=2 local-epochs=1 batch-size=16 eval-every=0 eval-num-images=20 sample-steps=2 "
+    "mq-neighbours=5 fid=false min-nodes=1 round-timeout=600.0"
+)
+DIGITS = "dataset='digits' train-size=64 image-size=8 model='tiny'"
+VARIANTS = {
+    "subprocess, decoded, tiny": ("subprocess", "off", DIGITS),
+    "subprocess, mapped, tiny": ("subprocess", "", DIGITS),
+    "process, mapped, tiny": ("process", "", DIGITS),
+    "subprocess, decoded, folder": ("subprocess", "off", "FOLDER"),
+    "subprocess, mapped, folder": ("subprocess", "", "FOLDER"),
+    "subprocess, mapped, cifar model": ("subprocess", "", "dataset='digits' train-size=32 image-size=32 model='cifar'"),
+}
+
+
+def run_variant(name: str, isolation: str, cache: str, data: str, rounds: int, tmp: Path) -> dict:
+    folder = tmp / name.replace(", ", "-").replace(" ", "_")
+    folder.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_")}
+    env["XDG_CACHE_HOME"] = str(tmp / "cache")  # one node-side cache for all variants (made by the first)
+    node_config = "device='cpu'" + (f" data-cache='{cache}'" if cache else "")
+    out = folder / "runs"
+    with Machines(folder) as machines:
+        user, registered = deploy(folder, machines, ("n1",), env, isolation=isolation, node_config=node_config)
+        wait_for(lambda: online(user) >= set(registered.values()), 120, "the node online", machines)
+        started = time.monotonic()
+        proc = subprocess.run(
+            [str(BIN / "flwr"), "run", ".", "lab", "--stream", "--run-config"]
+            + [f"{BASE} {data} num-rounds={rounds} out-dir='{out}'"],
+            cwd=ROOT,
+            env=user,
+            capture_output=True,
+            text=True,
+            timeout=3600,
+        )
+        wall = time.monotonic() - started
+        if proc.returncode or not list(out.glob("*/rounds.csv")):
+            raise RuntimeError(f"{name}: the run failed\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}\n{machines.logs()}")
+    (run,) = out.iterdir()
+    per_round = pd.read_csv(run / "rounds.csv").set_index("round")["seconds"]
+    shards = pd.read_csv(run / "shards.csv", dtype={"node": str})
+    train = shards.groupby("round")["train_seconds"].sum()
+    middle = range(2, rounds)
+    overhead = [per_round[r] - train[r] for r in middle]
+    messages = shards.groupby("round").size()
+    return {
+        "variant": name,
+        "round_s": statistics.median(per_round[r] for r in middle),
+        "train_s": statistics.median(train[r] for r in middle),
+        "overhead_per_message_s": statistics.median(o / messages[r] for o, r in zip(overhead, middle, strict=True)),
+        "run_wall_s": wall,
+    }
+
+
+def weights_cost(repeat: int = 3) -> dict:
+    """Seconds to turn the ``cifar`` UNet's weights into an ArrayRecord and back, and its bytes."""
+    import torch
+    from flwr.app import ArrayRecord
+
+    from ddpm.unet import build_unet
+
+    state = build_unet("cifar", 32, 3).state_dict()
+    ser, de = [], []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        record = ArrayRecord(state)
+        ser.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        back = record.to_torch_state_dict()
+        de.append(time.perf_counter() - t)
+    assert all(torch.equal(back[k], v) for k, v in state.items())
+    nbytes = sum(len(a.data) for a in record.values())
+    return {"cifar_bytes": nbytes, "serialise_s": statistics.median(ser), "deserialise_s": statistics.median(de)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--variants", default="all", help="separated by semicolons, or all: " + "; ".join(VARIANTS))
+    ap.add_argument("--images", type=int, default=3000, help="JPEGs (64x64) in the image-folder variants")
+    args = ap.parse_args()
+    names = list(VARIANTS) if args.variants == "all" else [v.strip() for v in args.variants.split(";")]
+    print(json.dumps(weights_cost()), flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if any(VARIANTS[n][2] == "FOLDER" for n in names):
+            from scripts.bench_client_start import make_folder
+
+            images = make_folder(tmp / "images", args.images)
+        for name in names:
+            isolation, cache, data = VARIANTS[name]
+            if data == "FOLDER":
+                data = f"dataset='imagefolder' data-root='{images}' image-size=64 model='tiny' train-size=64"
+            rows.append(run_variant(name, isolation, cache, data, args.rounds, tmp))
+            print(json.dumps(rows[-1]), flush=True)
+    print(pd.DataFrame(rows).to_markdown(index=False, floatfmt=".2f"))
+
+
+if __name__ == "__main__":
+    main()
