@@ -111,9 +111,11 @@ def deploy(
     rogue: bool = False,
     isolation: str = "subprocess",
     node_config: str = "device='cpu'",
+    node_env: Mapping[str, str] | None = None,
 ) -> tuple[dict[str, str], dict[str, int]]:
     """README steps 0-3 on localhost; returns the user's environment (``flwr run . lab`` works in
-    it) and the registered node ids. ``rogue`` adds a node with an unregistered key."""
+    it) and the registered node ids. ``rogue`` adds a node with an unregistered key; ``node_env``
+    is added to the nodes' environment (e.g. ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``)."""
     if isolation not in ISOLATION_MODES:
         raise ValueError(f"isolation: must be one of {', '.join(ISOLATION_MODES)}, got {isolation!r}")
     port, *node_ports = free_ports(1 + len(nodes) + rogue)
@@ -164,7 +166,7 @@ def deploy(
     # 3. the node machines (each its own runtime API port, node-config and state-dir); "rogue" is unregistered
     for node, node_port in zip(nodes + ("rogue",) * rogue, node_ports, strict=True):
         state = folder / node / "state"
-        env = {**base, "FLWR_HOME": str(folder / node / "home")}
+        env = {**base, **(node_env or {}), "FLWR_HOME": str(folder / node / "home")}
         machines.start(
             node,
             [str(BIN / "flower-supernode"), "--superlink", f"localhost:{port}"]

@@ -10,6 +10,10 @@ waits for the node and installs the app; the last one evaluates). Variants, all 
   or ``process`` (a ``flower-superexec`` next to the node starts it);
 - data set decoded per message (node-config ``data-cache='off'``: what every message did
   before) or memory-mapped from the node's decoded copy (the default);
+- ``messages-per-node`` 1 (a node's next shard is sent once it has answered) or 2 (the next one
+  waits at the SuperLink, so the SuperNode skips Flower's 3 s idle poll);
+- ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` (how often the node's SuperExec asks for a task to start,
+  default 1 s) at 0.1 s;
 - the ``tiny`` UNet (0.7M parameters) or the ``cifar`` one (35.7M, 143 MB per message each way).
 
 Also times, in this process, what the app itself does with a ``cifar`` model's weights per
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -37,34 +42,43 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from deploy.localhost import BIN, ROOT, Machines, deploy, online, wait_for  # noqa: E402
 
 BASE = (
-    "num-shards=2 local-epochs=1 batch-size=16 eval-every=0 eval-num-images=20 sample-steps=2 "
+    "num-shards=4 local-epochs=1 batch-size=16 eval-every=0 eval-num-images=20 sample-steps=2 "
     "mq-neighbours=5 fid=false min-nodes=1 round-timeout=600.0"
 )
-DIGITS = "dataset='digits' train-size=64 image-size=8 model='tiny'"
+DIGITS = "dataset='digits' train-size=128 image-size=8 model='tiny'"
+CIFAR_MODEL = "dataset='digits' train-size=64 image-size=32 model='cifar'"
+FAST_POLL = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
+# name: (isolation, node data-cache, data and model, messages-per-node, extra node environment)
 VARIANTS = {
-    "subprocess, decoded, tiny": ("subprocess", "off", DIGITS),
-    "subprocess, mapped, tiny": ("subprocess", "", DIGITS),
-    "process, mapped, tiny": ("process", "", DIGITS),
-    "subprocess, decoded, folder": ("subprocess", "off", "FOLDER"),
-    "subprocess, mapped, folder": ("subprocess", "", "FOLDER"),
-    "subprocess, mapped, cifar model": ("subprocess", "", "dataset='digits' train-size=32 image-size=32 model='cifar'"),
+    "before: subprocess, decoded, 1 per node": ("subprocess", "off", DIGITS, 1, {}),
+    "subprocess, mapped, 1 per node": ("subprocess", "", DIGITS, 1, {}),
+    "after: subprocess, mapped, 2 per node": ("subprocess", "", DIGITS, 2, {}),
+    "process, mapped, 2 per node": ("process", "", DIGITS, 2, {}),
+    "subprocess, mapped, 2 per node, SuperExec poll 0.1 s": ("subprocess", "", DIGITS, 2, FAST_POLL),
+    "folder: decoded, 1 per node": ("subprocess", "off", "FOLDER", 1, {}),
+    "folder: mapped, 2 per node": ("subprocess", "", "FOLDER", 2, {}),
+    "cifar model: mapped, 2 per node": ("subprocess", "", CIFAR_MODEL, 2, {}),
 }
 
 
-def run_variant(name: str, isolation: str, cache: str, data: str, rounds: int, tmp: Path) -> dict:
-    folder = tmp / name.replace(", ", "-").replace(" ", "_")
+def run_variant(
+    name: str, isolation: str, cache: str, data: str, per_node: int, node_env: dict, rounds: int, tmp: Path
+) -> dict:
+    folder = tmp / f"variant-{len(list(tmp.glob('variant-*')))}"
     folder.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_")}
     env["XDG_CACHE_HOME"] = str(tmp / "cache")  # one node-side cache for all variants (made by the first)
     node_config = "device='cpu'" + (f" data-cache='{cache}'" if cache else "")
     out = folder / "runs"
     with Machines(folder) as machines:
-        user, registered = deploy(folder, machines, ("n1",), env, isolation=isolation, node_config=node_config)
+        user, registered = deploy(
+            folder, machines, ("n1",), env, isolation=isolation, node_config=node_config, node_env=node_env
+        )
         wait_for(lambda: online(user) >= set(registered.values()), 120, "the node online", machines)
         started = time.monotonic()
         proc = subprocess.run(
             [str(BIN / "flwr"), "run", ".", "lab", "--stream", "--run-config"]
-            + [f"{BASE} {data} num-rounds={rounds} out-dir='{out}'"],
+            + [f"{BASE} {data} messages-per-node={per_node} num-rounds={rounds} out-dir='{out}'"],
             cwd=ROOT,
             env=user,
             capture_output=True,
@@ -117,6 +131,7 @@ def main() -> None:
     ap.add_argument("--variants", default="all", help="separated by semicolons, or all: " + "; ".join(VARIANTS))
     ap.add_argument("--images", type=int, default=3000, help="JPEGs (64x64) in the image-folder variants")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped benchmark stops its deployment too
     names = list(VARIANTS) if args.variants == "all" else [v.strip() for v in args.variants.split(";")]
     print(json.dumps(weights_cost()), flush=True)
     rows = []
@@ -127,10 +142,10 @@ def main() -> None:
 
             images = make_folder(tmp / "images", args.images)
         for name in names:
-            isolation, cache, data = VARIANTS[name]
+            isolation, cache, data, per_node, node_env = VARIANTS[name]
             if data == "FOLDER":
-                data = f"dataset='imagefolder' data-root='{images}' image-size=64 model='tiny' train-size=64"
-            rows.append(run_variant(name, isolation, cache, data, args.rounds, tmp))
+                data = f"dataset='imagefolder' data-root='{images}' image-size=64 model='tiny' train-size=128"
+            rows.append(run_variant(name, isolation, cache, data, per_node, node_env, args.rounds, tmp))
             print(json.dumps(rows[-1]), flush=True)
     print(pd.DataFrame(rows).to_markdown(index=False, floatfmt=".2f"))
 
