@@ -125,6 +125,18 @@ class RunWriter:
         DDPMPipeline(unet=model.cpu(), scheduler=train_scheduler()).save_pretrained(target)
         return target
 
+    def save_adapter(self, tensors: dict[str, torch.Tensor], settings: Settings) -> Path:
+        """The adapter's tensors alone (``adapter/adapter.safetensors``) and its settings, beside the
+        merged pipeline: apply them to the ``init-from`` base with ``ddpm.adapters.attach_adapter``."""
+        from safetensors.torch import save_file
+
+        target = self.path / "adapter"
+        target.mkdir(exist_ok=True)
+        keys = ("init-from", "adapter", "lora-rank", "lora-alpha", "lora-targets", "lora-freeze-a", "seed")
+        config = {k: str(v) for k, v in settings.to_run_config().items() if k in keys}
+        save_file({k: v.contiguous() for k, v in tensors.items()}, target / "adapter.safetensors", metadata=config)
+        return target
+
     def save_samples(self, images: torch.Tensor, name: str = "samples.png") -> Path:
         return save_sample_grid(images, self.path / name)
 

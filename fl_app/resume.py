@@ -29,6 +29,8 @@ RESUMABLE_KEYS = (
     "max-failed-rounds",
     "node-max-failures",
     "out-dir",
+    "init-from",  # where this machine keeps the base; the base's fingerprint must still match
+    "save-adapter",
     "resume",
 )
 
