@@ -174,3 +174,29 @@ def test_a_node_with_another_base_refuses_and_one_with_the_same_trains(base_pipe
         client_app(message, context(str(other)))
     reply = client_app(message, context(str(base_pipeline)))
     assert set(reply.content["arrays"]) == set(trainable_state(server_model))
+
+
+def test_resumed_adapter_run_ends_as_an_uninterrupted_one(lora_run, tmp_path):
+    """Checkpoint/resume covers adapters: 2 rounds + resume to 3 == 3 rounds straight."""
+    import shutil
+
+    run, cfg, _ = lora_run
+    copy = tmp_path / "resumed"
+    shutil.copytree(run, copy)
+    (copy / ".lock").unlink(missing_ok=True)
+    _simulate_resume = make_server_app({**cfg, "num-rounds": 3, "resume": str(copy)})
+    run_simulation(
+        server_app=_simulate_resume,
+        client_app=client_app,
+        num_supernodes=2,
+        backend_config={"client_resources": {"num_cpus": 1}},
+    )
+    straight = _simulate({**cfg, "num-rounds": 3, "out-dir": str(tmp_path / "straight")})
+    a, b = load_checkpoint(copy), load_checkpoint(straight)
+    assert a.server_round == b.server_round == 3 and set(a.weights) == set(b.weights)
+    for key in a.weights:
+        np.testing.assert_allclose(a.weights[key], b.weights[key], atol=1e-6, err_msg=key)
+    # the training columns; the 2-round run also evaluated its last round (round 2), the straight one did not
+    columns = ["round", "train_loss", "skip_rate", "aug_rate", "moved", "replies"]
+    rounds = [pd.read_csv(r / "rounds.csv")[columns] for r in (copy, straight)]
+    pd.testing.assert_frame_equal(*rounds)
