@@ -140,12 +140,19 @@ class RunWriter:
     def save_samples(self, images: torch.Tensor, name: str = "samples.png") -> Path:
         return save_sample_grid(images, self.path / name)
 
+    def _model_words(self) -> str:
+        s = self.settings
+        if not s.init_from:
+            return f"model `{s.model}`"
+        rank = f" rank {s.lora_rank}" + (", A frozen" if s.lora_freeze_a else "") if s.adapter == "lora" else ""
+        return f"fine-tuned from `{s.init_from}` (adapter `{s.adapter}`{rank})"
+
     def write_report(self, notes: list[str]) -> Path:
         frame = pd.DataFrame(self.rows)
         lines = [
             f"# Run {self.path.name}",
             "",
-            f"Data set `{self.settings.dataset}`, model `{self.settings.model}`, "
+            f"Data set `{self.settings.dataset}`, {self._model_words()}, "
             f"K = {self.settings.num_shards} shards, {self.settings.num_rounds} rounds of "
             f"E = {self.settings.local_epochs} local epochs.",
             "",

@@ -200,3 +200,35 @@ def test_resumed_adapter_run_ends_as_an_uninterrupted_one(lora_run, tmp_path):
     columns = ["round", "train_loss", "skip_rate", "aug_rate", "moved", "replies"]
     rounds = [pd.read_csv(r / "rounds.csv")[columns] for r in (copy, straight)]
     pd.testing.assert_frame_equal(*rounds)
+
+
+@pytest.mark.parametrize(
+    "adapter, frozen_a, travels",
+    [
+        ("difffit", False, lambda k: k.endswith((".bias", "difffit_scale")) or "norm" in k),
+        ("lora", True, lambda k: ".lora_B." in k),
+    ],
+)
+def test_what_travels_follows_the_mode(base_pipeline, tmp_path, monkeypatch, adapter, frozen_a, travels):
+    """DiffFit sends biases, norms and scales; LoRA with A frozen sends only the B matrices."""
+    from conftest import TINY_RUN
+
+    traffic = Traffic(monkeypatch)
+    cfg = {
+        **TINY_RUN,
+        "num-rounds": 1,
+        "out-dir": str(tmp_path / "runs"),
+        "init-from": str(base_pipeline),
+        "adapter": adapter,
+        "lora-freeze-a": frozen_a,
+    }
+    run = _simulate(cfg)
+    settings = Settings.from_run_config({**cfg, "out-dir": "runs"})
+    expected = _serialised(trainable_state(initial_model(settings, 1)))
+    assert expected and all(travels(k) for k in expected)
+    assert len(traffic.sent) == len(traffic.received) == 4
+    assert all(record == expected for record in traffic.sent + traffic.received)
+    assert pd.read_csv(run / "rounds.csv")["replies"].tolist() == [4]
+    report = (run / "report.md").read_text()
+    assert f"adapter `{adapter}`" in report
+    assert type(DDPMPipeline.from_pretrained(run / "pipeline").unet) is UNet2DModel
