@@ -178,7 +178,9 @@ class Settings:
     Rules between settings: ``image-size`` >= the model's smallest size (tiny 4, cifar 8, afhq64
     16); ``train-size`` in [2, 1796] for digits, [0, 50000] for CIFAR (0 = all), and for an image
     folder at most its number of images; ``num-shards`` and ``mq-neighbours`` <= the training
-    images used; ``data-root`` required for ``imagefolder``.
+    images used; ``data-root`` required for ``imagefolder``; ``adapter`` lora or difffit needs
+    ``init-from``. With ``init-from``, ``model`` is unused (the base's architecture) and the
+    environment check requires ``image-size`` and the data set's channels to be the base's.
     """
 
     # data and model

@@ -68,4 +68,4 @@ def test_flwr_run_fine_tunes_as_the_simulation_does(fresh_shell, tmp_path):
     pd.testing.assert_frame_equal(a, b)
     ua, ub = (DDPMPipeline.from_pretrained(r / "pipeline").unet.state_dict() for r in (flwr_run, sim_run))
     for key in ua:
-        np.testing.assert_allclose(ua[key].numpy(), ub[key].numpy(), atol=1e-6, err_msg=key)
+        np.testing.assert_allclose(ua[key].numpy(), ub[key].numpy(), atol=1e-5, err_msg=key)  # other thread counts
