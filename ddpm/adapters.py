@@ -88,15 +88,20 @@ def attach_adapter(base: UNet2DModel, spec: AdapterSpec) -> UNet2DModel:
 
             model = AdaptableUNet2DModel.from_config(base.config)
             model.load_state_dict(base.state_dict())
-            model.add_adapter(
-                LoraConfig(
-                    r=spec.rank,
-                    lora_alpha=spec.alpha,
-                    target_modules=list(LORA_TARGETS[spec.targets]),
-                    init_lora_weights=True,
-                    lora_dropout=0.0,
-                )
+            config = LoraConfig(
+                r=spec.rank,
+                lora_alpha=spec.alpha,
+                target_modules=list(LORA_TARGETS[spec.targets]),
+                init_lora_weights=True,
+                lora_dropout=0.0,
             )
+            try:
+                model.add_adapter(config)
+            except ValueError as err:  # peft: none of the target modules is in this model
+                raise ValueError(
+                    f"lora-targets: {spec.targets!r} ({', '.join(LORA_TARGETS[spec.targets])}) matches no layer "
+                    f"of the base model ({str(err).splitlines()[0]})"
+                ) from None
             for name, p in model.named_parameters():
                 p.requires_grad_(".lora_B." in name or (".lora_A." in name and not spec.freeze_a))
             return model

@@ -201,3 +201,21 @@ def test_adapter_alone_keeps_frozen_a(base):
     alone = adapter_state(model)
     assert any(".lora_A." in n for n in alone) and any(".lora_B." in n for n in alone)
     assert not any(".lora_A." in n for n in trainable_state(model))
+
+
+def test_lora_on_a_base_without_attention_names_the_key():
+    base = UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=4,
+        add_attention=False,
+    )
+    with pytest.raises(ValueError, match="^lora-targets: 'attention' .* matches no layer"):
+        attach_adapter(base, AdapterSpec("lora", rank=2))
+    conv = attach_adapter(base, AdapterSpec("lora", rank=2, targets="attention+conv"))
+    assert any(".conv2.lora_B." in n for n in trainable_state(conv))
