@@ -82,3 +82,24 @@ def test_offline_hub_id_gives_a_clear_error_naming_it(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("ValueError: init-from: cannot download 'google/ddpm-cifar10-32' from the Hugging Face Hub")
     assert "local" in last
+
+
+def test_a_hub_id_loads_from_the_hub_cache(pipeline_dir, tmp_path):
+    """The Hub path end to end without network: a snapshot laid out as huggingface_hub caches a
+    download (refs/main -> snapshots/<commit>) is found by its id, and the run's settings pass."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--someone--tiny-ddpm"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    DDPMPipeline.from_pretrained(pipeline_dir[0]).save_pretrained(repo / "snapshots" / commit)
+    code = (
+        "from fl_app.config import settings_from_run_config\n"
+        "from ddpm.base import load_base_unet\n"
+        "settings_from_run_config({'init-from': 'someone/tiny-ddpm', 'adapter': 'lora', "
+        f"'out-dir': {str(tmp_path)!r}}})\n"
+        "print(sum(p.numel() for p in load_base_unet('someone/tiny-ddpm').parameters()))\n"
+    )
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert int(proc.stdout.split()[-1]) == sum(p.numel() for p in pipeline_dir[1].parameters())
