@@ -99,7 +99,8 @@ def agc_taa_loss(
     kept = keep.nonzero().squeeze(1)  # TAA's host sync: the subset to train on
     n_kept = kept.numel()
     if n_kept == 0:  # all skipped: a zero loss, zero gradients
-        return StepLoss(sum(p.sum() * 0 for p in model.parameters()), losses, skip, aug)
+        zero = sum(p.sum() * 0 for p in model.parameters() if p.requires_grad)
+        return StepLoss(zero, losses, skip, aug)
     # Pad the subset to a multiple of B/8 (weight 0) so the backends see few distinct shapes:
     # CPU convolution kernels are rebuilt for every new batch size, which would cost more than
     # the samples saved.
@@ -148,7 +149,8 @@ def train_shard(
     model.to(device).train()
     scheduler = train_scheduler()
     scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    params = [p for p in model.parameters() if p.requires_grad]  # an adapter's tensors only, when frozen
+    optimizer = torch.optim.Adam(params, lr=settings.lr)
     if state.optimizer is not None:
         saved = optimizer.state_dict()
         saved["state"] = state.optimizer
@@ -178,7 +180,7 @@ def train_shard(
             loss = out.loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
             for group in optimizer.param_groups:
                 group["lr"] = settings.lr * min(1.0, (state.step + 1) / warmup) if warmup else settings.lr
             optimizer.step()

@@ -133,6 +133,13 @@ def num_train_images(name: str, root: str = "") -> int:
     raise ValueError(f"dataset: unknown data set {name!r}; allowed: {', '.join(DATASETS)}")
 
 
+def num_channels(name: str) -> int:
+    """Colour channels of data set ``name`` (digits are grey; CIFAR and image folders are RGB)."""
+    if name not in DATASETS:
+        raise ValueError(f"dataset: unknown data set {name!r}; allowed: {', '.join(DATASETS)}")
+    return 1 if name == "digits" else 3
+
+
 def _read_folder(root: Path, image_size: int) -> torch.Tensor:
     from PIL import Image
 

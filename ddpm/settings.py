@@ -24,7 +24,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .data import DATASETS, IMAGE_SUFFIXES, num_train_images
+from .adapters import ADAPTERS, LORA_TARGETS, AdapterSpec
+from .base import base_config
+from .data import DATASETS, IMAGE_SUFFIXES, num_channels, num_train_images
 from .schedule import NUM_TRAIN_TIMESTEPS
 from .unet import _SIZES, MODEL_SIZES
 
@@ -176,7 +178,9 @@ class Settings:
     Rules between settings: ``image-size`` >= the model's smallest size (tiny 4, cifar 8, afhq64
     16); ``train-size`` in [2, 1796] for digits, [0, 50000] for CIFAR (0 = all), and for an image
     folder at most its number of images; ``num-shards`` and ``mq-neighbours`` <= the training
-    images used; ``data-root`` required for ``imagefolder``.
+    images used; ``data-root`` required for ``imagefolder``; ``adapter`` lora or difffit needs
+    ``init-from``. With ``init-from``, ``model`` is unused (the base's architecture) and the
+    environment check requires ``image-size`` and the data set's channels to be the base's.
     """
 
     # data and model
@@ -188,6 +192,14 @@ class Settings:
     train_size: int = _int(400, 0, MAX_TRAIN_SIZE)
     model: str = _choice("tiny", MODEL_SIZES)
     hflip: bool = _bool(False)
+    # fine-tuning a pretrained base (architecture from the checkpoint; ``model`` is then unused)
+    init_from: str = _path("", text="a DDPMPipeline folder, a Hub id (owner/name), or empty (train from scratch)")
+    adapter: str = _choice("none", ADAPTERS)
+    lora_rank: int = _int(8, 1, 1024)
+    lora_alpha: float = _float(8.0, low=0, low_open=True)
+    lora_targets: str = _choice("attention", tuple(LORA_TARGETS))
+    lora_freeze_a: bool = _bool(False)
+    save_adapter: bool = _bool(True)
     # federation (IET)
     num_shards: int = _int(4, 1, MAX_SHARDS)
     num_rounds: int = _int(20, 1, MAX_ROUNDS)
@@ -280,6 +292,12 @@ class Settings:
             seed=self.seed,
         )
 
+    def adapter_spec(self) -> AdapterSpec:
+        """The adapter to attach to the base (the same on the server and every node)."""
+        return AdapterSpec(
+            self.adapter, self.lora_rank, self.lora_alpha, self.lora_targets, self.lora_freeze_a, self.seed
+        )
+
     @property
     def thresholds(self) -> tuple[float, ...]:
         return tuple(float(x) for x in self.mq_thresholds.split(","))
@@ -296,6 +314,11 @@ class Settings:
                 f"(it halves the image {low.bit_length() - 1} times), got {self.image_size}"
             )
         self._check_thresholds()
+        if self.adapter != "none" and not self.init_from:
+            raise ValueError(
+                f"adapter: {self.adapter!r} adapts a pretrained model and needs init-from (a DDPMPipeline "
+                'folder or a Hub id); use adapter = "none" to train from scratch'
+            )
         if self.dataset == "imagefolder" and not self.data_root:
             raise ValueError("data-root: required for dataset 'imagefolder' (a folder of images)")
         if self.dataset != "imagefolder":  # sizes known without reading the disk
@@ -341,8 +364,11 @@ class Settings:
         existing folders and ``fid-weights`` an existing file when set; an image folder must hold
         at least one image and at least ``train-size``, ``num-shards`` and ``mq-neighbours``
         images; ``out-dir`` (and ``fid-cache-dir`` when set) must be a folder that exists or can
-        be made, and is writable.
+        be made, and is writable; the ``init-from`` base must load (a folder, or a Hub id that can be
+        downloaded) and agree with ``image-size`` and the data set's channels.
         """
+        if self.init_from:
+            self._check_base()
         if self.data_root and self.dataset != "digits":
             _existing_dir("data-root", self.data_root)
         if self.dataset == "imagefolder":
@@ -364,6 +390,24 @@ class Settings:
         if self.fid_cache_dir:
             _writable_dir("fid-cache-dir", self.fid_cache_dir)
         _writable_dir("out-dir", self.out_dir)
+
+    def _check_base(self) -> None:
+        """The base UNet's sample size and channels must be the run's (read from its config only)."""
+        config = base_config(self.init_from)
+        size, channels = config.get("sample_size"), config.get("in_channels")
+        if isinstance(size, (list, tuple)):
+            size = size[0] if len(set(size)) == 1 else size
+        if size != self.image_size:
+            raise ValueError(
+                f"image-size: must be {size} to match the base model of init-from {self.init_from!r} "
+                f"(its UNet's sample_size), got {self.image_size}"
+            )
+        want = num_channels(self.dataset)
+        if channels != want or config.get("out_channels", channels) != want:
+            raise ValueError(
+                f"dataset: {self.dataset!r} has {want}-channel images, but the base model of init-from "
+                f"{self.init_from!r} takes {channels} channels in and gives {config.get('out_channels')} out"
+            )
 
 
 def _probe(key: str, value: str, test: Any) -> Any:

@@ -125,15 +125,34 @@ class RunWriter:
         DDPMPipeline(unet=model.cpu(), scheduler=train_scheduler()).save_pretrained(target)
         return target
 
+    def save_adapter(self, tensors: dict[str, torch.Tensor], settings: Settings) -> Path:
+        """The adapter's tensors alone (``adapter/adapter.safetensors``) and its settings, beside the
+        merged pipeline: apply them to the ``init-from`` base with ``ddpm.adapters.attach_adapter``."""
+        from safetensors.torch import save_file
+
+        target = self.path / "adapter"
+        target.mkdir(exist_ok=True)
+        keys = ("init-from", "adapter", "lora-rank", "lora-alpha", "lora-targets", "lora-freeze-a", "seed")
+        config = {k: str(v) for k, v in settings.to_run_config().items() if k in keys}
+        save_file({k: v.contiguous() for k, v in tensors.items()}, target / "adapter.safetensors", metadata=config)
+        return target
+
     def save_samples(self, images: torch.Tensor, name: str = "samples.png") -> Path:
         return save_sample_grid(images, self.path / name)
+
+    def _model_words(self) -> str:
+        s = self.settings
+        if not s.init_from:
+            return f"model `{s.model}`"
+        rank = f" rank {s.lora_rank}" + (", A frozen" if s.lora_freeze_a else "") if s.adapter == "lora" else ""
+        return f"fine-tuned from `{s.init_from}` (adapter `{s.adapter}`{rank})"
 
     def write_report(self, notes: list[str]) -> Path:
         frame = pd.DataFrame(self.rows)
         lines = [
             f"# Run {self.path.name}",
             "",
-            f"Data set `{self.settings.dataset}`, model `{self.settings.model}`, "
+            f"Data set `{self.settings.dataset}`, {self._model_words()}, "
             f"K = {self.settings.num_shards} shards, {self.settings.num_rounds} rounds of "
             f"E = {self.settings.local_epochs} local epochs.",
             "",

@@ -13,9 +13,11 @@ from flwr.common.logger import log
 
 from clients.state import ShardStateStore
 from clients.trainer import shard_seed, train_shard
+from ddpm.adapters import load_trainable, trainable_state
+from ddpm.base import model_fingerprint
 from ddpm.data import load_dataset
 from ddpm.device import resolve_device
-from ddpm.unet import build_unet
+from ddpm.model import initial_model
 
 from .config import settings_from_message
 
@@ -40,8 +42,16 @@ def make_client_app(**train_kwargs) -> ClientApp:
         if ids.size == 0 or ids.min() < 0 or ids.max() >= len(data):
             raise ValueError(f"shard {shard}: ids outside 0..{len(data) - 1}")
         device = resolve_device(settings.device)
-        model = build_unet(settings.model, settings.image_size, data.channels)
-        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        model = initial_model(settings, data.channels)
+        if settings.init_from:  # the frozen base (and LoRA A draw) must be the server's: prove it
+            mine = model_fingerprint(model)
+            if mine != cfg["base-fingerprint"]:
+                raise ValueError(
+                    f"base model mismatch on node {context.node_id}: the server's initial model "
+                    f"(init-from {settings.init_from!r}, adapter {settings.adapter}) has fingerprint "
+                    f"{cfg['base-fingerprint']}, this node's has {mine}; refusing to train on another base"
+                )
+        load_trainable(model, msg.content["arrays"].to_torch_state_dict())
         store = ShardStateStore(context.node_config.get("state-dir") or None)
         run_key = str(cfg["run-key"])
         state, loaded = store.load(run_key, shard, server_round)
@@ -68,7 +78,7 @@ def make_client_app(**train_kwargs) -> ClientApp:
         store.save(run_key, shard, server_round, state)
         content = RecordDict(
             {
-                "arrays": ArrayRecord(model.cpu().state_dict()),
+                "arrays": ArrayRecord(trainable_state(model)),  # only what trains travels back
                 "metrics": MetricRecord(
                     {
                         "num-examples": int(ids.size),

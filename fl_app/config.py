@@ -20,13 +20,14 @@ def settings_from_run_config(run_config: Mapping[str, Any], overrides: Mapping[s
     return settings
 
 
-NODE_KEYS = ("data-root", "device")
+NODE_KEYS = ("data-root", "device", "init-from")
 SERVER_ONLY_PATHS = ("holdout-root", "fid-weights", "fid-cache-dir", "resume")
 
 
 def settings_from_message(config: Mapping[str, Any], node_config: Mapping[str, Any] | None = None) -> Settings:
     """The settings the server sent with a shard; a node's own ``--node-config`` may set
-    where its copy of the data lives and which device it trains on (``NODE_KEYS``).
+    where its copy of the data and of the ``init-from`` base live and which device it trains on
+    (``NODE_KEYS``; the fingerprints sent by the server prove the copies equal).
 
     Only the pure checks run here (types, ranges, rules between settings): a node may not have
     the server's folders (out-dir, hold-out images, FID weights), so nothing checks them here.

@@ -33,10 +33,13 @@ class RunRecorder:
     """Fed by the strategy after every round: appends the round's rows, then writes the checkpoint
     (after the rows, so a checkpoint never refers to rows that are not on disk)."""
 
-    def __init__(self, writer: RunWriter, *, run_key: str, fingerprint: str, num_rounds: int) -> None:
+    def __init__(
+        self, writer: RunWriter, *, run_key: str, fingerprint: str, num_rounds: int, base_fingerprint: str = ""
+    ) -> None:
         self.writer = writer
         self.run_key = run_key
         self.fingerprint = fingerprint
+        self.base_fingerprint = base_fingerprint
         self.num_rounds = num_rounds
         self.last_time = time.monotonic()
 
@@ -76,6 +79,7 @@ class RunRecorder:
                 settings=w.settings.to_run_config(),
                 run_key=self.run_key,
                 fingerprint=self.fingerprint,
+                base_fingerprint=self.base_fingerprint,
             ),
         )
         if rlog.failed:

@@ -30,6 +30,8 @@ RESUMABLE_KEYS = (
     "node-max-failures",
     "messages-per-node",
     "out-dir",
+    "init-from",  # where this machine keeps the base; the base's fingerprint must still match
+    "save-adapter",
     "resume",
 )
 

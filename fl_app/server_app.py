@@ -13,11 +13,14 @@ import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from ddpm.adapters import adapter_state, load_trainable, merged_unet, trainable_state
+from ddpm.base import model_fingerprint
 from ddpm.data import load_dataset
 from ddpm.device import resolve_device
+from ddpm.model import initial_model
 from ddpm.settings import Settings
 from ddpm.shards import make_shards
-from ddpm.unet import build_unet, num_parameters
+from ddpm.unet import num_parameters
 from evaluation.evaluator import Evaluator, MemorizationEvaluator
 from evaluation.outputs import RunWriter, new_run_dir
 from evaluation.plots import plot_skip_histogram
@@ -46,7 +49,7 @@ def evaluation_fn(
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round not in rounds:
             return None
-        model.load_state_dict(arrays.to_torch_state_dict())
+        load_trainable(model, arrays.to_torch_state_dict())
         started = time.monotonic()
         metrics = evaluator(server_round, model)
         values = {k: float("nan") if v is None else float(v) for k, v in metrics.items()}
@@ -55,10 +58,15 @@ def evaluation_fn(
     return evaluate
 
 
-def _resume_point(settings: Settings, fingerprint: str) -> Checkpoint:
+def _resume_point(settings: Settings, fingerprint: str, base_fingerprint: str) -> Checkpoint:
     ckpt = load_checkpoint(settings.resume)
     if ckpt.fingerprint != fingerprint:
         raise ValueError(f"resume: the run trained on data set {ckpt.fingerprint}; this server's copy is {fingerprint}")
+    if ckpt.base_fingerprint != base_fingerprint:
+        raise ValueError(
+            f"init-from: the run fine-tuned the base {ckpt.base_fingerprint or '(none: from scratch)'}; "
+            f"this server's is {base_fingerprint or '(none)'}"
+        )
     if settings.num_rounds < ckpt.server_round:
         raise ValueError(f"num-rounds: the run already completed {ckpt.server_round} rounds, got {settings.num_rounds}")
     return ckpt
@@ -79,10 +87,11 @@ def run(
         raise ValueError(f"mq-neighbours: must be <= the {len(data)} training images, got {settings.mq_neighbours}")
     run_dir = Path(settings.resume) if settings.resume else new_run_dir(settings)
     with run_folder_lock(run_dir):
-        ckpt = _resume_point(settings, data.fingerprint) if settings.resume else None
-        device = resolve_device(settings.device)
         torch.manual_seed(settings.seed)
-        model = build_unet(settings.model, settings.image_size, data.channels)
+        model = initial_model(settings, data.channels)
+        base_fingerprint = model_fingerprint(model) if settings.init_from else ""
+        ckpt = _resume_point(settings, data.fingerprint, base_fingerprint) if settings.resume else None
+        device = resolve_device(settings.device)
         if ckpt is None:
             run_key = uuid.uuid4().hex
             writer = RunWriter(run_dir, settings)
@@ -93,18 +102,22 @@ def run(
             run_key = ckpt.run_key
             writer = RunWriter(run_dir, settings, rows=ckpt.rows, completed_round=ckpt.server_round)
             ledger = ShardLedger.from_state_dict(ckpt.ledger_meta, ckpt.ledger_arrays)
-            model.load_state_dict({k: torch.from_numpy(v) for k, v in ckpt.weights.items()})
+            load_trainable(model, {k: torch.from_numpy(v) for k, v in ckpt.weights.items()})
         say(
             f"{settings.dataset}: {len(data)} training images ({data.fingerprint}), {len(data.holdout)} held out; "
-            f"K={settings.num_shards} shards of ~{len(data) // settings.num_shards}; model {settings.model} "
-            f"({num_parameters(model) / 1e6:.2f}M params); device {device}; output {writer.path}"
-            + (f"; resuming after round {ckpt.server_round}" if ckpt else "")
+            f"K={settings.num_shards} shards of ~{len(data) // settings.num_shards}; {_model_line(settings, model)}; "
+            f"device {device}; output {writer.path}" + (f"; resuming after round {ckpt.server_round}" if ckpt else "")
         )
         evaluator = evaluator_factory(settings, data, writer.path, device)
         strategy = IETStrategy(
             ledger,
             num_samples=len(data),
-            train_config={**settings.to_run_config(), "fingerprint": data.fingerprint, "run-key": run_key},
+            train_config={
+                **settings.to_run_config(),
+                "fingerprint": data.fingerprint,
+                "base-fingerprint": base_fingerprint,
+                "run-key": run_key,
+            },
             redistribution=redistribution or make_redistribution(settings.msr, settings.msr_proportion),
             seed=settings.seed,
             cumulative_counts=settings.skip_counts == "cumulative",
@@ -112,13 +125,19 @@ def run(
             max_failed_rounds=settings.max_failed_rounds,
             node_max_failures=settings.node_max_failures,
             dispatcher=NodeQueues(settings.messages_per_node),
-            recorder=RunRecorder(writer, run_key=run_key, fingerprint=data.fingerprint, num_rounds=settings.num_rounds),
+            recorder=RunRecorder(
+                writer,
+                run_key=run_key,
+                fingerprint=data.fingerprint,
+                base_fingerprint=base_fingerprint,
+                num_rounds=settings.num_rounds,
+            ),
             should_stop=_parent_gone(),
         )
         try:
             result = strategy.start(
                 grid=grid,
-                initial_arrays=ArrayRecord(model.state_dict()),
+                initial_arrays=ArrayRecord(trainable_state(model)),  # after the base, only what trains travels
                 num_rounds=settings.num_rounds,
                 timeout=settings.round_timeout,
                 evaluate_fn=evaluation_fn(evaluator, model, eval_rounds(settings)),
@@ -127,9 +146,21 @@ def run(
         except RunStopped as err:
             say(f"stopped: {err}. The checkpoint is kept; to continue: iet-agc run --resume {writer.path}")
             raise
-        model.load_state_dict(result.arrays.to_torch_state_dict())
+        load_trainable(model, result.arrays.to_torch_state_dict())
         _finish(writer, settings, model, strategy, evaluator, started)
     return writer
+
+
+def _model_line(settings: Settings, model: torch.nn.Module) -> str:
+    """The model part of the run's first line: size, or base and adapter with what trains."""
+    total = sum(p.numel() for p in model.parameters())
+    if not settings.init_from:
+        return f"model {settings.model} ({total / 1e6:.2f}M params)"
+    adapter = settings.adapter + (f" rank {settings.lora_rank}" if settings.adapter == "lora" else "")
+    return (
+        f"base {settings.init_from} ({total / 1e6:.2f}M params), adapter {adapter}: "
+        f"{num_parameters(model) / 1e6:.4g}M train and travel"
+    )
 
 
 def _parent_gone() -> Callable[[], str | None]:
@@ -181,7 +212,9 @@ def _state(pid: int) -> str:
 def _finish(writer: RunWriter, settings: Settings, model, strategy: IETStrategy, evaluator, started: float) -> None:
     """The final pipeline, skip counts, samples and report; the summary line."""
     counts = strategy.total_counts
-    pipeline = writer.save_model(model)
+    pipeline = writer.save_model(merged_unet(model))  # a plain DDPMPipeline, adapters folded in
+    if settings.adapter != "none" and settings.save_adapter:
+        writer.save_adapter(adapter_state(model), settings)
     writer.save_skip_counts(counts)
     if settings.agc:
         plot_skip_histogram(counts, writer.path / "skip_counts.png")

@@ -1,6 +1,8 @@
 """The run's checkpoint: everything the server needs to continue after the last completed round.
 
-``RUN_DIR/checkpoint/round-NNNNNN/`` holds the global weights (``weights.safetensors``), the
+``RUN_DIR/checkpoint/round-NNNNNN/`` holds the global weights (``weights.safetensors``: all of
+them, or when fine-tuning with an adapter only the adapter's trainable tensors, the base being
+reloaded from ``init-from`` and checked by its fingerprint), the
 ledger's arrays (``ledger.safetensors``: shards and cumulative skip counts) and ``state.json``
 (the ledger's other values with MSR's RNG state, the rows written so far, the settings, the run
 key). Nothing is unpickled. A checkpoint is written into a temporary folder and renamed into
@@ -38,6 +40,7 @@ class Checkpoint:
     settings: dict
     run_key: str
     fingerprint: str  # the training data set's, checked again on resume
+    base_fingerprint: str = ""  # the initial model's when fine-tuning (init-from): weights hold only what trains
 
 
 def _json_safe(value):
@@ -71,6 +74,7 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> Path:
         "round": ckpt.server_round,
         "run-key": ckpt.run_key,
         "fingerprint": ckpt.fingerprint,
+        "base-fingerprint": ckpt.base_fingerprint,
         "ledger": ckpt.ledger_meta,
         "rows": [{k: _json_safe(v) for k, v in row.items()} for row in ckpt.rows],
         "settings": ckpt.settings,
@@ -140,6 +144,7 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
             dict(state["settings"]),
             str(state["run-key"]),
             str(state["fingerprint"]),
+            str(state.get("base-fingerprint", "")),
         )
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from None

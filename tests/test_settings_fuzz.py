@@ -46,6 +46,7 @@ INTS = {  # key: (lowest, highest) allowed
     "eval-batch-size": (1, 65_536),
     "sample-steps": (1, 1_000),
     "mq-neighbours": (1, 400),  # <= train-size
+    "lora-rank": (1, 1024),
 }
 GOOD_INTS = {"train-size": (50, 1796)}  # and >= num-shards (4) and mq-neighbours (50)
 FLOATS = {  # key: (low, low included, high or None, high included, +inf allowed)
@@ -57,15 +58,18 @@ FLOATS = {  # key: (low, low included, high or None, high included, +inf allowed
     "aug-range": (1.0, False, None, False, True),
     "aug-sharpness": (0.0, False, None, False, False),
     "msr-proportion": (0.0, True, 1.0, False, False),
+    "lora-alpha": (0.0, False, None, False, False),
 }
-BOOLS = ("download", "hflip", "agc", "taa", "fid")
+BOOLS = ("download", "hflip", "agc", "taa", "fid", "lora-freeze-a", "save-adapter")
 CHOICES = {
     "dataset": ("digits", "cifar10", "cifar100", "imagefolder"),
     "model": ("tiny", "cifar", "afhq64"),
     "msr": ("memory", "random", "none"),
     "skip-counts": ("reset", "cumulative"),
+    "adapter": ("none", "lora", "difffit"),
+    "lora-targets": ("attention", "attention+conv"),
 }
-PATHS = ("data-root", "holdout-root", "fid-weights", "fid-cache-dir", "out-dir", "resume")
+PATHS = ("data-root", "holdout-root", "fid-weights", "fid-cache-dir", "out-dir", "resume", "init-from")
 OTHER = ("device", "mq-thresholds")
 
 COUNTS = {"tried": 0, "refused": 0}
@@ -77,7 +81,14 @@ def places(tmp_path_factory):
     """A regular file (paths under it can never be made, even by root) and an existing folder."""
     base = tmp_path_factory.mktemp("fuzz")
     (base / "file").write_text("x")
-    return {"file": str(base / "file"), "dir": str(base), "missing": str(base / "missing")}
+    from diffusers import DDPMPipeline
+
+    from ddpm.schedule import train_scheduler
+    from ddpm.unet import build_unet
+
+    pipeline = base / "pipeline"  # a base that fits the defaults (8x8, one channel)
+    DDPMPipeline(unet=build_unet("tiny", 8, 1), scheduler=train_scheduler()).save_pretrained(pipeline)
+    return {"file": str(base / "file"), "dir": str(base), "missing": str(base / "missing"), "base": str(pipeline)}
 
 
 def test_the_table_covers_every_key():
@@ -183,7 +194,7 @@ def _bad_path(key: str, places: dict) -> st.SearchStrategy:
         bad = bad | empty | under_file | st.just(places["file"])
     if key == "fid-cache-dir":
         bad = bad | st.text(alphabet="abc", min_size=1, max_size=5).map(lambda s: f"{places['file']}/{s}")
-    if key in ("holdout-root", "resume"):  # must be existing folders
+    if key in ("holdout-root", "resume", "init-from"):  # must be existing folders (init-from: or a Hub id)
         missing = st.text(alphabet="abc", min_size=1, max_size=5).map(lambda s: f"{places['missing']}/{s}")
         bad = bad | missing | st.just(places["file"])
     if key == "fid-weights":  # must be an existing file
@@ -244,9 +255,12 @@ def good_values(key: str, places: dict) -> st.SearchStrategy:
     if key in BOOLS:
         return st.booleans() | st.sampled_from(["true", "false", "True", "FALSE"])
     if key in CHOICES:
-        return st.sampled_from([c for c in CHOICES[key] if c not in ("imagefolder", "afhq64")])
+        # imagefolder needs a data-root, afhq64 a larger image, an adapter an init-from
+        return st.sampled_from([c for c in CHOICES[key] if c not in ("imagefolder", "afhq64", "lora", "difffit")])
     if key == "device":
         return st.sampled_from(["auto", "cpu", "cuda", "mps", "xpu"]) | st.integers(0, 999).map(lambda n: f"cuda:{n}")
+    if key == "init-from":
+        return st.sampled_from(["", places["base"]])
     if key == "mq-thresholds":
         return st.lists(GOOD_T, min_size=1, max_size=4, unique_by=lambda t: f"{t:g}").map(
             lambda v: ",".join(map(repr, v))
