@@ -11,9 +11,10 @@ each step from the moment the process was spawned. Two data-set modes in the sam
 - ``mapped``: the decoded copy on disk is memory-mapped (made once by a warm-up process).
 
 Cases: the embedded digits with the ``tiny`` model, and an image folder of ``--images`` JPEGs
-(64x64, made by the script) with the ``afhq64`` model; CIFAR-10 where a copy is on disk.
+(``--source-size`` pixels square, made by the script; 512 is AFHQ's size) loaded at 64x64 with
+the ``afhq64`` model; CIFAR-10 where a copy is on disk.
 
-    python scripts/bench_client_start.py [--repeat 3] [--images 3000]
+    python scripts/bench_client_start.py [--repeat 3] [--images 3000] [--source-size 64]
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--images", type=int, default=3000)
+    ap.add_argument("--source-size", type=int, default=64, help="pixels of the folder's JPEGs (AFHQ: 512)")
     ap.add_argument("--cifar-root", default="", help="a folder holding cifar-10-batches-py (skipped if absent)")
     args = ap.parse_args()
 
@@ -82,8 +84,12 @@ def main() -> None:
         tmp = Path(tmp)
         cases = {
             "digits (400), tiny": ({"name": "digits", "image_size": 8, "train_size": 400}, "tiny"),
-            f"image folder ({args.images} JPEG 64x64), afhq64": (
-                {"name": "imagefolder", "root": str(make_folder(tmp / "images", args.images)), "image_size": 64},
+            f"image folder ({args.images} JPEG {args.source_size}px -> 64), afhq64": (
+                {
+                    "name": "imagefolder",
+                    "root": str(make_folder(tmp / "images", args.images, args.source_size)),
+                    "image_size": 64,
+                },
                 "afhq64",
             ),
         }
