@@ -541,7 +541,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         run_sweep(sweep)
     except KeyboardInterrupt:
         print(f"\n[iet-agc] sweep interrupted; run the same command to continue ({sweep.out / RESULTS})", flush=True)
-        return 130
+        sys.stderr.flush()
+        # Flower's in-process ServerApp thread is not a daemon and would wait out the round timeout
+        # for replies that never come; the run's checkpoint and results.csv are already on disk.
+        os._exit(130)
     print(
         f"[iet-agc] sweep done in {(time.monotonic() - started) / 60:.1f} min: {sweep.out / SUMMARY}, "
         f"{sweep.out / TRADEOFF}, {sweep.out / METRICS_PLOT}",
