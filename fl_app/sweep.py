@@ -371,11 +371,13 @@ def summarize(results: pd.DataFrame, metrics: Iterable[str], order: Sequence[str
 def markdown_table(summary: pd.DataFrame, metrics: Sequence[str], digits: int = 3) -> str:
     """``mean ± sd`` per metric and cell (just the mean for one seed; ``n/a`` where missing)."""
 
+    def sig(x: float, n: int) -> str:  # n significant digits, never in exponent form below 1e6
+        return f"{float(f'{x:.{n}g}'):g}"
+
     def cell(mean: float, sd: float) -> str:
         if mean != mean:
             return "n/a"
-        text = f"{mean:.{digits}g}"
-        return text if sd != sd else f"{text} ± {sd:.2g}"
+        return sig(mean, digits) if sd != sd else f"{sig(mean, digits)} ± {sig(sd, 2)}"
 
     present = [m for m in metrics if f"{m}_mean" in summary]
     table = pd.DataFrame(
