@@ -154,3 +154,16 @@ def test_sweep_runs_tiny_cells_resumes_and_writes_tables_and_plots(tmp_path):
     again = sw.run_sweep(sweep, lambda config: pytest.fail("reran a finished run"), progress=False)
     assert again["cell"].tolist() == ["base", "num-shards=2"]
     assert again.loc[1, "digit_fd"] == pytest.approx(results.loc[1, "digit_fd"])
+
+
+def test_base_preset_file_is_read_relative_to_the_sweep_file(tmp_path):
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "presets" / "small.toml").write_text('train-size = 100\nseed = 7\nout-dir = "x"\nlr = 0.002\n')
+    path = _write(tmp_path, 'base = "presets/small.toml"\nseeds = [3]\n[rows.a]\nlr = 0.003\n[rows.b]\n')
+    sweep = sw.load_sweep(path, out=tmp_path / "out")
+    a, b = (sweep.config(c, 3) for c in sweep.cells)
+    assert a["train-size"] == b["train-size"] == 100 and (a["lr"], b["lr"]) == (0.003, 0.002)
+    assert a["seed"] == 3 and a["out-dir"] == str(tmp_path / "out" / "cells" / "a" / "seed3")  # the sweep's own
+    (tmp_path / "presets" / "small.toml").write_text("train-size = 100\nbogus = 1\n")
+    with pytest.raises(sw.SweepError, match=r"s.toml: base \(.*small.toml\): bogus: unknown setting"):
+        sw.load_sweep(path, out=tmp_path / "out")
