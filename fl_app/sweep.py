@@ -314,7 +314,7 @@ def run_sweep(
             started = time.monotonic()
             runner(config)
             finished, _ = run_folders(folder)
-            if finished is None:
+            if finished is None or config_hash(_settings_of(finished)) != key:
                 raise RuntimeError(f"cell {cell.name!r}, seed {seed}: the run left no finished run folder in {folder}")
             wall = (time.monotonic() - started) / 60
         else:

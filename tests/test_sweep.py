@@ -167,3 +167,10 @@ def test_base_preset_file_is_read_relative_to_the_sweep_file(tmp_path):
     (tmp_path / "presets" / "small.toml").write_text("train-size = 100\nbogus = 1\n")
     with pytest.raises(sw.SweepError, match=r"s.toml: base \(.*small.toml\): bogus: unknown setting"):
         sw.load_sweep(path, out=tmp_path / "out")
+
+
+def test_a_run_that_finishes_nothing_stops_the_sweep(tmp_path):
+    sweep = sw.load_sweep(_write(tmp_path, "[rows.a]\n"), out=tmp_path / "out")
+    with pytest.raises(RuntimeError, match="cell 'a', seed 0: the run left no finished run folder"):
+        sw.run_sweep(sweep, lambda config: None, progress=False)
+    assert not (tmp_path / "out" / sw.RESULTS).exists()
