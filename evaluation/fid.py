@@ -26,6 +26,8 @@ import pytorch_fid.inception as pf
 import torch
 import torchvision
 
+from .bootstrap import DEFAULT_RESAMPLES, QualityScore, score_features
+
 log = logging.getLogger("iet_agc.evaluation")
 
 DOWNLOAD_TAG = "pt_inception-2015-12-05"  # pytorch-fid's released FID weights
@@ -343,3 +345,40 @@ def fid(
     else:
         mu_r, sigma_r = feature_statistics(reference01, model, batch_size, device)
     return frechet_distance_stats(mu_g, sigma_g, mu_r, sigma_r)
+
+
+def fid_score(
+    generated01: torch.Tensor,
+    reference01: torch.Tensor,
+    weights: str = "",
+    device: torch.device | str = "cpu",
+    *,
+    floor01: torch.Tensor | None = None,
+    batch_size: int = 50,
+    reference_key: str = "",
+    cache: str = "",
+    model: Callable[[torch.Tensor], object] | None = None,
+    expected_sha256: str = FID_WEIGHTS_SHA256,
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+) -> QualityScore:
+    """FID (as ``fid``) with its bootstrap interval over the generated images and its floor: the
+    FID of the first N images of ``floor01`` (held-out real images; None: no floor).
+
+    The interval's resamples run on ``device`` (2048-d covariances: a GPU makes them cheap).
+    """
+    if model is None:
+        model = inception(weights, str(device), expected_sha256)
+        tag = weights_tag(weights)
+    else:
+        tag = f"custom-{type(model).__name__}"
+    feats = torch.from_numpy(inception_features(generated01, model, batch_size, device))
+    if reference_key:
+        directory = cache_dir(cache) / "fid"
+        mu_r, sigma_r = cached_statistics(reference01, f"{reference_key}-{tag}", model, directory, batch_size, device)
+    else:
+        mu_r, sigma_r = feature_statistics(reference01, model, batch_size, device)
+    floor = None
+    if floor01 is not None and floor01.shape[0] >= 2:
+        floor = torch.from_numpy(inception_features(floor01[: feats.shape[0]], model, batch_size, device))
+    return score_features(feats, mu_r, sigma_r, floor, resamples=resamples, seed=seed, device=device)

@@ -24,6 +24,7 @@ from strategies.checkpoint import CheckpointError, load_checkpoint
 
 from .config import settings_from_run_config
 from .resume import resumed_settings, run_folder_lock
+from .sweep import register as register_sweep
 
 ENV_FLAG = "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"
 
@@ -229,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(func=cmd_run)  # options it does not know are passed on to flwr run
     register_evaluation(sub)
+    register_sweep(sub)
     return parser
 
 
