@@ -196,3 +196,27 @@ def test_second_reply_late_reply_and_unknown_reply_are_dropped():
     assert sum("second reply" in r for r in reasons) == 1 and sum("answers no message" in r for r in reasons) == 2
     assert np.allclose(arrays["w"].numpy(), 1.0)
     check_partition(s.shards, 8)
+
+
+RAY_REASON = """<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::ClientAppActor.run() (pid=1)
+  File "fl_app/client_app.py", line 34, in train
+    raise ValueError(
+ValueError: data set mismatch on node 7: the server's copy has fingerprint a, this node's has b
+
+The above exception was the direct cause of the following exception:
+
+  File "flwr/simulation/ray_transport/ray_actor.py", line 65, in run
+    raise ClientAppException(str(ex)) from ex
+flwr.clientapp.client_app.ClientAppException:
+Exception ClientAppException occurred. Message: data set mismatch on node 7'>"""
+
+
+def test_an_error_reply_is_dropped_with_the_line_that_says_what_went_wrong():
+    from strategies.replies import error_summary
+
+    assert (
+        error_summary(RAY_REASON)
+        == "ValueError: data set mismatch on node 7: the server's copy has fingerprint a, this node's has b"
+    )
+    assert error_summary("ClientApp crashed") == "ClientApp crashed"  # one line: as it is
+    assert error_summary("Node Unavailable\n  while waiting") == "Node Unavailable while waiting"  # no exception line
