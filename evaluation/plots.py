@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from torchvision.utils import make_grid, save_image
 
 from .mq import Neighbours
@@ -156,10 +157,14 @@ def curve_panels(rounds: pd.DataFrame) -> list[tuple[str, dict[str, pd.Series]]]
 
 
 def plot_curves(rounds: pd.DataFrame, path: Path | str) -> Path:
-    """``curves.png``: the panels of ``curve_panels`` in a 2 x 3 grid against the round."""
+    """``curves.png``: the panels of ``curve_panels`` in a 2 x 3 grid against the round (one round
+    axis for all panels, integer ticks)."""
     fig = _figure(13.0, 6.4)
+    first, last = int(rounds["round"].min()), int(rounds["round"].max())
     for i, (title, series) in enumerate(curve_panels(rounds), 1):
         ax = fig.add_subplot(2, 3, i)
+        ax.set_xlim(first - 0.5, last + 0.5)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         for column, values in series.items():
             sparse = len(values) < len(rounds)  # evaluated rounds only: mark the points
             ax.plot(values.index, values.to_numpy(), marker="o" if sparse else None, markersize=4, label=column)
