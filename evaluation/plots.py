@@ -159,9 +159,10 @@ def curve_panels(rounds: pd.DataFrame) -> list[tuple[str, dict[str, pd.Series]]]
 def plot_curves(rounds: pd.DataFrame, path: Path | str) -> Path:
     """``curves.png``: the panels of ``curve_panels`` in a 2 x 3 grid against the round (one round
     axis for all panels, integer ticks)."""
+    panels = curve_panels(rounds)
     fig = _figure(13.0, 6.4)
     first, last = int(rounds["round"].min()), int(rounds["round"].max())
-    for i, (title, series) in enumerate(curve_panels(rounds), 1):
+    for i, (title, series) in enumerate(panels, 1):
         ax = fig.add_subplot(2, 3, i)
         ax.set_xlim(first - 0.5, last + 0.5)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
