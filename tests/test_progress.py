@@ -1,8 +1,19 @@
 """Progress of long work: timed lines through Flower's logger inside a run, tqdm bars in the tools."""
 
+import fcntl
+import json
 import logging
+import os
+import pty
+import select
+import struct
+import subprocess
+import sys
+import termios
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tqdm import tqdm
@@ -69,3 +80,31 @@ def test_sampling_and_the_nearest_neighbour_pass_report_progress(caplog, monkeyp
     lines = _lines(caplog)
     assert any(line.startswith("DDIM sampling (2 steps): 4/4 img (100%)") for line in lines), lines
     assert any(line.startswith("kNN of the samples: 80.0/80.0 pairs (100%)") for line in lines), lines
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a pseudo-terminal")
+def test_iet_agc_mq_draws_a_bar_on_a_terminal(tmp_path):
+    """The tool on a terminal (a pty, 120 columns) draws its kNN bar on stderr; stdout keeps the JSON."""
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "g.npy", rng.random((40, 1, 8, 8), dtype=np.float32))
+    np.save(tmp_path / "t.npy", rng.random((60, 1, 8, 8), dtype=np.float32))
+    main, sub = pty.openpty()
+    fcntl.ioctl(sub, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    argv = ["iet-agc", "mq", "--generated", "g.npy", "--train", "t.npy", "--n", "5"]
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    proc = subprocess.run(
+        argv, cwd=tmp_path, stderr=sub, stdout=subprocess.PIPE, text=True, env={**os.environ, "PATH": path}, timeout=120
+    )
+    os.close(sub)
+    drawn = b""
+    while select.select([main], [], [], 0.5)[0]:
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    os.close(main)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["n_generated"] == 40
+    assert "nearest neighbours of --generated:" in drawn.decode(errors="replace") and "2.40k" in drawn.decode()
