@@ -25,7 +25,7 @@ from torch import nn
 from .bootstrap import DEFAULT_RESAMPLES, QualityScore, score_features
 from .fid import feature_statistics, frechet_distance_stats
 
-log = logging.getLogger("iet_agc.evaluation")
+log = logging.getLogger("flwr.iet_agc.evaluation")  # a child of Flower's logger (flwr run --stream, flwr log)
 
 DIGIT_SIZE = 8  # the classifier sees every image at sklearn's native 8x8
 NET_VERSION = 2  # bump when the architecture or training recipe changes (invalidates caches)
@@ -101,7 +101,9 @@ class DigitFD:
 
     def __call__(self, generated01: torch.Tensor) -> float:
         """digit_fd of generated images (uint8 or [0, 1]) against the training images."""
-        return frechet_distance_stats(*feature_statistics(generated01, self.net, batch_size=4096), self.mu, self.sigma)
+        return frechet_distance_stats(
+            *feature_statistics(generated01, self.net, batch_size=4096, desc="digit_fd features"), self.mu, self.sigma
+        )
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -153,5 +155,5 @@ def load_digit_fd(
         except OSError as err:
             log.warning("could not cache the digit classifier at %s: %s", path, err)
     acc = accuracy(net, train, train_labels) if train_labels is not None else float("nan")
-    mu, sigma = feature_statistics(train, net, batch_size=4096)
+    mu, sigma = feature_statistics(train, net, batch_size=4096, desc="digit_fd features")
     return DigitFD(net, mu, sigma, acc, floor_images if len(floor_images) >= 2 else None)

@@ -22,7 +22,7 @@ from .fid import FIDUnavailable, cache_dir, fid_score
 from .mq import COPY_LEVELS, Neighbours, copy_scores, holdout_quantiles, mq_counts, nearest_neighbours
 from .plots import plot_ratio_histogram, save_pair_grid, save_sample_grid
 
-log = logging.getLogger("iet_agc.evaluation")
+log = logging.getLogger("flwr.iet_agc.evaluation")  # a child of Flower's logger (flwr run --stream, flwr log)
 
 PAIRS_LISTED = 10
 
@@ -72,7 +72,13 @@ class MemorizationEvaluator:
         s, data = self.settings, self.data
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.last_images = images
-        neighbours = nearest_neighbours(images, data.images, n=s.mq_neighbours, device=self.device)
+        neighbours = nearest_neighbours(
+            images,
+            data.images,
+            n=s.mq_neighbours,
+            device=self.device,
+            desc="nearest neighbours of the generated images",
+        )
         self.last_neighbours = neighbours
         ratio = neighbours.ratio
         metrics: dict[str, float | None] = dict(mq_counts(ratio, s.thresholds))
@@ -101,7 +107,13 @@ class MemorizationEvaluator:
         """Eq. 12 ratio of every held-out real image against the training set (computed once)."""
         if self._holdout_ratio is None and len(self.data.holdout):
             n = self.settings.mq_neighbours
-            self._holdout_ratio = nearest_neighbours(self.data.holdout, self.data.images, n, device=self.device).ratio
+            self._holdout_ratio = nearest_neighbours(
+                self.data.holdout,
+                self.data.images,
+                n,
+                device=self.device,
+                desc="nearest neighbours of the held-out images",
+            ).ratio
         return self._holdout_ratio
 
     def _columns(self, name: str, score: QualityScore | None) -> dict[str, float | None]:

@@ -74,6 +74,7 @@ def make_client_app(**train_kwargs) -> ClientApp:
             state,
             device=device,
             seed=shard_seed(settings.seed, server_round, shard),
+            desc=f"shard {shard}, round {server_round}: local training",
             **train_kwargs,
         )
         store.save(run_key, shard, server_round, state)
