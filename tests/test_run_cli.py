@@ -73,14 +73,21 @@ def _readme_commands() -> list[str]:
     return [line for line in lines if "iet-agc run" in line or line.startswith("sed ")]
 
 
-# what a README example may still stop at: the user's own paths (a run folder, the AFHQ images)
-PLACEHOLDERS = ("not a run folder (no such directory)", "data-root: must be an existing directory")
+# what a README example may still stop at: the user's own paths (a run folder, the AFHQ images, a
+# run's pipeline to fine-tune), and the Hugging Face Hub, which this offline machine cannot reach
+PLACEHOLDERS = (
+    "not a run folder (no such directory)",
+    "data-root: must be an existing directory",
+    "init-from: must be a DDPMPipeline folder or a Hub id (owner/name), got",
+    "init-from: cannot download 'google/ddpm-cifar10-32'",
+)
 
 
 def test_every_readme_example_of_iet_agc_run_is_accepted(tmp_path, monkeypatch):
     for name in ("pyproject.toml", "configs"):
         (shutil.copytree if name == "configs" else shutil.copy)(ROOT / name, tmp_path / name)
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline: fail at once, not after the Hub client's retries
     commands = _readme_commands()
     assert sum("iet-agc run" in c for c in commands) >= 6, commands
     for line in commands:
