@@ -219,6 +219,12 @@ def _finish(writer: RunWriter, settings: Settings, model, strategy: IETStrategy,
     if settings.agc:
         plot_skip_histogram(counts, writer.path / "skip_counts.png")
     notes = [f"final weights: `{pipeline.name}/` (load with `DDPMPipeline.from_pretrained`)"]
+    if settings.class_conditional:
+        notes.append(
+            f"class-conditional ({settings.num_classes} classes): `DDPMPipeline.__call__` passes no labels; "
+            "sample with `ddpm.schedule.ddim_sample(pipe.unet, n, class_labels=labels)` "
+            "or the UNet's `class_labels` argument"
+        )
     if getattr(evaluator, "last_images", None) is not None:
         writer.save_samples(evaluator.last_images)
     fid_reason = getattr(evaluator, "fid_reason", "")

@@ -3,9 +3,11 @@ labels drawn from the seed for sampling, and the settings that cannot work refus
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from diffusers import DDPMPipeline
+from flwr.simulation import run_simulation
 
 from clients.agc import RatioSkip
 from clients.trainer import ShardState, agc_taa_loss, train_shard
@@ -14,7 +16,10 @@ from ddpm.model import initial_model
 from ddpm.schedule import ddim_sample, draw_class_labels, train_scheduler
 from ddpm.settings import Settings
 from ddpm.unet import build_unet
+from evaluation.evaluator import MemorizationEvaluator
+from fl_app.client_app import app as client_app
 from fl_app.config import settings_from_run_config
+from fl_app.server_app import make_server_app
 
 CPU = torch.device("cpu")
 
@@ -183,3 +188,56 @@ def test_a_conditional_base_fine_tunes_conditionally(bases):
     settings = settings_from_run_config(Settings().to_run_config(), run)
     model = initial_model(settings, 1)
     assert model.config.num_class_embeds == 10 and model.class_embedding.num_embeddings == 10
+
+
+# ---- the whole app, in-process --------------------------------------------------------------------
+class _RecordingEvaluator(MemorizationEvaluator):
+    """The app's evaluator, keeping the labels of every evaluation it sampled."""
+
+    labels: list[torch.Tensor] = []
+
+    def generate(self, model):
+        images = super().generate(model)
+        _RecordingEvaluator.labels.append(self.last_labels)
+        return images
+
+
+def test_a_conditional_federated_run_trains_and_samples_with_labels(tmp_path):
+    from conftest import TINY_RUN
+
+    cfg = {**TINY_RUN, "class-conditional": True, "out-dir": str(tmp_path / "runs"), "eval-every": 1}
+    _RecordingEvaluator.labels = []
+    run_simulation(
+        server_app=make_server_app(cfg, evaluator_factory=_RecordingEvaluator),
+        client_app=client_app,
+        num_supernodes=2,
+        backend_config={"client_resources": {"num_cpus": 1}},
+    )
+    (run,) = sorted((tmp_path / "runs").iterdir())
+    rounds = pd.read_csv(run / "rounds.csv")
+    assert rounds["round"].tolist() == [1, 2] and rounds["replies"].tolist() == [4, 4]
+    assert rounds["mq_0.5"].notna().all()
+    expected = draw_class_labels(TINY_RUN["eval-num-images"], 10, seed=0)
+    assert len(_RecordingEvaluator.labels) == 2
+    assert all(torch.equal(labels, expected) for labels in _RecordingEvaluator.labels)
+    assert "Class-conditional: each image's label drawn uniformly" in (run / "eval_round002.md").read_text()
+    assert "class-conditional (10 classes): `DDPMPipeline.__call__` passes no labels" in (run / "report.md").read_text()
+    # the exported UNet is conditional, and its class embedding has learned from the shards' labels
+    unet = DDPMPipeline.from_pretrained(run / "pipeline").unet
+    assert unet.config.num_class_embeds == 10
+    torch.manual_seed(0)  # the run's seed: the server's initial model
+    start = initial_model(Settings(**{k.replace("-", "_"): v for k, v in cfg.items()}), 1)
+    assert (unet.class_embedding.weight != start.class_embedding.weight).any(1).all()
+    images = ddim_sample(unet, 4, steps=2, seed=0)  # how a user samples it: labels drawn from the seed
+    assert images.shape == (4, 1, 8, 8)
+
+
+def test_class_conditional_cannot_change_on_resume():
+    from fl_app.resume import RESUMABLE_KEYS, resumed_settings
+
+    saved = Settings().to_run_config()
+    assert "class-conditional" not in RESUMABLE_KEYS
+    with pytest.raises(ValueError, match="^class-conditional: cannot change when resuming"):
+        resumed_settings(saved, {"class-conditional": True}, Settings().to_run_config())
+    older = {k: v for k, v in saved.items() if k != "class-conditional"}  # a run from before the key
+    assert resumed_settings(older, {"class-conditional": False}, saved)["class-conditional"] is False
