@@ -241,3 +241,20 @@ def test_class_conditional_cannot_change_on_resume():
         resumed_settings(saved, {"class-conditional": True}, Settings().to_run_config())
     older = {k: v for k, v in saved.items() if k != "class-conditional"}  # a run from before the key
     assert resumed_settings(older, {"class-conditional": False}, saved)["class-conditional"] is False
+
+
+def test_iet_agc_evaluate_samples_a_conditional_pipeline_with_labels(tmp_path, capsys):
+    from evaluation.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.manual_seed(0)
+    DDPMPipeline(unet=build_unet("tiny", 8, 1, 10), scheduler=train_scheduler()).save_pretrained(run / "pipeline")
+    (run / "settings.toml").write_text(
+        "train-size = 120\nnum-shards = 2\nsample-steps = 2\nmq-neighbours = 10\nfid = false\n"
+        f'class-conditional = true\nfid-cache-dir = "{tmp_path}"\n'
+    )
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(run), "--num-images", "12", "--device", "cpu", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert "Class-conditional: each image's label drawn uniformly" in (out / "eval_final.md").read_text()
