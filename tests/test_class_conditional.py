@@ -202,7 +202,7 @@ class _RecordingEvaluator(MemorizationEvaluator):
         return images
 
 
-def test_a_conditional_federated_run_trains_and_samples_with_labels(tmp_path):
+def test_a_conditional_federated_run_trains_and_samples_with_labels(tmp_path, capsys):
     from conftest import TINY_RUN
 
     cfg = {**TINY_RUN, "class-conditional": True, "out-dir": str(tmp_path / "runs"), "eval-every": 1}
@@ -214,6 +214,7 @@ def test_a_conditional_federated_run_trains_and_samples_with_labels(tmp_path):
         backend_config={"client_resources": {"num_cpus": 1}},
     )
     (run,) = sorted((tmp_path / "runs").iterdir())
+    assert "model tiny (0.70M params, conditional on 10 classes)" in capsys.readouterr().out
     rounds = pd.read_csv(run / "rounds.csv")
     assert rounds["round"].tolist() == [1, 2] and rounds["replies"].tolist() == [4, 4]
     assert rounds["mq_0.5"].notna().all()
