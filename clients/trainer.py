@@ -231,7 +231,7 @@ def train_shard(
 def _shard_labels(model: UNet2DModel, labels: torch.Tensor | None, n: int) -> torch.Tensor | None:
     """The shard's labels, checked once per shard (not per step): given exactly when the model has a
     class embedding, one per image, each a valid class index."""
-    classes = getattr(model.config, "num_class_embeds", None)
+    classes = getattr(getattr(model, "config", None), "num_class_embeds", None)  # stand-in models: none
     if classes is None:
         if labels is not None:
             raise ValueError("class-conditional: labels were given but the model has no class embedding")
@@ -241,8 +241,9 @@ def _shard_labels(model: UNet2DModel, labels: torch.Tensor | None, n: int) -> to
     labels = torch.as_tensor(labels, dtype=torch.long)
     if labels.shape != (n,):
         raise ValueError(f"class-conditional: expected {n} labels (one per image), got shape {tuple(labels.shape)}")
-    if n and not (0 <= int(labels.min()) and int(labels.max()) < classes):
-        raise ValueError(f"class-conditional: labels must be in [0, {classes - 1}], got {labels.min()}..{labels.max()}")
+    low, high = (int(labels.min()), int(labels.max())) if n else (0, 0)
+    if not 0 <= low <= high < classes:
+        raise ValueError(f"class-conditional: labels must be in [0, {classes - 1}], got {low}..{high}")
     return labels
 
 

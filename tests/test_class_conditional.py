@@ -123,7 +123,8 @@ def test_train_shard_refuses_missing_extra_or_bad_labels():
         (build_unet("tiny", 8, 1, 10), None, "got no labels"),
         (build_unet("tiny", 8, 1), torch.zeros(4, dtype=torch.long), "no class embedding"),
         (build_unet("tiny", 8, 1, 10), torch.zeros(3, dtype=torch.long), "expected 4 labels"),
-        (build_unet("tiny", 8, 1, 10), torch.tensor([0, 1, 2, 10]), r"in \[0, 9\]"),
+        (build_unet("tiny", 8, 1, 10), torch.tensor([0, 1, 2, 10]), r"in \[0, 9\], got 0\.\.10$"),
+        (build_unet("tiny", 8, 1, 10), torch.tensor([-1, 1, 2, 3]), r"got -1\.\.3$"),
     ]
     for model, labels, match in cases:
         with pytest.raises(ValueError, match=f"^class-conditional: .*{match}"):
