@@ -13,6 +13,7 @@ import torch
 from diffusers import UNet2DModel
 
 from ddpm.data import to_model_range
+from ddpm.progress import progress
 from ddpm.schedule import NUM_TRAIN_TIMESTEPS, train_scheduler
 from ddpm.settings import Settings
 
@@ -156,11 +157,13 @@ def train_shard(
     skip_rule: SkipRule | None = None,
     augment: AugmentPolicy | None | bool = True,
     labels: torch.Tensor | None = None,
+    desc: str = "local training",
 ) -> ShardResult:
     """Train ``model`` in place on one shard's uint8 images for ``settings.local_epochs`` epochs.
 
     ``state`` is updated in place. ``augment=True`` means the settings' policy (None if TAA is off).
     ``labels`` (int64, aligned with ``images``) are required exactly when the model is class-conditional.
+    ``desc`` names the work in its progress line (long rounds only).
     """
     skip_rule = skip_rule or default_skip_rule(settings)
     if augment is True:
@@ -189,30 +192,32 @@ def train_shard(
     n_aug = torch.zeros((), dtype=torch.long, device=device)
     eta = settings.bank_eta
 
-    for _ in range(settings.local_epochs):
-        perm = torch.randperm(n, generator=gen).to(device)
-        for b in range(steps_per_epoch):
-            pos = perm[b * batch : (b + 1) * batch]
-            x0 = data[pos]
-            if settings.hflip:
-                flip = torch.rand(x0.shape[0], device=device) < 0.5
-                x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-            t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (x0.shape[0],), device=device)
-            noise = torch.randn_like(x0)
-            y = None if targets is None else targets[pos]
-            out = agc_taa_loss(model, scheduler, x0, t, noise, bank, skip_rule, augment, settings, y)
-            loss = out.loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
-            for group in optimizer.param_groups:
-                group["lr"] = settings.lr * min(1.0, (state.step + 1) / warmup) if warmup else settings.lr
-            optimizer.step()
-            state.step += 1
-            bank = update_memory_bank(bank, t, out.losses, eta)
-            counts.index_add_(0, pos, out.skip.long())
-            n_aug += out.aug.sum()
-            loss_sum += kept_mean(out.losses, ~out.skip)
+    with progress(settings.local_epochs * steps_per_epoch, desc, "step") as bar:  # a line every so often
+        for _ in range(settings.local_epochs):
+            perm = torch.randperm(n, generator=gen).to(device)
+            for b in range(steps_per_epoch):
+                pos = perm[b * batch : (b + 1) * batch]
+                x0 = data[pos]
+                if settings.hflip:
+                    flip = torch.rand(x0.shape[0], device=device) < 0.5
+                    x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+                t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (x0.shape[0],), device=device)
+                noise = torch.randn_like(x0)
+                y = None if targets is None else targets[pos]
+                out = agc_taa_loss(model, scheduler, x0, t, noise, bank, skip_rule, augment, settings, y)
+                loss = out.loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+                for group in optimizer.param_groups:
+                    group["lr"] = settings.lr * min(1.0, (state.step + 1) / warmup) if warmup else settings.lr
+                optimizer.step()
+                state.step += 1
+                bank = update_memory_bank(bank, t, out.losses, eta)
+                counts.index_add_(0, pos, out.skip.long())
+                n_aug += out.aug.sum()
+                loss_sum += kept_mean(out.losses, ~out.skip)
+                bar.update()
 
     steps = settings.local_epochs * steps_per_epoch
     seen = steps * batch

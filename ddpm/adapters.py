@@ -129,8 +129,12 @@ def trainable_state(model: torch.nn.Module) -> OrderedDict[str, torch.Tensor]:
     return OrderedDict((n, p.detach().cpu()) for n, p in model.named_parameters() if p.requires_grad)
 
 
-def load_trainable(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Copy ``state`` into the model's trainable tensors; its keys must be exactly those tensors."""
+def load_trainable(model: torch.nn.Module, state: Mapping[str, torch.Tensor], *, assign: bool = False) -> None:
+    """Copy ``state`` into the model's trainable tensors; its keys must be exactly those tensors.
+
+    ``assign``: the model (every tensor trainable, e.g. laid out on the meta device) takes the
+    given tensors as its parameters instead of copying them.
+    """
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
     if missing or extra:
@@ -139,6 +143,9 @@ def load_trainable(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) ->
             f"({', '.join(missing[:3])}{'...' if len(missing) > 3 else ''}), {len(extra)} unexpected "
             f"({', '.join(extra[:3])}{'...' if len(extra) > 3 else ''}); is the adapter setting the same?"
         )
+    if assign:
+        model.load_state_dict(dict(state), strict=True, assign=True)
+        return
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(state[name])

@@ -2,20 +2,38 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import torch
 from diffusers import UNet2DModel
 
-from .adapters import attach_adapter
+from .adapters import attach_adapter, load_trainable
 from .base import check_base_classes, load_base_unet
 from .settings import Settings
 from .unet import build_unet
 
 
-def initial_model(settings: Settings, channels: int) -> UNet2DModel:
+def initial_model(settings: Settings, channels: int, weights: Mapping[str, torch.Tensor] | None = None) -> UNet2DModel:
     """The ``init-from`` base with its adapter attached (seeded), or a fresh UNet of size ``model``
     (drawn from the global RNG: seed it first where the draw matters); class-conditional on the
-    data set's classes with ``class-conditional`` (a base must already be, with as many classes)."""
+    data set's classes with ``class-conditional`` (a base must already be, with as many classes).
+
+    ``weights`` (a node's copy of the global model's trainable tensors) are loaded into it. A
+    UNet without a base is then never initialised at random: it is laid out on the meta device
+    and takes the given tensors as its own, so a message does not pay for weights it would
+    overwrite (0.15 s for ``cifar``, 0.4 s for ``afhq64`` on a CPU core).
+    """
     if settings.init_from:
         base = load_base_unet(settings.init_from)
         check_base_classes(base.config, settings.num_classes, settings.init_from)  # nodes too
-        return attach_adapter(base, settings.adapter_spec())
-    return build_unet(settings.model, settings.image_size, channels, settings.num_classes)
+        model = attach_adapter(base, settings.adapter_spec())
+    elif weights is None:
+        return build_unet(settings.model, settings.image_size, channels, settings.num_classes)
+    else:
+        with torch.device("meta"):
+            model = build_unet(settings.model, settings.image_size, channels, settings.num_classes)
+        load_trainable(model, weights, assign=True)
+        return model
+    if weights is not None:
+        load_trainable(model, weights)
+    return model

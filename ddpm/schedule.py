@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
+from .progress import progress
+
 NUM_TRAIN_TIMESTEPS = 1000
 LABEL_STREAM = 1  # labels come from numpy's stream (seed, LABEL_STREAM), apart from the noise's torch stream
 
@@ -75,11 +77,13 @@ def ddim_sample(
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn((num_images, *shape), generator=gen)
     out = []
-    for start in range(0, num_images, batch_size):
-        x = noise[start : start + batch_size].to(device)
-        y = None if class_labels is None else class_labels[start : start + batch_size].to(device)
-        for t in scheduler.timesteps:
-            eps = model(x, t, class_labels=y).sample
-            x = scheduler.step(eps, t, x, eta=0.0).prev_sample
-        out.append(((x.clamp(-1, 1) + 1) / 2).cpu())
+    with progress(num_images, f"DDIM sampling ({steps} steps)", "img") as bar:
+        for start in range(0, num_images, batch_size):
+            x = noise[start : start + batch_size].to(device)
+            y = None if class_labels is None else class_labels[start : start + batch_size].to(device)
+            for t in scheduler.timesteps:
+                eps = model(x, t, class_labels=y).sample
+                x = scheduler.step(eps, t, x, eta=0.0).prev_sample
+            out.append(((x.clamp(-1, 1) + 1) / 2).cpu())
+            bar.update(x.shape[0])
     return torch.cat(out) if out else torch.empty((0, *shape))

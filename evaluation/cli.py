@@ -27,6 +27,8 @@ if TYPE_CHECKING:  # torch loads lazily: `iet-agc run` does not need it
 
 import numpy as np
 
+from ddpm.progress import bars
+
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "WEBP")  # the decoders for ddpm.data.IMAGE_SUFFIXES, whatever the suffix says
 DEVICE_PATTERN = r"auto|cpu|mps|(cuda|xpu)(:(0|[1-9][0-9]{0,2}))?"
@@ -242,11 +244,11 @@ def mq_report(
             )
     if train.shape[0] < n:
         raise InputError(f"--train: {train.shape[0]} training images, fewer than --n {n}")
-    neighbours = nearest_neighbours(generated, train, n, device=device)
+    neighbours = nearest_neighbours(generated, train, n, device=device, desc="nearest neighbours of --generated")
     summary: dict[str, Any] = dict(mq_counts(neighbours.ratio, thresholds))
     summary.update(n_generated=int(generated.shape[0]), n_train=int(train.shape[0]), n=n)
     if holdout is not None:
-        held = nearest_neighbours(holdout, train, n, device=device).ratio
+        held = nearest_neighbours(holdout, train, n, device=device, desc="nearest neighbours of --holdout").ratio
         summary.update(copy_scores(neighbours.ratio, held))
         summary["n_holdout"] = int(holdout.shape[0])
     return summary, neighbours
@@ -489,6 +491,16 @@ def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def _with_bars(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """``command`` showing tqdm bars for its long passes (sampling, features, nearest neighbours)."""
+
+    def run(args: argparse.Namespace) -> int:
+        with bars():
+            return command(args)
+
+    return run
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``mq`` and ``evaluate`` subcommands (each sets ``func`` -> exit code) to ``iet-agc``."""
     mq = sub.add_parser(
@@ -507,7 +519,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     mq.add_argument("--device", default="auto", help=f"{DEVICES} (default auto)")
     mq.add_argument("--per-image", default="", metavar="CSV", help="also write each image's ratio and nearest id")
-    mq.set_defaults(func=cmd_mq)
+    mq.set_defaults(func=_with_bars(cmd_mq))
     one_line_errors(mq)
 
     ev = sub.add_parser(
@@ -524,7 +536,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting, e.g. dataset=cifar10"
     )
-    ev.set_defaults(func=cmd_evaluate)
+    ev.set_defaults(func=_with_bars(cmd_evaluate))
     one_line_errors(ev)
 
 

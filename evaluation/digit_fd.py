@@ -4,6 +4,9 @@ The offline stand-in for FID (the usual MNIST-style practice): Inception weights
 offline and mean little on 8x8 digits. The classifier is trained by this code on the digits
 hold-out split (never on the training images it will be compared with), deterministically on the
 CPU in a few seconds, and cached on disk. It is labelled ``digit_fd`` and is never called FID.
+
+The classifier sees a third of the held-out digits (``NET_SHARE``); the other two thirds, which
+neither it nor the DDPM ever saw, give the floor: digit_fd of as many real digits as were generated.
 """
 
 from __future__ import annotations
@@ -19,13 +22,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .bootstrap import DEFAULT_RESAMPLES, QualityScore, score_features
 from .fid import feature_statistics, frechet_distance_stats
 
-log = logging.getLogger("iet_agc.evaluation")
+log = logging.getLogger("flwr.iet_agc.evaluation")  # a child of Flower's logger (flwr run --stream, flwr log)
 
 DIGIT_SIZE = 8  # the classifier sees every image at sklearn's native 8x8
-NET_VERSION = 1  # bump when the architecture or training recipe changes (invalidates caches)
+NET_VERSION = 2  # bump when the architecture or training recipe changes (invalidates caches)
 MIN_HOLDOUT = 20
+NET_SHARE = 1 / 3  # of the held-out digits train the classifier; the rest are the floor's real digits
 
 
 class DigitNet(nn.Module):
@@ -92,10 +97,24 @@ class DigitFD:
     mu: np.ndarray
     sigma: np.ndarray
     accuracy: float  # on the training split, which the classifier never saw
+    floor_images: torch.Tensor | None = None  # held-out digits the classifier never saw (uint8)
 
     def __call__(self, generated01: torch.Tensor) -> float:
         """digit_fd of generated images (uint8 or [0, 1]) against the training images."""
-        return frechet_distance_stats(*feature_statistics(generated01, self.net, batch_size=4096), self.mu, self.sigma)
+        return frechet_distance_stats(
+            *feature_statistics(generated01, self.net, batch_size=4096, desc="digit_fd features"), self.mu, self.sigma
+        )
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The classifier's 64-d features of images (uint8 or [0, 1])."""
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        return self.net(x)
+
+    def score(self, generated01: torch.Tensor, resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> QualityScore:
+        """digit_fd with its bootstrap interval over the generated images and its floor (same count)."""
+        floor = None if self.floor_images is None else self.features(self.floor_images)
+        return score_features(self.features(generated01), self.mu, self.sigma, floor, resamples=resamples, seed=seed)
 
 
 def load_digit_fd(
@@ -106,9 +125,14 @@ def load_digit_fd(
     cache: Path | str,
     seed: int = 0,
 ) -> DigitFD:
-    """Train (or load from ``cache``/digit_fd) the classifier on the hold-out split; fit train stats."""
+    """Train (or load from ``cache``/digit_fd) the classifier on a seeded third of the hold-out split
+    (at least ``MIN_HOLDOUT`` images); fit the training images' statistics; keep the rest for the floor."""
     if holdout.shape[0] < MIN_HOLDOUT:
         raise ValueError(f"holdout: the digit classifier needs >= {MIN_HOLDOUT} held-out images, got {len(holdout)}")
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(holdout.shape[0]))
+    share = max(MIN_HOLDOUT, int(holdout.shape[0] * NET_SHARE))
+    floor_images = holdout[order[share:]]
+    holdout, holdout_labels = holdout[order[:share]], holdout_labels[order[:share]]
     h = hashlib.sha256(holdout.contiguous().numpy().tobytes())
     h.update(holdout_labels.numpy().astype(np.int64).tobytes())
     path = Path(cache) / "digit_fd" / f"digitnet-v{NET_VERSION}-seed{seed}-{h.hexdigest()[:16]}.pt"
@@ -131,5 +155,5 @@ def load_digit_fd(
         except OSError as err:
             log.warning("could not cache the digit classifier at %s: %s", path, err)
     acc = accuracy(net, train, train_labels) if train_labels is not None else float("nan")
-    mu, sigma = feature_statistics(train, net, batch_size=4096)
-    return DigitFD(net, mu, sigma, acc)
+    mu, sigma = feature_statistics(train, net, batch_size=4096, desc="digit_fd features")
+    return DigitFD(net, mu, sigma, acc, floor_images if len(floor_images) >= 2 else None)

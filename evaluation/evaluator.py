@@ -3,6 +3,7 @@ missing), digit_fd on digits, the closest-pair grid, the ratio histogram and a M
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from pathlib import Path
@@ -15,12 +16,13 @@ from ddpm.data import ImageSet
 from ddpm.schedule import ddim_sample, draw_class_labels, model_classes
 from ddpm.settings import Settings
 
+from .bootstrap import DEFAULT_LEVEL, DEFAULT_RESAMPLES, QualityScore
 from .digit_fd import DigitFD, load_digit_fd
-from .fid import FIDUnavailable, cache_dir, fid
+from .fid import FIDUnavailable, cache_dir, fid_score
 from .mq import COPY_LEVELS, Neighbours, copy_scores, holdout_quantiles, mq_counts, nearest_neighbours
 from .plots import plot_ratio_histogram, save_pair_grid, save_sample_grid
 
-log = logging.getLogger("iet_agc.evaluation")
+log = logging.getLogger("flwr.iet_agc.evaluation")  # a child of Flower's logger (flwr run --stream, flwr log)
 
 PAIRS_LISTED = 10
 
@@ -36,7 +38,9 @@ class MemorizationEvaluator:
 
     Keys returned: ``mq_<delta>`` per threshold, ``copy_1``/``copy_5`` when the data set has
     held-out images, ``fid`` (None when unavailable, reason in ``fid_reason``), ``digit_fd`` on
-    digits. Each call also writes ``samples_<tag>.png``, ``pairs_<tag>.png``, ``ratios_<tag>.png``
+    digits; each quality figure with ``_lo``/``_hi`` (95 % bootstrap interval over the generated
+    images) and ``_floor`` (the same figure for as many held-out real images; None without them).
+    Each call also writes ``samples_<tag>.png``, ``pairs_<tag>.png``, ``ratios_<tag>.png``
     and ``eval_<tag>.md`` to ``out_dir``.
     """
 
@@ -51,6 +55,8 @@ class MemorizationEvaluator:
         self.cache = cache_dir(settings.fid_cache_dir)
         self._holdout_ratio: torch.Tensor | None = None
         self._digit_fd: DigitFD | None = None
+        self._fid_floor: dict[int, float | None] = {}  # per generated count: Inception on the hold-out is slow
+        self.scores: dict[str, QualityScore] = {}  # the last evaluation's quality figures
 
     def __call__(self, server_round: int, model: UNet2DModel) -> dict[str, float | None]:
         return self.evaluate_images(self.generate(model), f"round{server_round:03d}", f"round {server_round}")
@@ -77,16 +83,23 @@ class MemorizationEvaluator:
         s, data = self.settings, self.data
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.last_images = images
-        neighbours = nearest_neighbours(images, data.images, n=s.mq_neighbours, device=self.device)
+        neighbours = nearest_neighbours(
+            images,
+            data.images,
+            n=s.mq_neighbours,
+            device=self.device,
+            desc="nearest neighbours of the generated images",
+        )
         self.last_neighbours = neighbours
         ratio = neighbours.ratio
         metrics: dict[str, float | None] = dict(mq_counts(ratio, s.thresholds))
         holdout_ratio = self.holdout_ratio()
         if holdout_ratio is not None:
             metrics.update(copy_scores(ratio, holdout_ratio))
-        metrics["fid"] = self._fid(images)
+        self.scores = {}
+        metrics.update(self._columns("fid", self._fid(images)))
         if data.name == "digits":
-            metrics["digit_fd"] = self._digit_score(images)
+            metrics.update(self._columns("digit_fd", self._digit_score(images)))
         pictures = {
             "samples": save_sample_grid(images, self.out_dir / f"samples_{tag}.png").name,
             "pairs": save_pair_grid(images, data.images, neighbours, self.out_dir / f"pairs_{tag}.png").name,
@@ -105,29 +118,49 @@ class MemorizationEvaluator:
         """Eq. 12 ratio of every held-out real image against the training set (computed once)."""
         if self._holdout_ratio is None and len(self.data.holdout):
             n = self.settings.mq_neighbours
-            self._holdout_ratio = nearest_neighbours(self.data.holdout, self.data.images, n, device=self.device).ratio
+            self._holdout_ratio = nearest_neighbours(
+                self.data.holdout,
+                self.data.images,
+                n,
+                device=self.device,
+                desc="nearest neighbours of the held-out images",
+            ).ratio
         return self._holdout_ratio
 
-    def _fid(self, images: torch.Tensor) -> float | None:
+    def _columns(self, name: str, score: QualityScore | None) -> dict[str, float | None]:
+        if score is None:
+            return {name: None, f"{name}_lo": None, f"{name}_hi": None, f"{name}_floor": None}
+        self.scores[name] = score
+        return score.columns(name)
+
+    def _fid(self, images: torch.Tensor) -> QualityScore | None:
         if self.fid_reason:  # disabled, or already failed this run: do not retry the download
             return None
         batch = self.settings.eval_batch_size if self.device.type == "cuda" else min(self.settings.eval_batch_size, 50)
+        n = images.shape[0]
+        floor01 = self.data.holdout if len(self.data.holdout) >= 2 and n not in self._fid_floor else None
         try:
-            return fid(
+            score = fid_score(
                 images,
                 self.data.images,
                 self.settings.fid_weights,
                 self.device,
+                floor01=floor01,
                 batch_size=batch,
                 reference_key=f"{self.data.name}-{self.data.fingerprint}",
                 cache=str(self.cache),
+                seed=self.settings.seed,
             )
         except (FIDUnavailable, ValueError) as err:
             self.fid_reason = str(err)
             log.warning("FID unavailable: %s", err)
             return None
+        if floor01 is not None:
+            self._fid_floor[n] = score.floor
+        floor_n = min(n, len(self.data.holdout)) if self._fid_floor.get(n) is not None else 0
+        return dataclasses.replace(score, floor=self._fid_floor.get(n), floor_n=floor_n)
 
-    def _digit_score(self, images: torch.Tensor) -> float | None:
+    def _digit_score(self, images: torch.Tensor) -> QualityScore | None:
         if self._digit_fd is None and not self.digit_fd_reason:
             try:
                 labels = self.data.holdout_labels
@@ -142,7 +175,7 @@ class MemorizationEvaluator:
         if self._digit_fd is None:
             return None
         try:
-            return self._digit_fd(images)
+            return self._digit_fd.score(images, seed=self.settings.seed)
         except ValueError as err:  # e.g. a single generated image has no covariance
             log.warning("digit_fd unavailable: %s", err)
             return None
@@ -210,20 +243,30 @@ class MemorizationEvaluator:
         else:
             lines += ["No held-out images: `copy_1`/`copy_5` not computed.", ""]
         lines += ["## Quality", ""]
-        if metrics.get("fid") is not None:
-            lines.append(f"- FID: {metrics['fid']:.3f} (pytorch-fid Inception pool3, {num} generated vs training set)")
+        if "fid" in self.scores:
+            lines.append(
+                f"- FID: {_with_interval(self.scores['fid'])} (pytorch-fid Inception pool3, {num} generated vs "
+                "training set)"
+            )
         else:
             lines.append(f"- FID: unavailable ({self.fid_reason})")
         if "digit_fd" in metrics:
-            if metrics["digit_fd"] is not None:
+            if "digit_fd" in self.scores:
                 acc = self._digit_fd.accuracy if self._digit_fd is not None else math.nan
                 lines.append(
-                    f"- digit_fd: {metrics['digit_fd']:.3f} (not FID: Fréchet distance on the features of a small "
-                    f"digit classifier trained on the hold-out split, {acc:.1%} accurate on the training split; "
-                    "generated vs training images)"
+                    f"- digit_fd: {_with_interval(self.scores['digit_fd'])} (not FID: Fréchet distance on the features "
+                    f"of a small digit classifier trained on a third of the hold-out split, {acc:.1%} accurate on the "
+                    "training split; generated vs training images)"
                 )
             else:
                 lines.append(f"- digit_fd: unavailable ({self.digit_fd_reason or 'too few generated images'})")
+        if self.scores:
+            lines.append(
+                f"- interval: {DEFAULT_LEVEL:.0%} percentile bootstrap over the generated images ({DEFAULT_RESAMPLES} "
+                "resamples): how far the figure moves from the sample count alone. Floor: the same figure for as "
+                "many held-out real images (never trained on), what a generator drawing from the data would score; "
+                "Fréchet distances shrink as the count grows, so compare figures at equal counts."
+            )
         lines += [
             "",
             "## Pictures",
@@ -246,3 +289,9 @@ class MemorizationEvaluator:
         target = self.out_dir / f"eval_{tag}.md"
         target.write_text("\n".join(lines) + "\n")
         return target
+
+
+def _with_interval(score: QualityScore) -> str:
+    """``4.900 (95 % interval 3.1-7.2; floor 2.0 with 500 held-out images)``."""
+    floor = f"floor {score.floor:.3f} with {score.floor_n} held-out images" if score.floor is not None else "no floor"
+    return f"{score.value:.3f} ({DEFAULT_LEVEL:.0%} interval {score.lo:.3f}-{score.hi:.3f}; {floor})"

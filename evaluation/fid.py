@@ -26,7 +26,11 @@ import pytorch_fid.inception as pf
 import torch
 import torchvision
 
-log = logging.getLogger("iet_agc.evaluation")
+from ddpm.progress import progress
+
+from .bootstrap import DEFAULT_RESAMPLES, QualityScore, score_features
+
+log = logging.getLogger("flwr.iet_agc.evaluation")  # a child of Flower's logger (flwr run --stream, flwr log)
 
 DOWNLOAD_TAG = "pt_inception-2015-12-05"  # pytorch-fid's released FID weights
 DEFAULT_CACHE = Path.home() / ".cache" / "iet-agc"
@@ -245,25 +249,29 @@ def feature_statistics(
     model: Callable[[torch.Tensor], object],
     batch_size: int = 50,
     device: torch.device | str = "cpu",
+    desc: str = "FID features",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Mean and covariance (ddof 1) of ``model``'s features, accumulated batch by batch in float64.
 
     Only a (F, F) accumulator lives in memory, however many images; images are uint8 or [0, 1].
+    ``desc`` names the pass in its progress line.
     """
     if images.shape[0] < 2:
         raise ValueError(f"need at least 2 images for a covariance, got {images.shape[0]}")
     shift = total = outer = None
     count = 0
-    for s in range(0, images.shape[0], batch_size):
-        f = _features(model, _to01(images[s : s + batch_size]).to(device)).double()
-        if shift is None:  # shifting by a first estimate of the mean keeps the sums well conditioned
-            shift = f.mean(0)
-            total = torch.zeros_like(shift)
-            outer = torch.zeros((f.shape[1], f.shape[1]), dtype=torch.float64, device=f.device)
-        f = f - shift
-        total += f.sum(0)
-        outer += f.T @ f
-        count += f.shape[0]
+    with progress(images.shape[0], desc, "img") as bar:
+        for s in range(0, images.shape[0], batch_size):
+            f = _features(model, _to01(images[s : s + batch_size]).to(device)).double()
+            if shift is None:  # shifting by a first estimate of the mean keeps the sums well conditioned
+                shift = f.mean(0)
+                total = torch.zeros_like(shift)
+                outer = torch.zeros((f.shape[1], f.shape[1]), dtype=torch.float64, device=f.device)
+            f = f - shift
+            total += f.sum(0)
+            outer += f.T @ f
+            count += f.shape[0]
+            bar.update(f.shape[0])
     mean = total / count
     cov = (outer - count * torch.outer(mean, mean)) / (count - 1)
     return (shift + mean).cpu().numpy(), cov.cpu().numpy()
@@ -299,7 +307,7 @@ def cached_statistics(
                     return stored["mu"], stored["sigma"]
         except (OSError, ValueError, KeyError) as err:
             log.warning("ignoring unreadable FID statistics cache %s: %s", path, err)
-    mu, sigma = feature_statistics(images, model, batch_size, device)
+    mu, sigma = feature_statistics(images, model, batch_size, device, "FID features of the training set")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.stem}.{os.getpid()}.npz")
@@ -336,10 +344,47 @@ def fid(
     else:
         tag = f"custom-{type(model).__name__}"
     gen = generated01[:num_images] if num_images else generated01
-    mu_g, sigma_g = feature_statistics(gen, model, batch_size, device)
+    mu_g, sigma_g = feature_statistics(gen, model, batch_size, device, "FID features of the generated images")
+    if reference_key:
+        directory = cache_dir(cache) / "fid"
+        mu_r, sigma_r = cached_statistics(reference01, f"{reference_key}-{tag}", model, directory, batch_size, device)
+    else:
+        mu_r, sigma_r = feature_statistics(reference01, model, batch_size, device, "FID features of the reference")
+    return frechet_distance_stats(mu_g, sigma_g, mu_r, sigma_r)
+
+
+def fid_score(
+    generated01: torch.Tensor,
+    reference01: torch.Tensor,
+    weights: str = "",
+    device: torch.device | str = "cpu",
+    *,
+    floor01: torch.Tensor | None = None,
+    batch_size: int = 50,
+    reference_key: str = "",
+    cache: str = "",
+    model: Callable[[torch.Tensor], object] | None = None,
+    expected_sha256: str = FID_WEIGHTS_SHA256,
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+) -> QualityScore:
+    """FID (as ``fid``) with its bootstrap interval over the generated images and its floor: the
+    FID of the first N images of ``floor01`` (held-out real images; None: no floor).
+
+    The interval's resamples run on ``device`` (2048-d covariances: a GPU makes them cheap).
+    """
+    if model is None:
+        model = inception(weights, str(device), expected_sha256)
+        tag = weights_tag(weights)
+    else:
+        tag = f"custom-{type(model).__name__}"
+    feats = torch.from_numpy(inception_features(generated01, model, batch_size, device))
     if reference_key:
         directory = cache_dir(cache) / "fid"
         mu_r, sigma_r = cached_statistics(reference01, f"{reference_key}-{tag}", model, directory, batch_size, device)
     else:
         mu_r, sigma_r = feature_statistics(reference01, model, batch_size, device)
-    return frechet_distance_stats(mu_g, sigma_g, mu_r, sigma_r)
+    floor = None
+    if floor01 is not None and floor01.shape[0] >= 2:
+        floor = torch.from_numpy(inception_features(floor01[: feats.shape[0]], model, batch_size, device))
+    return score_features(feats, mu_r, sigma_r, floor, resamples=resamples, seed=seed, device=device)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ddpm.progress import progress
+
 
 @dataclass(frozen=True)
 class Neighbours:
@@ -68,6 +70,7 @@ def nearest_neighbours(
     gen_chunk: int = 1024,
     train_chunk: int = 8192,
     device: torch.device | str = "cpu",
+    desc: str = "nearest neighbours",
 ) -> Neighbours:
     """Exact n nearest training images (squared Euclidean, images in [0, 1]) per generated image.
 
@@ -97,24 +100,26 @@ def nearest_neighbours(
     out_i = torch.empty((num_gen, n), dtype=torch.int64)
     gen_chunk, train_chunk = min(gen_chunk, max(num_gen, 1)), min(train_chunk, num_ref)
     buffer = torch.empty(gen_chunk * train_chunk, device=device)
-    for g0 in range(0, num_gen, gen_chunk):
-        g = gen[g0 : g0 + gen_chunk].to(device)
-        best_d = torch.empty((g.shape[0], 0), device=device)
-        best_i = torch.empty((g.shape[0], 0), dtype=torch.int64, device=device)
-        for t0 in range(0, num_ref, train_chunk):
-            r = ref[t0 : t0 + train_chunk]
-            # |t|^2 - 2 g.t ranks training images like the squared distance (|g|^2 is constant per row).
-            block = buffer[: g.shape[0] * r.shape[0]].view(g.shape[0], r.shape[0])
-            torch.addmm(ref_sq[t0 : t0 + r.shape[0]].expand_as(block), g, r.T, beta=1, alpha=-2, out=block)
-            d, i = block.topk(min(n, r.shape[0]), dim=1, largest=False, sorted=False)
-            best_d, best_i = torch.cat([best_d, d], 1), torch.cat([best_i, i.add_(t0)], 1)
-            if best_d.shape[1] > n:
-                best_d, pos = best_d.topk(n, dim=1, largest=False, sorted=False)
-                best_i = best_i.gather(1, pos)
-        exact = _exact_distances(g, ref, best_i, max(1, (gen_chunk * train_chunk) // (n * ref.shape[1])))
-        exact, order = exact.sort(dim=1, stable=True)
-        out_d[g0 : g0 + g.shape[0]] = exact.cpu()
-        out_i[g0 : g0 + g.shape[0]] = best_i.gather(1, order).cpu()
+    with progress(num_gen * num_ref, desc, "pairs", scale=True) as bar:  # (generated, training) pairs compared
+        for g0 in range(0, num_gen, gen_chunk):
+            g = gen[g0 : g0 + gen_chunk].to(device)
+            best_d = torch.empty((g.shape[0], 0), device=device)
+            best_i = torch.empty((g.shape[0], 0), dtype=torch.int64, device=device)
+            for t0 in range(0, num_ref, train_chunk):
+                r = ref[t0 : t0 + train_chunk]
+                # |t|^2 - 2 g.t ranks training images like the squared distance (|g|^2 is constant per row).
+                block = buffer[: g.shape[0] * r.shape[0]].view(g.shape[0], r.shape[0])
+                torch.addmm(ref_sq[t0 : t0 + r.shape[0]].expand_as(block), g, r.T, beta=1, alpha=-2, out=block)
+                d, i = block.topk(min(n, r.shape[0]), dim=1, largest=False, sorted=False)
+                best_d, best_i = torch.cat([best_d, d], 1), torch.cat([best_i, i.add_(t0)], 1)
+                if best_d.shape[1] > n:
+                    best_d, pos = best_d.topk(n, dim=1, largest=False, sorted=False)
+                    best_i = best_i.gather(1, pos)
+                bar.update(g.shape[0] * r.shape[0])
+            exact = _exact_distances(g, ref, best_i, max(1, (gen_chunk * train_chunk) // (n * ref.shape[1])))
+            exact, order = exact.sort(dim=1, stable=True)
+            out_d[g0 : g0 + g.shape[0]] = exact.cpu()
+            out_i[g0 : g0 + g.shape[0]] = best_i.gather(1, order).cpu()
     return Neighbours(out_d, out_i)
 
 

@@ -14,7 +14,7 @@ from diffusers import DDPMPipeline, UNet2DModel
 from ddpm.schedule import train_scheduler
 from ddpm.settings import Settings
 
-from .plots import save_sample_grid
+from .plots import plot_curves, save_sample_grid
 
 ROUND_COLUMNS = ("round", "train_loss", "skip_rate", "aug_rate", "moved", "replies", "dropped", "timed_out", "seconds")
 SHARD_COLUMNS = ("node", "local_step", "num_examples", "train_loss", "skip_rate", "aug_rate", "steps", "train_seconds")
@@ -147,8 +147,17 @@ class RunWriter:
         rank = f" rank {s.lora_rank}" + (", A frozen" if s.lora_freeze_a else "") if s.adapter == "lora" else ""
         return f"fine-tuned from `{s.init_from}` (adapter `{s.adapter}`{rank})"
 
+    def save_curves(self) -> Path | None:
+        """``curves.png``: the run so far against the round, drawn from rounds.csv (None before round 1)."""
+        table = self.path / "rounds.csv"
+        if not self.rows or not table.is_file():
+            return None
+        return plot_curves(pd.read_csv(table), self.path / "curves.png")
+
     def write_report(self, notes: list[str]) -> Path:
+        """``report.md``: the per-round table, the curves, the notes and the pictures."""
         frame = pd.DataFrame(self.rows)
+        curves = self.save_curves()
         lines = [
             f"# Run {self.path.name}",
             "",
@@ -162,6 +171,13 @@ class RunWriter:
                 "## Per round",
                 "",
                 frame.to_markdown(index=False, floatfmt=".4g"),
+                "",
+            ]
+        if curves is not None:
+            lines += [
+                "Loss, skip and augmentation rates, MQ, copy_1/copy_5 and image quality against the round:",
+                "",
+                f"![curves]({curves.name})",
                 "",
             ]
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + ["", "![samples](samples.png)", ""]

@@ -1,4 +1,4 @@
-"""Pictures of an evaluation: closest generated/training pairs, ratio and skip-count histograms.
+"""Pictures of a run: closest generated/training pairs, ratio and skip-count histograms, the curves.
 
 Figures are drawn with matplotlib's object API on the Agg canvas (no pyplot, no global backend
 switch), so they work headless and from any thread.
@@ -11,9 +11,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from torchvision.utils import make_grid, save_image
 
 from .mq import Neighbours
@@ -122,4 +124,61 @@ def plot_skip_histogram(counts: np.ndarray, path: Path | str) -> Path:
     ax.set_title(f"skip counts of {counts.size} training samples (mean {counts.mean():.2f})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    return Path(path)
+
+
+def curve_panels(rounds: pd.DataFrame) -> list[tuple[str, dict[str, pd.Series]]]:
+    """The panels of ``curves.png`` from a ``rounds.csv`` table: (title, {column: values by round}).
+
+    Train loss; skip and augmentation rates; MQ per delta; copy_1/copy_5; the quality figure (FID
+    where it was measured, else digit_fd); samples moved by MSR. Evaluation columns keep only the
+    rounds that were evaluated; a column never measured is left out (its panel stays empty).
+    """
+    if rounds.empty or "round" not in rounds:
+        raise ValueError("rounds: no rounds to plot")
+    quality = next((c for c in ("fid", "digit_fd") if c in rounds and rounds[c].notna().any()), "fid")
+    groups = [
+        ("train loss (kept samples, eq. 8)", ["train_loss"]),
+        ("share of drawn samples", ["skip_rate", "aug_rate"]),
+        ("MQ_delta: near-copies (lower: less memorization)", [c for c in rounds if c.startswith("mq_")]),
+        ("copy_1 / copy_5 (unseen real images: 0.01 / 0.05)", [c for c in rounds if c.startswith("copy_")]),
+        (f"{quality} (lower: better images)", [quality]),
+        ("samples moved by MSR", ["moved"]),
+    ]
+    panels = []
+    for title, columns in groups:
+        series = {}
+        for column in columns:
+            values = pd.to_numeric(rounds[column], errors="coerce") if column in rounds else None
+            if values is not None and values.notna().any():
+                series[column] = pd.Series(values.to_numpy(), index=rounds["round"].to_numpy()).dropna()
+        panels.append((title, series))
+    return panels
+
+
+def plot_curves(rounds: pd.DataFrame, path: Path | str) -> Path:
+    """``curves.png``: the panels of ``curve_panels`` in a 2 x 3 grid against the round (one round
+    axis for all panels, integer ticks)."""
+    panels = curve_panels(rounds)
+    fig = _figure(13.0, 6.4)
+    first, last = int(rounds["round"].min()), int(rounds["round"].max())
+    for i, (title, series) in enumerate(panels, 1):
+        ax = fig.add_subplot(2, 3, i)
+        ax.set_xlim(first - 0.5, last + 0.5)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        for column, values in series.items():
+            sparse = len(values) < len(rounds)  # evaluated rounds only: mark the points
+            ax.plot(values.index, values.to_numpy(), marker="o" if sparse else None, markersize=4, label=column)
+        if not series:
+            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes, color="grey")
+        elif len(series) > 1:
+            ax.legend(fontsize=8)
+        if title.startswith("copy_"):
+            for level in (0.01, 0.05):
+                ax.axhline(level, color="grey", linestyle=":", linewidth=0.8)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     return Path(path)

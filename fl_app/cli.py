@@ -12,20 +12,28 @@ import argparse
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
 import time
 import tomllib
+from dataclasses import fields
+from logging import INFO
 from pathlib import Path
 
+from flwr.common.logger import log
+
+from ddpm.settings import Settings
 from evaluation.cli import register as register_evaluation
 from strategies.checkpoint import CheckpointError, load_checkpoint
 
 from .config import settings_from_run_config
 from .resume import resumed_settings, run_folder_lock
+from .sweep import register as register_sweep
 
 ENV_FLAG = "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"
+GPUS = "client-resources-num-gpus"
 
 
 def _project_defaults(app_dir: Path) -> dict:
@@ -33,52 +41,71 @@ def _project_defaults(app_dir: Path) -> dict:
         return tomllib.load(fh)["tool"]["flwr"]["app"]["config"]
 
 
-def _parse_overrides(run_config: list[str]) -> dict:
-    """``--run-config`` values as flwr reads them: a TOML file path or ``key=value`` pairs.
+PAIR = re.compile(r"(\S+?)=('[^']*'|\"[^\"]*\"|\S+)")  # flwr 1.41's pattern for one key=value pair
 
-    Each pair is parsed on its own, so a syntax error names its key; a file's names the file and line.
-    """
+
+def parse_run_config(values: list[str]) -> dict:
+    """``--run-config`` as ``flwr run`` reads it: one TOML file, or ``key=value`` pairs (repeatable,
+    later wins); never both. A syntax error names its key (or the file and line)."""
+    files = [v for v in values if v.endswith(".toml")]  # flwr's test for a file
+    if files and len(values) > 1:
+        raise ValueError(
+            f"--run-config: a TOML file ({files[0]}) cannot be combined with other --run-config values "
+            "(flwr run refuses both): put your changes into a copy of the file, or give key=value pairs only"
+        )
+    if files:
+        return _read_toml(files[0])
     merged: dict = {}
-    for item in run_config:
-        path = Path(item)
-        if path.suffix == ".toml" and "=" not in item:
-            if not path.is_file():
-                raise ValueError(f"--run-config: file {item} does not exist")
-            try:
-                text = path.read_bytes().decode()
-                merged.update(tomllib.loads(text))
-            except UnicodeDecodeError as err:
-                raise ValueError(f"--run-config: {item}: not UTF-8 text ({err})") from None
-            except tomllib.TOMLDecodeError as err:
-                line = re.search(r"at line (\d+)", str(err))
-                where = ""
-                if line and 0 < int(line.group(1)) <= len(text.splitlines()):
-                    key = text.splitlines()[int(line.group(1)) - 1].partition("=")[0].strip()
-                    where = f"line {line.group(1)}" + (f" ({key})" if key else "") + ": "
-                raise ValueError(f"--run-config: {item}: {where}invalid TOML ({err})") from None
-            continue
-        pairs: dict = {}
-        for pair in _split_pairs(item):
-            key, sep, value = pair.partition("=")
-            key, value = key.strip(), value.strip()
-            if not sep or not key:
-                raise ValueError(f"--run-config: expected key=value, got {pair!r}")
-            try:
-                parsed = tomllib.loads(f"{key} = {value}")
-            except tomllib.TOMLDecodeError as err:
-                reason = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(err))  # our one-line document
-                raise ValueError(f"--run-config: {key}: invalid TOML value {value!r} ({reason})") from None
-            for name, parsed_value in parsed.items():  # one entry (a dotted key makes a table)
-                if name in pairs:
-                    raise ValueError(f"--run-config: {name}: given twice in {item!r}")
-                pairs[name] = parsed_value
-        merged.update(pairs)
+    for item in values:
+        merged.update(parse_pairs(item, "--run-config"))
     return merged
 
 
-def _split_pairs(text: str) -> list[str]:
-    """``'a=1 b="x y"'`` -> ``['a=1', 'b="x y"']``: split before each ``key=`` that follows whitespace."""
-    return [p.strip() for p in re.split(r"\s+(?=[\w.-]+\s*=)", text.strip()) if p.strip()]
+def _read_toml(item: str) -> dict:
+    path = Path(item).expanduser()
+    if not path.is_file():
+        raise ValueError(f"--run-config: file {item} does not exist")
+    try:
+        text = path.read_bytes().decode()
+        return tomllib.loads(text)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--run-config: {item}: not UTF-8 text ({err})") from None
+    except tomllib.TOMLDecodeError as err:
+        line = re.search(r"at line (\d+)", str(err))
+        where = ""
+        if line and 0 < int(line.group(1)) <= len(text.splitlines()):
+            key = text.splitlines()[int(line.group(1)) - 1].partition("=")[0].strip()
+            where = f"line {line.group(1)}" + (f" ({key})" if key else "") + ": "
+        raise ValueError(f"--run-config: {item}: {where}invalid TOML ({err})") from None
+
+
+def parse_pairs(text: str, option: str) -> dict:
+    """``'a=1 b="x y"'`` -> ``{'a': 1, 'b': 'x y'}`` with flwr's pattern; each value is TOML. What
+    flwr would silently skip (``a = 1``, a stray word) is refused here, naming the text."""
+    pairs: dict = {}
+    leftover = PAIR.sub(" ", text).strip()
+    if leftover:
+        raise ValueError(f"{option}: expected key=value pairs (no spaces around =), cannot read {leftover!r}")
+    for key, value in PAIR.findall(text):
+        try:
+            parsed = tomllib.loads(f"{key} = {value}")
+        except tomllib.TOMLDecodeError as err:
+            reason = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(err))  # our one-line document
+            raise ValueError(f"{option}: {key}: invalid TOML value {value!r} ({reason})") from None
+        for name, parsed_value in parsed.items():  # one entry (a dotted key makes a table)
+            if name in pairs:
+                raise ValueError(f"{option}: {name}: given twice in {text!r}")
+            pairs[name] = parsed_value
+    return pairs
+
+
+def _absolute_paths(overrides: dict) -> dict:
+    """Relative paths (data-root, out-dir, ...) resolved here: the SuperLink may run elsewhere."""
+    paths = {f.name.replace("_", "-") for f in fields(Settings) if f.metadata["rule"].path}
+    return {
+        k: str((Path.cwd() / v).resolve()) if k in paths and isinstance(v, str) and v and not v.startswith("~") else v
+        for k, v in overrides.items()
+    }
 
 
 def _stale_superlinks() -> dict[int, str]:
@@ -107,7 +134,7 @@ def _stale_superlinks() -> dict[int, str]:
 
 def _stop(stale: dict[int, str]) -> None:
     for pid, reason in stale.items():
-        print(f"[iet-agc] stopping local SuperLink {pid}: {reason}", flush=True)
+        log(INFO, "stopping local SuperLink %d: %s", pid, reason)
         os.kill(pid, signal.SIGTERM)
     pids, deadline = list(stale), time.monotonic() + 20
     while pids and time.monotonic() < deadline:
@@ -126,52 +153,79 @@ def _run_status(run_id: str, app_dir: Path, env: dict) -> tuple[str, str]:
         return "unknown", out.stdout[-500:] + out.stderr[-500:]
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def federation_config(args: argparse.Namespace) -> dict:
+    """``--federation-config`` pairs (repeatable, later wins) with ``--supernodes`` as ``num-supernodes``
+    (default 2) and ``--gpus`` as ``client-resources-num-gpus`` (default: 1 with CUDA, else unset)."""
+    federation: dict = {}
+    for item in args.federation_config:
+        federation.update(parse_pairs(item, "--federation-config"))
+    for flag, key, value in (("--supernodes", "num-supernodes", args.supernodes), ("--gpus", GPUS, args.gpus)):
+        if value is not None and key in federation and federation[key] != value:
+            raise ValueError(f"--federation-config: {key}={federation[key]} contradicts {flag} {value:g}")
+        if value is not None:
+            federation[key] = value
+    federation.setdefault("num-supernodes", 2)
+    if GPUS not in federation and (gpus := _default_gpus()):
+        federation[GPUS] = gpus
+    nodes = federation["num-supernodes"]
+    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
+        raise ValueError(f"--federation-config: num-supernodes: must be an integer >= 1, got {nodes!r}")
+    return federation
+
+
+def prepare_run(args: argparse.Namespace) -> list[str]:
+    """The ``flwr run`` command for ``args``, once every setting has been checked (ValueError,
+    CheckpointError or OSError otherwise, naming the option or key)."""
     app_dir = Path(args.app).resolve()
+    overrides = _absolute_paths(parse_run_config(args.run_config))
+    defaults = _project_defaults(app_dir)
+    federation = federation_config(args)
+    if args.resume is not None:
+        overrides = _resume_overrides(Path(args.resume), overrides)
+    elif "out-dir" not in overrides:  # runs land beside the user, not in the SuperLink's cwd
+        overrides["out-dir"] = _absolute_paths({"out-dir": defaults.get("out-dir", "runs")})["out-dir"]
+    settings = settings_from_run_config(defaults, overrides)
+    nodes = federation["num-supernodes"]
+    if settings.min_nodes > nodes:  # the run would wait for nodes forever
+        raise ValueError(f"min-nodes: must be <= num-supernodes ({nodes}), got {settings.min_nodes}")
+    config = " ".join(f"{k}={_toml(v)}" for k, v in overrides.items())
+    nodes_config = " ".join(f"{k}={_toml(v)}" for k, v in federation.items())
+    cmd = ["flwr", "run", str(app_dir), *([args.superlink] if args.superlink else []), "--stream"]
+    cmd += ["--run-config", config, "--federation-config", nodes_config]
+    return cmd + [f"--{k}={v}" for k in ("federation", "format") if (v := getattr(args, k)) is not None]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
     try:
-        overrides = _parse_overrides(args.run_config)
-        defaults = _project_defaults(app_dir)
-        if args.resume is not None:
-            overrides = _resume_overrides(Path(args.resume), overrides)
-        elif "out-dir" not in overrides:  # runs land beside the user, not in the SuperLink's cwd
-            overrides["out-dir"] = str((Path.cwd() / defaults.get("out-dir", "runs")).resolve())
-        settings = settings_from_run_config(defaults, overrides)
-        if settings.min_nodes > args.supernodes:  # the run would wait for nodes forever
-            raise ValueError(f"min-nodes: must be <= --supernodes ({args.supernodes}), got {settings.min_nodes}")
-        if args.supernodes < 1:
-            raise ValueError(f"--supernodes: must be >= 1, got {args.supernodes}")
+        cmd = prepare_run(args) + args.flwr_args
     except CheckpointError as err:
         print(f"iet-agc run: --resume: {err}", file=sys.stderr)
         return 2
-    except (ValueError, OSError, RuntimeError, tomllib.TOMLDecodeError) as err:
+    except (ValueError, OSError, RuntimeError) as err:
         print(f"iet-agc run: invalid settings: {err}", file=sys.stderr)
         return 2
     env = {**os.environ, ENV_FLAG: "1"}
     if sys.platform.startswith("linux"):
         _stop(_stale_superlinks())
     else:
-        print(
-            f"[iet-agc] note: a local SuperLink started earlier without {ENV_FLAG}=1 keeps building a "
-            "per-run environment; stop it once if so (it restarts on the next run)",
-            flush=True,
+        log(
+            INFO,
+            "note: a local SuperLink started earlier without %s=1 keeps building a per-run environment; "
+            "stop it once if so (it restarts on the next run)",
+            ENV_FLAG,
         )
-    config = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else _toml(v)}" for k, v in overrides.items())
-    cmd = ["flwr", "run", str(app_dir), "--stream", "--run-config", config]
-    gpus = args.gpus if args.gpus is not None else _default_gpus()
-    federation = f"num-supernodes={args.supernodes}" + (f" client-resources-num-gpus={gpus}" if gpus else "")
-    cmd += ["--federation-config", federation, *args.flwr_args]
-    print("[iet-agc] " + " ".join(cmd), flush=True)
+    log(INFO, "%s", shlex.join(cmd))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     run_id = None
     for line in proc.stdout:
         sys.stdout.write(line)
         sys.stdout.flush()
-        if run_id is None and (m := re.search(r"started run (\d+)", line)):
-            run_id = m.group(1)
+        if run_id is None and (m := re.search(r"started run (\d+)|\"run-id\": (\d+)", line)):
+            run_id = m.group(1) or m.group(2)
     code = proc.wait()
     if code or run_id is None:
         return code or 1
-    status, details = _run_status(run_id, app_dir, env)
+    status, details = _run_status(run_id, Path(args.app).resolve(), env)
     if status != "finished:completed":
         print(f"iet-agc run: run {run_id} ended as {status}: {details}", file=sys.stderr)
         return 1
@@ -187,7 +241,7 @@ def _resume_overrides(run_dir: Path, given: dict) -> dict:
         pass
     merged = resumed_settings(ckpt.settings, given, defaults={})
     merged["resume"] = str(run_dir.resolve())
-    print(f"[iet-agc] resuming {run_dir} after round {ckpt.server_round} of {merged['num-rounds']}", flush=True)
+    log(INFO, "resuming %s after round %d of %d", run_dir, ckpt.server_round, merged["num-rounds"])
     return merged
 
 
@@ -199,6 +253,9 @@ def _default_gpus() -> float:
 
 
 def _toml(value) -> str:
+    """A value as flwr's key=value parser reads it back (TOML)."""
+    if isinstance(value, str):
+        return json.dumps(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float) and value in (float("inf"), float("-inf")):
@@ -211,8 +268,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the Flower app in local simulation (flwr run . --stream, done right)")
     run.add_argument("app", nargs="?", default=".", help="app folder holding pyproject.toml (default: .)")
+    run.add_argument("superlink", nargs="?", help="as flwr run: a SuperLink connection (default: the local one)")
+    run.add_argument("--federation", help="as flwr run: the federation to submit the run to")
+    run.add_argument("--format", choices=("default", "json"), help="as flwr run: its output format")
     run.add_argument(
-        "--run-config", action="append", default=[], help="a preset TOML file or 'key=value ...' (repeatable)"
+        "--run-config",
+        "-c",
+        action="append",
+        default=[],
+        help="as flwr run: one TOML file, or 'key=value ...' (repeatable, later wins); not both",
+    )
+    run.add_argument(
+        "--federation-config",
+        action="append",
+        default=[],
+        help="as flwr run: 'key=value ...' (repeatable), e.g. 'num-supernodes=4 client-resources-num-cpus=2'",
     )
     run.add_argument(
         "--resume",
@@ -220,15 +290,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue a stopped run from its last checkpoint, with its own settings "
         "(--run-config may change only run-length and evaluation keys)",
     )
-    run.add_argument("--supernodes", type=int, default=2, help="simulated SuperNodes (default 2)")
+    run.add_argument(
+        "--supernodes", type=int, default=None, help="simulated SuperNodes: num-supernodes in --federation-config (2)"
+    )
     run.add_argument(
         "--gpus",
         type=float,
         default=None,
-        help="GPUs per running ClientApp in simulation (default: 1 if CUDA is available, else 0; 0.5 = two share one)",
+        help="GPUs per running ClientApp in simulation: client-resources-num-gpus in --federation-config "
+        "(default: 1 if CUDA is available, else 0; 0.5 = two share one)",
     )
     run.set_defaults(func=cmd_run)  # options it does not know are passed on to flwr run
     register_evaluation(sub)
+    register_sweep(sub)
     return parser
 
 

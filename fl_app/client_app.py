@@ -43,7 +43,8 @@ def make_client_app(**train_kwargs) -> ClientApp:
         if ids.size == 0 or ids.min() < 0 or ids.max() >= len(data):
             raise ValueError(f"shard {shard}: ids outside 0..{len(data) - 1}")
         device = resolve_device(settings.device)
-        model = initial_model(settings, data.channels)
+        weights = msg.content["arrays"].to_torch_state_dict()
+        model = initial_model(settings, data.channels, None if settings.init_from else weights)
         if settings.init_from:  # the frozen base (and LoRA A draw) must be the server's: prove it
             mine = model_fingerprint(model)
             if mine != cfg["base-fingerprint"]:
@@ -52,7 +53,7 @@ def make_client_app(**train_kwargs) -> ClientApp:
                     f"(init-from {settings.init_from!r}, adapter {settings.adapter}) has fingerprint "
                     f"{cfg['base-fingerprint']}, this node's has {mine}; refusing to train on another base"
                 )
-        load_trainable(model, msg.content["arrays"].to_torch_state_dict())
+            load_trainable(model, weights)
         store = ShardStateStore(context.node_config.get("state-dir") or None)
         run_key = str(cfg["run-key"])
         state, loaded = store.load(run_key, shard, server_round)
@@ -76,6 +77,7 @@ def make_client_app(**train_kwargs) -> ClientApp:
             device=device,
             seed=shard_seed(settings.seed, server_round, shard),
             labels=_shard_labels(data, rows, settings),
+            desc=f"shard {shard}, round {server_round}: local training",
             **train_kwargs,
         )
         store.save(run_key, shard, server_round, state)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from logging import INFO, WARNING
 from typing import Any
 
 from flwr.app import ArrayRecord, MetricRecord
+from flwr.common.logger import log
 
 from evaluation.outputs import RunWriter
 from strategies.checkpoint import Checkpoint, save_checkpoint
@@ -22,11 +24,6 @@ def fmt(value: Any) -> str:
     if isinstance(value, float) and not value.is_integer():
         return f"{value:.4g}"
     return str(int(value)) if isinstance(value, (int, float)) else str(value)
-
-
-def say(text: str) -> None:
-    """Progress for the user: Flower streams the ServerApp's stdout with `flwr run --stream`."""
-    print(f"[iet-agc] {text}", flush=True)
 
 
 class RunRecorder:
@@ -68,6 +65,8 @@ class RunRecorder:
         row["seconds"] = round(time.monotonic() - self.last_time, 2)  # the round: train, aggregate, evaluate
         self.last_time = time.monotonic()
         w.add_round(row)
+        if evaluation:  # the curves follow a long run at each evaluation (the report draws the final ones)
+            w.save_curves()
         save_checkpoint(
             w.path,
             Checkpoint(
@@ -92,11 +91,14 @@ class RunRecorder:
         problems = ""
         if row["dropped"] or row["timed_out"]:
             problems = f", {row['dropped']} dropped, {row['timed_out']} timed out"
-        say(
-            head
-            + f" ({row['seconds']:.1f}s{problems}"
-            + (f", evaluation {eval_seconds:.1f}s)" if eval_seconds else ")")
-            + "".join(f" {k} {fmt(v)}" for k, v in row.items() if k.startswith(EVAL_PREFIXES))
+        log(
+            WARNING if rlog.failed else INFO,
+            "%s (%.1fs%s%s)%s",
+            head,
+            row["seconds"],
+            problems,
+            f", evaluation {eval_seconds:.1f}s" if eval_seconds else "",
+            "".join(f" {k} {fmt(v)}" for k, v in row.items() if k.startswith(EVAL_PREFIXES)),
         )
         for node, why in rlog.set_aside.items():
-            say(f"node {node} set aside: {why}")
+            log(WARNING, "node %d set aside: %s", node, why)

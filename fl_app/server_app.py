@@ -6,11 +6,13 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from logging import ERROR, INFO
 from pathlib import Path
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from ddpm.adapters import adapter_state, load_trainable, merged_unet, trainable_state
@@ -31,7 +33,7 @@ from strategies.ledger import ShardLedger
 from strategies.msr import Redistribution, make_redistribution
 
 from .config import settings_from_run_config
-from .recorder import EVAL_SECONDS, RunRecorder, fmt, say
+from .recorder import EVAL_SECONDS, RunRecorder, fmt
 from .resume import resumed_settings, run_folder_lock
 
 
@@ -103,10 +105,11 @@ def run(
             writer = RunWriter(run_dir, settings, rows=ckpt.rows, completed_round=ckpt.server_round)
             ledger = ShardLedger.from_state_dict(ckpt.ledger_meta, ckpt.ledger_arrays)
             load_trainable(model, {k: torch.from_numpy(v) for k, v in ckpt.weights.items()})
-        say(
+        log(
+            INFO,
             f"{settings.dataset}: {len(data)} training images ({data.fingerprint}), {len(data.holdout)} held out; "
             f"K={settings.num_shards} shards of ~{len(data) // settings.num_shards}; {_model_line(settings, model)}; "
-            f"device {device}; output {writer.path}" + (f"; resuming after round {ckpt.server_round}" if ckpt else "")
+            f"device {device}; output {writer.path}" + (f"; resuming after round {ckpt.server_round}" if ckpt else ""),
         )
         evaluator = evaluator_factory(settings, data, writer.path, device)
         strategy = IETStrategy(
@@ -144,7 +147,8 @@ def run(
                 first_round=1 if ckpt is None else ckpt.server_round + 1,
             )
         except RunStopped as err:
-            say(f"stopped: {err}. The checkpoint is kept; to continue: iet-agc run --resume {writer.path}")
+            writer.save_curves()
+            log(ERROR, "stopped: %s. The checkpoint is kept; to continue: iet-agc run --resume %s", err, writer.path)
             raise
         load_trainable(model, result.arrays.to_torch_state_dict())
         _finish(writer, settings, model, strategy, evaluator, started)
@@ -239,13 +243,14 @@ def _finish(writer: RunWriter, settings: Settings, model, strategy: IETStrategy,
         notes.append(f"failed rounds (no valid reply, the global model kept): {', '.join(failed)}")
     writer.write_report(notes)
     final = writer.rows[-1] if writer.rows else {}
-    say(
+    log(
+        INFO,
         f"done in {time.monotonic() - started:.0f}s: "
         + ", ".join(f"{k} {fmt(final.get(k))}" for k in writer.columns if k.startswith(("mq_", "copy_", "digit_fd")))
         + (f", FID unavailable ({fid_reason})" if fid_reason else f", FID {fmt(final.get('fid'))}")
         + (f"; set aside: {'; '.join(set_aside)}" if set_aside else "")
         + (f"; failed rounds: {', '.join(failed)}" if failed else "")
-        + f"; results in {writer.path}"
+        + f"; results in {writer.path}",
     )
 
 

@@ -9,6 +9,7 @@ a one-line reason, and its shard keeps its samples.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 REPLY_RECORDS = ("arrays", "metrics", "skips", "info")
 METRIC_KEYS = ("num-examples", "train-loss", "skip-rate", "aug-rate", "steps", "train-seconds")
 INFO_KEYS = ("shard", "local-step", "fingerprint")
+EXCEPTION_LINE = re.compile(r"[\w.]*\w(Error|Exception|Exit|Interrupt): \S")  # "ValueError: what went wrong"
 SKIP_KEYS = ("ids", "counts")
 INT64_MAX = np.iinfo(np.int64).max
 
@@ -86,13 +88,21 @@ def array_values(array: object, name: str) -> np.ndarray:
     return values
 
 
+def error_summary(reason: str) -> str:
+    """The exception line of an error reply's reason: Flower's simulation sends a whole (Ray) traceback,
+    one line per frame, where the log and dropped.csv want the one line that says what went wrong."""
+    lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
+    raised = [line for line in lines if EXCEPTION_LINE.match(line)]
+    return raised[-1] if len(lines) > 1 and raised else " ".join(lines)
+
+
 def check_train_reply(msg: Message, sent: Sent, expected_arrays: dict[str, tuple[str, tuple[int, ...]]]) -> ShardReply:
     """The checked content of ``msg``, the reply to ``sent``; raises ``BadReply`` with the reason.
 
     ``expected_arrays`` maps each weight's key to the global model's (dtype, shape).
     """
     if msg.has_error():
-        raise BadReply(f"error reply: {msg.error.reason}")
+        raise BadReply(f"error reply: {error_summary(msg.error.reason)}")
     if msg.metadata.src_node_id != sent.node:
         raise BadReply(
             f"came from node {msg.metadata.src_node_id}, but shard {sent.shard} was sent to node {sent.node}"

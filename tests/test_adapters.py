@@ -219,3 +219,19 @@ def test_lora_on_a_base_without_attention_names_the_key():
         attach_adapter(base, AdapterSpec("lora", rank=2))
     conv = attach_adapter(base, AdapterSpec("lora", rank=2, targets="attention+conv"))
     assert any(".conv2.lora_B." in n for n in trainable_state(conv))
+
+
+def test_a_model_given_its_weights_is_laid_out_without_a_random_draw():
+    from ddpm.model import initial_model
+    from ddpm.settings import Settings
+
+    settings = Settings.from_run_config({"model": "tiny", "image-size": 8})
+    torch.manual_seed(0)
+    weights = {k: v.clone() for k, v in initial_model(settings, 1).state_dict().items()}
+    state = torch.random.get_rng_state()
+    model = initial_model(settings, 1, weights)
+    assert torch.equal(torch.random.get_rng_state(), state)  # nothing was drawn
+    assert all(torch.equal(p, weights[n]) and p.device.type == "cpu" for n, p in model.named_parameters())
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match="1 missing"):
+        initial_model(settings, 1, {k: v for k, v in list(weights.items())[1:]})

@@ -203,8 +203,12 @@ class _RecordingEvaluator(MemorizationEvaluator):
         return images
 
 
-def test_a_conditional_federated_run_trains_and_samples_with_labels(tmp_path, capsys):
+def test_a_conditional_federated_run_trains_and_samples_with_labels(tmp_path, caplog):
+    import logging
+
     from conftest import TINY_RUN
+
+    caplog.set_level(logging.INFO, logger="flwr")
 
     cfg = {**TINY_RUN, "class-conditional": True, "out-dir": str(tmp_path / "runs"), "eval-every": 1}
     _RecordingEvaluator.labels = []
@@ -215,7 +219,7 @@ def test_a_conditional_federated_run_trains_and_samples_with_labels(tmp_path, ca
         backend_config={"client_resources": {"num_cpus": 1}},
     )
     (run,) = sorted((tmp_path / "runs").iterdir())
-    assert "model tiny (0.70M params, conditional on 10 classes)" in capsys.readouterr().out
+    assert "model tiny (0.70M params, conditional on 10 classes)" in caplog.text  # the run's first line
     rounds = pd.read_csv(run / "rounds.csv")
     assert rounds["round"].tolist() == [1, 2] and rounds["replies"].tolist() == [4, 4]
     assert rounds["mq_0.5"].notna().all()

@@ -35,7 +35,9 @@ def test_planted_copies_raise_mq_and_copy_scores(tmp_path, cache, digits):
     images = torch.cat([copies, torch.rand(70, 1, 8, 8, generator=gen)])
     ev = MemorizationEvaluator(_settings(cache), digits, tmp_path, torch.device("cpu"))
     m = ev.evaluate_images(images, "round004", "round 4")
-    assert set(m) == {"mq_0.4", "mq_0.5", "mq_0.6", "copy_1", "copy_5", "fid", "digit_fd"}
+    quality = {f"{q}{c}" for q in ("fid", "digit_fd") for c in ("", "_lo", "_hi", "_floor")}
+    assert set(m) == {"mq_0.4", "mq_0.5", "mq_0.6", "copy_1", "copy_5"} | quality
+    assert m["digit_fd_lo"] <= m["digit_fd"] <= m["digit_fd_hi"] and m["digit_fd_floor"] < m["digit_fd"]
     assert m["mq_0.4"] == 30  # exact copies have ratio 0; uniform noise is far from every digit
     assert m["copy_1"] == pytest.approx(0.30) and m["copy_5"] == pytest.approx(0.30)
     assert m["fid"] is None and ev.fid_reason == "disabled by setting fid = false"
@@ -43,7 +45,8 @@ def test_planted_copies_raise_mq_and_copy_scores(tmp_path, cache, digits):
     for name in ("samples_round004.png", "pairs_round004.png", "ratios_round004.png", "eval_round004.md"):
         assert (tmp_path / name).is_file(), name
     report = (tmp_path / "eval_round004.md").read_text()
-    for text in ("| 0.4 | 30 | 30.00% |", "`copy_1` = 0.3000", "FID: unavailable (disabled", "digit_fd: ", "not FID"):
+    texts = ("| 0.4 | 30 | 30.00% |", "`copy_1` = 0.3000", "FID: unavailable (disabled", "digit_fd: ", "not FID")
+    for text in (*texts, "95% interval", "with 100 held-out images", "bootstrap over the generated images"):
         assert text in report, text
     assert "![pairs](pairs_round004.png)" in report and "| 1 | 0 | 0 | 0.0000 | 0 |" in report
     assert m["digit_fd"] > ev.evaluate_images(digits.images[200:].float() / 255, "real")["digit_fd"]
@@ -72,7 +75,7 @@ def test_without_holdout_no_copy_scores(tmp_path, cache):
     )
     ev = MemorizationEvaluator(_settings(cache, mq_thresholds="0.3,0.9"), data, tmp_path, torch.device("cpu"))
     m = ev.evaluate_images(torch.rand(12, 3, 4, 4, generator=gen), "final")
-    assert set(m) == {"mq_0.3", "mq_0.9", "fid"}
+    assert set(m) == {"mq_0.3", "mq_0.9", "fid", "fid_lo", "fid_hi", "fid_floor"}
     assert "copy_1" not in (tmp_path / "eval_final.md").read_text().split("No held-out")[0]
 
 

@@ -28,7 +28,7 @@ def test_flwr_run_end_to_end(fresh_shell, tmp_path):
     )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
-    assert "[iet-agc] round 1/1" in log and "done in" in log
+    assert "round 1/1: loss" in log and "done in" in log
     assert "Installing application dependencies" not in log  # no per-run environment was built
     (run,) = out.iterdir()
     rounds = pd.read_csv(run / "rounds.csv")

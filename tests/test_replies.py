@@ -230,3 +230,27 @@ def test_each_node_confirmation_of_the_data_set_is_logged_once(caplog):
             s.aggregate_train(server_round, [reply(m) for m in msgs])
     lines = [r.getMessage() for r in caplog.records if "confirmed data set" in r.getMessage()]
     assert sorted(lines) == [f"node 1 confirmed data set {FP}", f"node 2 confirmed data set {FP}"]
+
+
+RAY_REASON = """<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::ClientAppActor.run() (pid=1)
+  File "fl_app/client_app.py", line 34, in train
+    raise ValueError(
+ValueError: data set mismatch on node 7: the server's copy has fingerprint a, this node's has b
+
+The above exception was the direct cause of the following exception:
+
+  File "flwr/simulation/ray_transport/ray_actor.py", line 65, in run
+    raise ClientAppException(str(ex)) from ex
+flwr.clientapp.client_app.ClientAppException:
+Exception ClientAppException occurred. Message: data set mismatch on node 7'>"""
+
+
+def test_an_error_reply_is_dropped_with_the_line_that_says_what_went_wrong():
+    from strategies.replies import error_summary
+
+    assert (
+        error_summary(RAY_REASON)
+        == "ValueError: data set mismatch on node 7: the server's copy has fingerprint a, this node's has b"
+    )
+    assert error_summary("ClientApp crashed") == "ClientApp crashed"  # one line: as it is
+    assert error_summary("Node Unavailable\n  while waiting") == "Node Unavailable while waiting"  # no exception line

@@ -99,8 +99,8 @@ def test_a_run_folder_has_one_writer(tmp_path):
     ("setup", "args", "message"),
     [
         (None, ["--resume", "{tmp}/nope"], "no such directory"),
-        (None, ["--run-config", "min-nodes=3"], "min-nodes: must be <= --supernodes (2)"),
-        (None, ["--supernodes", "0", "--run-config", "min-nodes=1"], "min-nodes: must be <= --supernodes (0)"),
+        (None, ["--run-config", "min-nodes=3"], "min-nodes: must be <= num-supernodes (2)"),
+        (None, ["--supernodes", "0", "--run-config", "min-nodes=1"], "num-supernodes: must be an integer >= 1"),
         (lambda t: save_checkpoint(t, _checkpoint(1)), ["--resume", "{tmp}", "--run-config", "seed=3"], "seed:"),
         (
             lambda t: save_checkpoint(t, _checkpoint(1)),
@@ -242,7 +242,7 @@ def test_sigkill_of_the_whole_run_then_resume_equals_an_uninterrupted_run(refere
     (run,) = (tmp_path / "runs").iterdir()
     assert 2 <= load_checkpoint(run).server_round < 4
     out = _finish(_iet_agc(fresh_shell, "--resume", str(run)))
-    assert "resuming" in out and "[iet-agc] round 4/4" in out and "round 1/4" not in out
+    assert "resuming" in out and "round 4/4: loss" in out and "round 1/4" not in out
     _assert_same_run(run, reference_run)
 
 
@@ -255,5 +255,5 @@ def test_sigkill_of_the_superlink_alone_then_resume_equals_an_uninterrupted_run(
     _wait_until_unlocked(run)  # the orphaned ServerApp notices before its next round and stops
     assert load_checkpoint(run).server_round < 4
     out = _finish(_iet_agc(fresh_shell, "--resume", str(run)))
-    assert "resuming" in out and "[iet-agc] round 4/4" in out
+    assert "resuming" in out and "round 4/4: loss" in out
     _assert_same_run(run, reference_run)

@@ -351,7 +351,7 @@ def test_every_key_has_a_documented_range():
 
 def test_run_config_syntax_error_names_the_key(tmp_path, capsys, monkeypatch):
     from fl_app import cli
-    from fl_app.cli import _parse_overrides, main
+    from fl_app.cli import main, parse_run_config
 
     def never(*args, **kwargs):
         raise AssertionError("iet-agc run went past the settings check")
@@ -360,13 +360,13 @@ def test_run_config_syntax_error_names_the_key(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cli, "_stop", never, raising=False)  # nor touch a running SuperLink
 
     with pytest.raises(ValueError) as err:
-        _parse_overrides(["num-shards=3 lr=1e-3x"])
+        parse_run_config(["num-shards=3 lr=1e-3x"])
     assert str(err.value).startswith("--run-config: lr: invalid TOML value '1e-3x' (")
     with pytest.raises(ValueError, match="^--run-config: lr: given twice"):
-        _parse_overrides(["lr=0.1 lr=0.2"])
+        parse_run_config(["lr=0.1 lr=0.2"])
     with pytest.raises(ValueError, match="^--run-config: expected key=value"):
-        _parse_overrides(["lr"])
-    assert _parse_overrides(['lr=0.01 out-dir="a b" aug-range=inf', "seed=3"]) == {
+        parse_run_config(["lr"])
+    assert parse_run_config(['lr=0.01 out-dir="a b" aug-range=inf', "seed=3"]) == {
         "lr": 0.01,
         "out-dir": "a b",
         "aug-range": math.inf,
@@ -375,7 +375,7 @@ def test_run_config_syntax_error_names_the_key(tmp_path, capsys, monkeypatch):
     preset = tmp_path / "bad.toml"
     preset.write_text('lr = 0.1\nnum-shards = 3x\nmsr = "none"\n')
     with pytest.raises(ValueError) as err:
-        _parse_overrides([str(preset)])
+        parse_run_config([str(preset)])
     assert str(err.value).startswith(f"--run-config: {preset}: line 2 (num-shards): invalid TOML")
     # iet-agc run stops before submitting (exit 2), naming the key
     assert main(["run", "--run-config", "lr=1e-3x", str(ROOT)]) == 2

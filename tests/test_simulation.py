@@ -1,5 +1,6 @@
 """The whole app in-process (flwr.simulation.run_simulation) on a tiny configuration."""
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -55,8 +56,9 @@ def test_outputs_of_a_run(two_runs):
     r1 = moved[moved["round"] == 1]
     nxt = assign[assign["round"] == 2].set_index("sample_id")["shard"]
     assert (nxt.loc[r1["sample_id"]].to_numpy() == r1["to_shard"].to_numpy()).all()
-    for name in ("settings.toml", "samples.png", "report.md", "skip_counts.csv", "skip_counts.png"):
+    for name in ("settings.toml", "samples.png", "report.md", "skip_counts.csv", "skip_counts.png", "curves.png"):
         assert (run / name).is_file(), name
+    assert "![curves](curves.png)" in (run / "report.md").read_text()
     pipe = DDPMPipeline.from_pretrained(run / "pipeline")
     assert pipe.unet.config.sample_size == 8 and pipe.unet.config.in_channels == 1
 
@@ -106,7 +108,7 @@ def _image_folder(path: Path, n: int, seed: int) -> Path:
     return path
 
 
-def test_a_node_with_another_data_copy_is_set_aside_and_every_sample_trains_again(tmp_path, capfd):
+def test_a_node_with_another_data_copy_is_set_aside_and_every_sample_trains_again(tmp_path, caplog):
     """Node 2 of 3 holds other images: it refuses every shard; after node-max-failures rounds its
     shard moves to a healthy node, MSR never strands samples in it, and every sample trains again."""
     from flwr.clientapp import ClientApp
@@ -141,7 +143,8 @@ def test_a_node_with_another_data_copy_is_set_aside_and_every_sample_trains_agai
         "fid": False,
         "out-dir": str(tmp_path / "runs"),
     }
-    run_simulation(server_app=make_server_app(overrides), client_app=app, num_supernodes=3)
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        run_simulation(server_app=make_server_app(overrides), client_app=app, num_supernodes=3)
     (run,) = (tmp_path / "runs").iterdir()
     rounds = pd.read_csv(run / "rounds.csv")
     assert rounds["replies"].tolist() == [2, 2, 3, 3] and rounds["dropped"].tolist() == [1, 1, 0, 0]
@@ -158,7 +161,7 @@ def test_a_node_with_another_data_copy_is_set_aside_and_every_sample_trains_agai
     moved = pd.read_csv(run / "moved.csv")
     failed_shard = int(dropped["shard"].iloc[0])
     assert not ((moved["round"] <= 2) & (moved["to_shard"] == failed_shard)).any()  # nothing moved in
-    out = capfd.readouterr().out
+    out = caplog.text  # Flower's logger (the ServerApp's lines)
     assert f"node {bad_node} set aside: 2 failed rounds in a row" in out and "data set mismatch" in out
     assert f"set aside: node {bad_node} (2 failed rounds in a row" in out  # the run's summary line
     assert "nodes set aside" in (run / "report.md").read_text()

@@ -1,0 +1,176 @@
+"""``iet-agc sweep``: cells from a sweep file, refused files, mean ± sd over seeds, resumable runs."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+from conftest import TINY_RUN
+
+from fl_app import sweep as sw
+from fl_app.cli import main
+
+
+def _write(tmp_path, text: str, name: str = "s.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_cells_rows_times_grid_then_one_at_a_time_without_duplicates():
+    cells = sw.expand_cells({"a": {"agc": False}, "b": {}}, {"num-shards": [2, 4]}, {})
+    assert [c.name for c in cells] == ["a num-shards=2", "a num-shards=4", "b num-shards=2", "b num-shards=4"]
+    assert cells[1].changes == {"agc": False, "num-shards": 4} and cells[1].params == {"num-shards": 4}
+    assert [c.row for c in cells] == ["a", "a", "b", "b"]
+    vary = sw.expand_cells({}, {}, {"lr": [0.1, 0.2], "seedless": [1]})
+    assert [(c.name, c.changes) for c in vary] == [
+        ("base", {}),
+        ("lr=0.1", {"lr": 0.1}),
+        ("lr=0.2", {"lr": 0.2}),
+        ("seedless=1", {"seedless": 1}),
+    ]
+    grid = sw.expand_cells({}, {"agc": [True, False], "taa": [False]}, {})
+    assert [c.name for c in grid] == ["agc=true,taa=false", "agc=false,taa=false"]
+    # one-at-a-time values equal to the base collapse onto the base cell (the sweep compares settings)
+    same = sw.expand_cells({}, {}, {"skip-threshold": [0.4, 0.5]}, lambda ch: ch.get("skip-threshold", 0.5))
+    assert [c.name for c in same] == ["base", "skip-threshold=0.4"]
+
+
+def test_shipped_sweeps_load_with_the_papers_rows():
+    table3 = sw.load_sweep("configs/sweeps/table3.toml")
+    assert [c.name for c in table3.cells] == [
+        "default-ddpm",
+        "agc",
+        "agc+iet",
+        "agc+iet+taa",
+        "iet-agc+",
+        "iet-agc+ random-msr",
+    ]
+    assert table3.seeds == [0, 1, 2] and table3.quality == "digit_fd"
+    ddpm = table3.config(table3.cells[0], 1)
+    assert ddpm["num-shards"] == 1 and ddpm["agc"] is False and ddpm["taa"] is False and ddpm["msr"] == "none"
+    assert ddpm["seed"] == 1 and ddpm["out-dir"].endswith("cells/default-ddpm/seed1")
+    sens = sw.load_sweep("configs/sweeps/sensitivity.toml")
+    assert len(sens.cells) == 7 and sens.swept == ["skip-threshold", "msr-proportion", "num-shards"]
+
+
+def test_summary_mean_and_sd_are_exact():
+    frame = pd.DataFrame(
+        {
+            "cell": ["b", "a", "b", "b", "a", "c"],
+            "seed": [0, 0, 1, 2, 1, 0],
+            "copy_5": [1.0, 4.0, 2.0, 3.0, 8.0, 0.5],
+            "digit_fd": [10.0, 1.0, 10.0, 13.0, 3.0, math.nan],
+        }
+    )
+    s = sw.summarize(frame, ["copy_5", "digit_fd", "absent"], order=["a", "b", "c"])
+    assert list(s.index) == ["a", "b", "c"] and s["n"].tolist() == [2, 3, 1]
+    assert s["copy_5_mean"].tolist() == [6.0, 2.0, 0.5]
+    assert s["copy_5_sd"].tolist()[:2] == pytest.approx([math.sqrt(8.0), 1.0])  # ddof 1
+    assert math.isnan(s.loc["c", "copy_5_sd"]) and "absent_mean" not in s
+    assert s["digit_fd_mean"].tolist()[:2] == [2.0, 11.0] and s.loc["b", "digit_fd_sd"] == pytest.approx(math.sqrt(3))
+    table = sw.markdown_table(s, ["copy_5", "digit_fd"])
+    assert "| a      |       2 | 6 ± 2.8  | 2 ± 1.4    |" in table
+    assert "| c      |       1 | 0.5      | n/a        |" in table
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("seeds = [0]\nbogus = 1\n", "s.toml: bogus: unknown key"),
+        ("[rows.plain]\nagc = false\nbogus-key = 1\n", "s.toml: rows.plain: bogus-key: unknown setting"),
+        ("[grid]\nskip-threshold = [0.5, -1.0]\n", "s.toml: grid.skip-threshold: skip-threshold: must be"),
+        ("[vary]\nnum-shards = []\n", "s.toml: vary.num-shards: must be a non-empty list"),
+        ("[set]\nseed = 3\n", "s.toml: set: seed: set by the sweep itself"),
+        ("seeds = [0, 0]\n", "s.toml: seeds: must not repeat"),
+        ("seeds = [-1]\n", "s.toml: seeds: must be a non-empty list of integers >= 0"),
+        ('base = "nope.toml"\n', "s.toml: base: cannot read preset"),
+        ('quality = "inception"\n', "s.toml: quality: must be one of digit_fd, fid"),
+        ("[grid]\nlr = [0.1]\n[vary]\nlr = [0.2]\n", "s.toml: lr: in both"),
+        ("[set\n", "s.toml: invalid TOML"),
+    ],
+)
+def test_bad_sweep_files_name_the_file_and_the_key(tmp_path, text, message):
+    with pytest.raises(sw.SweepError, match=message.replace("[", r"\[")):
+        sw.load_sweep(_write(tmp_path, text), out=tmp_path / "out")
+
+
+def test_cli_refuses_a_bad_file_before_anything_runs(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sw, "run_sweep", lambda *a, **k: pytest.fail("ran despite a bad sweep file"))
+    bad = _write(tmp_path, "[rows.ok]\n[rows.bad]\nnum-shard = 2\n")
+    assert main(["sweep", str(bad), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"iet-agc sweep: {bad}: rows.bad: num-shard: unknown setting" in err
+    assert not (tmp_path / "out").exists()
+    assert main(["sweep", str(_write(tmp_path, "[rows.ok]\n", "ok.toml")), "--cells", "nope"]) == 2
+    assert "--cells: no cell 'nope'" in capsys.readouterr().err
+    assert main(["sweep", str(bad.with_name("ok.toml")), "--set", "train-size=0"]) == 2
+    assert "set: train-size: must be" in capsys.readouterr().err
+
+
+def test_config_hash_follows_the_settings_not_the_spelling():
+    assert sw.config_hash({"lr": 0.001}) == sw.config_hash({}) == sw.config_hash({"out-dir": "elsewhere"})
+    assert sw.config_hash({"skip-threshold": 0.4}) != sw.config_hash({})
+
+
+def test_sweep_runs_tiny_cells_resumes_and_writes_tables_and_plots(tmp_path):
+    tiny = "\n".join(f"{k} = {str(v).lower() if isinstance(v, bool) else v}" for k, v in TINY_RUN.items())
+    path = _write(tmp_path, f"seeds = [0]\n[set]\n{tiny}\n[vary]\nnum-shards = [2, 4]\n")
+    sweep = sw.load_sweep(path, out=tmp_path / "out")
+    assert [c.name for c in sweep.cells] == ["base", "num-shards=2"]  # K = 4 is TINY_RUN's own
+    calls = []
+
+    def interrupted(config):
+        if calls:
+            raise KeyboardInterrupt  # Ctrl-C as the second run starts
+        calls.append(config["num-shards"])
+        sw.run_cell(config)
+
+    with pytest.raises(KeyboardInterrupt):
+        sw.run_sweep(sweep, interrupted, progress=False)
+    first = pd.read_csv(tmp_path / "out" / sw.RESULTS)
+    assert first["cell"].tolist() == ["base"] and calls == [4]
+
+    def counting(config):
+        calls.append(config["num-shards"])
+        sw.run_cell(config)
+
+    results = sw.run_sweep(sweep, counting, progress=False)
+    assert calls == [4, 2]  # the finished cell was not run again
+    assert results["cell"].tolist() == ["base", "num-shards=2"] and results["seed"].tolist() == [0, 0]
+    for col in ("copy_5", "mq_0.5", "digit_fd", "digit_fd_lo", "digit_fd_hi", "digit_fd_floor", "skip_rate"):
+        assert results[col].notna().all(), col
+    assert (results["digit_fd_lo"] <= results["digit_fd"]).all() and (
+        results["digit_fd"] <= results["digit_fd_hi"]
+    ).all()
+    summary = (tmp_path / "out" / sw.SUMMARY).read_text()
+    assert "| num-shards=2 |" in summary and "digit_fd_width" in summary and "digit_fd_floor" in summary
+    for name in (sw.TRADEOFF, sw.METRICS_PLOT):
+        assert (tmp_path / "out" / name).stat().st_size > 5000
+
+    # a run that finished but whose row was lost (killed in between) is recorded, not rerun
+    first.to_csv(tmp_path / "out" / sw.RESULTS, index=False)
+    again = sw.run_sweep(sweep, lambda config: pytest.fail("reran a finished run"), progress=False)
+    assert again["cell"].tolist() == ["base", "num-shards=2"]
+    assert again.loc[1, "digit_fd"] == pytest.approx(results.loc[1, "digit_fd"])
+
+
+def test_base_preset_file_is_read_relative_to_the_sweep_file(tmp_path):
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "presets" / "small.toml").write_text('train-size = 100\nseed = 7\nout-dir = "x"\nlr = 0.002\n')
+    path = _write(tmp_path, 'base = "presets/small.toml"\nseeds = [3]\n[rows.a]\nlr = 0.003\n[rows.b]\n')
+    sweep = sw.load_sweep(path, out=tmp_path / "out")
+    a, b = (sweep.config(c, 3) for c in sweep.cells)
+    assert a["train-size"] == b["train-size"] == 100 and (a["lr"], b["lr"]) == (0.003, 0.002)
+    assert a["seed"] == 3 and a["out-dir"] == str(tmp_path / "out" / "cells" / "a" / "seed3")  # the sweep's own
+    (tmp_path / "presets" / "small.toml").write_text("train-size = 100\nbogus = 1\n")
+    with pytest.raises(sw.SweepError, match=r"s.toml: base \(.*small.toml\): bogus: unknown setting"):
+        sw.load_sweep(path, out=tmp_path / "out")
+
+
+def test_a_run_that_finishes_nothing_stops_the_sweep(tmp_path):
+    sweep = sw.load_sweep(_write(tmp_path, "[rows.a]\n"), out=tmp_path / "out")
+    with pytest.raises(RuntimeError, match="cell 'a', seed 0: the run left no finished run folder"):
+        sw.run_sweep(sweep, lambda config: None, progress=False)
+    assert not (tmp_path / "out" / sw.RESULTS).exists()
