@@ -43,11 +43,20 @@ class ShardResult:
 
 
 def per_sample_loss(
-    model: UNet2DModel, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, scheduler
+    model: UNet2DModel,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    scheduler,
+    class_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean over pixels of the squared error of the predicted noise, one value per sample."""
+    """Mean over pixels of the squared error of the predicted noise, one value per sample.
+
+    ``class_labels`` (int64, one per sample) condition a class-conditional UNet; None otherwise.
+    """
     noisy = scheduler.add_noise(x0, noise, t)
-    pred = model(noisy, t).sample
+    extra = {} if class_labels is None else {"class_labels": class_labels}  # unconditional: the plain call
+    pred = model(noisy, t, **extra).sample
     return (pred - noise).pow(2).flatten(1).mean(1)
 
 
@@ -61,9 +70,16 @@ class StepLoss:
     aug: torch.Tensor  # (B,) bool, eq. 8 middle case
 
 
-def plain_loss(model: UNet2DModel, scheduler, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def plain_loss(
+    model: UNet2DModel,
+    scheduler,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    class_labels: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The default DDPM objective (the baseline AGC and TAA are measured against)."""
-    return per_sample_loss(model, x0, t, noise, scheduler).mean()
+    return per_sample_loss(model, x0, t, noise, scheduler, class_labels).mean()
 
 
 def agc_taa_loss(
@@ -76,6 +92,7 @@ def agc_taa_loss(
     skip_rule: SkipRule,
     augment: AugmentPolicy | None,
     settings: Settings,
+    class_labels: torch.Tensor | None = None,
 ) -> StepLoss:
     """Eq. 8 over a batch: skipped samples add 0, samples in TAA's range add the loss of their
     augmented copy (same t and noise), the rest their plain loss; mean over the kept samples.
@@ -84,14 +101,15 @@ def agc_taa_loss(
     losses are first computed without gradients (they decide skip and augmentation and feed the
     bank), then one forward/backward runs on the kept samples, augmented ones replaced by their
     copies: a step costs about one no-grad forward more than a plain step, whatever the fraction.
+    ``class_labels`` go with their samples into every forward (an augmented copy keeps its label).
     """
     if augment is None:
-        losses = per_sample_loss(model, x0, t, noise, scheduler)
+        losses = per_sample_loss(model, x0, t, noise, scheduler, class_labels)
         skip = skip_rule(loss_ratio(losses.detach(), bank[t]))
         keep = ~skip
         return StepLoss((losses * keep).sum() / keep.sum().clamp_min(1), losses.detach(), skip, torch.zeros_like(keep))
     with torch.no_grad():
-        losses = per_sample_loss(model, x0, t, noise, scheduler)
+        losses = per_sample_loss(model, x0, t, noise, scheduler, class_labels)
     ratio = loss_ratio(losses, bank[t])
     skip = skip_rule(ratio)
     keep = ~skip
@@ -115,7 +133,8 @@ def agc_taa_loss(
     if idx.numel():
         rho = strength(ratio[rows[idx]], threshold, settings.aug_sharpness)
         x_train = x_train.index_copy(0, idx, augment((x_train[idx] + 1) / 2, rho) * 2 - 1)
-    loss = (per_sample_loss(model, x_train, t[rows], noise[rows], scheduler) * weight).sum() / n_kept
+    y_train = None if class_labels is None else class_labels[rows]
+    loss = (per_sample_loss(model, x_train, t[rows], noise[rows], scheduler, y_train) * weight).sum() / n_kept
     return StepLoss(loss, losses, skip, aug)
 
 
@@ -137,11 +156,13 @@ def train_shard(
     seed: int,
     skip_rule: SkipRule | None = None,
     augment: AugmentPolicy | None | bool = True,
+    labels: torch.Tensor | None = None,
     desc: str = "local training",
 ) -> ShardResult:
     """Train ``model`` in place on one shard's uint8 images for ``settings.local_epochs`` epochs.
 
     ``state`` is updated in place. ``augment=True`` means the settings' policy (None if TAA is off).
+    ``labels`` (int64, aligned with ``images``) are required exactly when the model is class-conditional.
     ``desc`` names the work in its progress line (long rounds only).
     """
     skip_rule = skip_rule or default_skip_rule(settings)
@@ -159,6 +180,8 @@ def train_shard(
         saved["state"] = state.optimizer
         optimizer.load_state_dict(saved)
     data = to_model_range(images).to(device)
+    targets = _shard_labels(model, labels, images.shape[0])
+    targets = None if targets is None else targets.to(device)
     n = data.shape[0]
     batch = min(settings.batch_size, n)
     steps_per_epoch = max(1, n // batch)  # drop_last, but never zero steps
@@ -180,7 +203,8 @@ def train_shard(
                     x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
                 t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (x0.shape[0],), device=device)
                 noise = torch.randn_like(x0)
-                out = agc_taa_loss(model, scheduler, x0, t, noise, bank, skip_rule, augment, settings)
+                y = None if targets is None else targets[pos]
+                out = agc_taa_loss(model, scheduler, x0, t, noise, bank, skip_rule, augment, settings, y)
                 loss = out.loss
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -207,6 +231,25 @@ def train_shard(
         steps=steps,
         samples_seen=seen,
     )
+
+
+def _shard_labels(model: UNet2DModel, labels: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """The shard's labels, checked once per shard (not per step): given exactly when the model has a
+    class embedding, one per image, each a valid class index."""
+    classes = getattr(getattr(model, "config", None), "num_class_embeds", None)  # stand-in models: none
+    if classes is None:
+        if labels is not None:
+            raise ValueError("class-conditional: labels were given but the model has no class embedding")
+        return None
+    if labels is None:
+        raise ValueError(f"class-conditional: the model is conditioned on {classes} classes but got no labels")
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    if labels.shape != (n,):
+        raise ValueError(f"class-conditional: expected {n} labels (one per image), got shape {tuple(labels.shape)}")
+    low, high = (int(labels.min()), int(labels.max())) if n else (0, 0)
+    if not 0 <= low <= high < classes:
+        raise ValueError(f"class-conditional: labels must be in [0, {classes - 1}], got {low}..{high}")
+    return labels
 
 
 def shard_seed(seed: int, server_round: int, shard: int) -> int:

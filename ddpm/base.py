@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,38 @@ def base_config(init_from: str) -> dict[str, Any]:
     if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
         raise ValueError(f"init-from: {init_from!r} holds a {config['_class_name']}, not a UNet2DModel")
     return config
+
+
+def check_base_classes(config: Mapping[str, Any], num_classes: int | None, init_from: str) -> None:
+    """Refuse a base whose class embedding is not the run's, naming ``class-conditional``.
+
+    ``num_classes`` is the run's (None: unconditional). An unconditional base cannot be trained
+    with labels (it has no class embedding to learn them), a conditional one cannot run without
+    them; a conditional base must have exactly the data set's classes (a label is a class of this
+    data set; another label space would map its classes onto unrelated ones) and diffusers'
+    embedding table (``class_embed_type`` None), the only kind that takes integer labels.
+    """
+    embeds, kind = config.get("num_class_embeds"), config.get("class_embed_type")
+    where = f"the base model of init-from {init_from!r}"
+    if kind is not None:
+        raise ValueError(
+            f"class-conditional: {where} has class_embed_type {kind!r}; only a table of class embeddings "
+            "(num_class_embeds, class_embed_type None) takes integer labels"
+        )
+    if num_classes is None and embeds is not None:
+        raise ValueError(
+            f"class-conditional: {where} is class-conditional ({embeds} classes) and needs labels; "
+            "set class-conditional = true"
+        )
+    if num_classes is not None and embeds is None:
+        raise ValueError(
+            f"class-conditional: {where} is unconditional (no class embedding to learn labels with); "
+            "set class-conditional = false to fine-tune it, or train a conditional model from scratch"
+        )
+    if embeds != num_classes:
+        raise ValueError(
+            f"class-conditional: {where} has {embeds} class embeddings, the data set {num_classes} classes"
+        )
 
 
 def _stamp(folder: Path) -> tuple:

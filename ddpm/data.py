@@ -133,6 +133,20 @@ def num_train_images(name: str, root: str = "") -> int:
     raise ValueError(f"dataset: unknown data set {name!r}; allowed: {', '.join(DATASETS)}")
 
 
+NUM_CLASSES: dict[str, int | None] = {"digits": 10, "cifar10": 10, "cifar100": 100, "imagefolder": None}
+
+
+def num_classes(name: str) -> int | None:
+    """Classes of data set ``name`` (its labels are 0..C-1), or None where it has no labels (image folders).
+
+    Known from the name alone, so the settings check and the model factory agree without loading
+    images; a small training split need not hold every class, the label space is still C.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"dataset: unknown data set {name!r}; allowed: {', '.join(DATASETS)}")
+    return NUM_CLASSES[name]
+
+
 def num_channels(name: str) -> int:
     """Colour channels of data set ``name`` (digits are grey; CIFAR and image folders are RGB)."""
     if name not in DATASETS:

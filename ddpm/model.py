@@ -8,14 +8,15 @@ import torch
 from diffusers import UNet2DModel
 
 from .adapters import attach_adapter, load_trainable
-from .base import load_base_unet
+from .base import check_base_classes, load_base_unet
 from .settings import Settings
 from .unet import build_unet
 
 
 def initial_model(settings: Settings, channels: int, weights: Mapping[str, torch.Tensor] | None = None) -> UNet2DModel:
     """The ``init-from`` base with its adapter attached (seeded), or a fresh UNet of size ``model``
-    (drawn from the global RNG: seed it first where the draw matters).
+    (drawn from the global RNG: seed it first where the draw matters); class-conditional on the
+    data set's classes with ``class-conditional`` (a base must already be, with as many classes).
 
     ``weights`` (a node's copy of the global model's trainable tensors) are loaded into it. A
     UNet without a base is then never initialised at random: it is laid out on the meta device
@@ -23,12 +24,14 @@ def initial_model(settings: Settings, channels: int, weights: Mapping[str, torch
     overwrite (0.15 s for ``cifar``, 0.4 s for ``afhq64`` on a CPU core).
     """
     if settings.init_from:
-        model = attach_adapter(load_base_unet(settings.init_from), settings.adapter_spec())
+        base = load_base_unet(settings.init_from)
+        check_base_classes(base.config, settings.num_classes, settings.init_from)  # nodes too
+        model = attach_adapter(base, settings.adapter_spec())
     elif weights is None:
-        return build_unet(settings.model, settings.image_size, channels)
+        return build_unet(settings.model, settings.image_size, channels, settings.num_classes)
     else:
         with torch.device("meta"):
-            model = build_unet(settings.model, settings.image_size, channels)
+            model = build_unet(settings.model, settings.image_size, channels, settings.num_classes)
         load_trainable(model, weights, assign=True)
         return model
     if weights is not None:

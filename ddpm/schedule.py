@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
 from .progress import progress
 
 NUM_TRAIN_TIMESTEPS = 1000
+LABEL_STREAM = 1  # labels come from numpy's stream (seed, LABEL_STREAM), apart from the noise's torch stream
 
 
 def train_scheduler() -> DDPMScheduler:
@@ -27,6 +29,21 @@ def sampling_scheduler() -> DDIMScheduler:
     return DDIMScheduler.from_config(train_scheduler().config, clip_sample=True)
 
 
+def draw_class_labels(num_images: int, num_classes: int, seed: int) -> torch.Tensor:
+    """Labels for class-conditional sampling: uniform over 0..C-1, as the authors' evaluation
+    (``random.randint`` per image), from numpy's generator seeded with ``(seed, LABEL_STREAM)``, a
+    stream apart from the noise's. Label i depends only on (seed, i), not on ``num_images``."""
+    if num_classes < 1:
+        raise ValueError(f"class-conditional: need at least one class, got {num_classes}")
+    rng = np.random.default_rng([seed, LABEL_STREAM])
+    return torch.from_numpy(rng.integers(0, num_classes, size=num_images, dtype=np.int64))
+
+
+def model_classes(model: UNet2DModel) -> int | None:
+    """The number of classes a UNet is conditioned on (diffusers' ``num_class_embeds``), or None."""
+    return getattr(model.config, "num_class_embeds", None)
+
+
 @torch.no_grad()
 def ddim_sample(
     model: UNet2DModel,
@@ -36,15 +53,25 @@ def ddim_sample(
     batch_size: int = 256,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    class_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Generate ``num_images`` images in [0, 1] with DDIM (eta 0), batch by batch.
 
     The initial noise of image i depends only on (seed, i), so results do not depend on
-    ``batch_size``.
+    ``batch_size``. A class-conditional model gets ``class_labels`` (one per image) at every step;
+    without them, ``draw_class_labels`` over its ``num_class_embeds`` classes.
     """
     model = model.to(device).eval()
     cfg = model.config
     shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    classes = model_classes(model)
+    if classes is not None and class_labels is None:
+        class_labels = draw_class_labels(num_images, classes, seed)
+    if class_labels is not None:
+        if classes is None:
+            raise ValueError("class-conditional: class_labels were given but the model has no class embedding")
+        if tuple(class_labels.shape) != (num_images,):
+            raise ValueError(f"class_labels: expected shape ({num_images},), got {tuple(class_labels.shape)}")
     scheduler = sampling_scheduler()
     scheduler.set_timesteps(steps, device=device)
     gen = torch.Generator().manual_seed(seed)
@@ -53,8 +80,9 @@ def ddim_sample(
     with progress(num_images, f"DDIM sampling ({steps} steps)", "img") as bar:
         for start in range(0, num_images, batch_size):
             x = noise[start : start + batch_size].to(device)
+            y = None if class_labels is None else class_labels[start : start + batch_size].to(device)
             for t in scheduler.timesteps:
-                eps = model(x, t).sample
+                eps = model(x, t, class_labels=y).sample
                 x = scheduler.step(eps, t, x, eta=0.0).prev_sample
             out.append(((x.clamp(-1, 1) + 1) / 2).cpu())
             bar.update(x.shape[0])

@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from .adapters import ADAPTERS, LORA_TARGETS, AdapterSpec
-from .base import base_config
+from .base import base_config, check_base_classes
 from .data import DATASETS, IMAGE_SUFFIXES, num_channels, num_train_images
+from .data import num_classes as dataset_classes
 from .schedule import NUM_TRAIN_TIMESTEPS
 from .unet import _SIZES, MODEL_SIZES
 
@@ -178,9 +179,11 @@ class Settings:
     Rules between settings: ``image-size`` >= the model's smallest size (tiny 4, cifar 8, afhq64
     16); ``train-size`` in [2, 1796] for digits, [0, 50000] for CIFAR (0 = all), and for an image
     folder at most its number of images; ``num-shards`` and ``mq-neighbours`` <= the training
-    images used; ``data-root`` required for ``imagefolder``; ``adapter`` lora or difffit needs
+    images used; ``data-root`` required for ``imagefolder``; ``class-conditional`` needs a labelled data set
+    (not ``imagefolder``); ``adapter`` lora or difffit needs
     ``init-from``. With ``init-from``, ``model`` is unused (the base's architecture) and the
-    environment check requires ``image-size`` and the data set's channels to be the base's.
+    environment check requires ``image-size``, the data set's channels and (``class-conditional``)
+    its classes to be the base's.
     """
 
     # data and model
@@ -192,6 +195,7 @@ class Settings:
     train_size: int = _int(400, 0, MAX_TRAIN_SIZE)
     model: str = _choice("tiny", MODEL_SIZES)
     hflip: bool = _bool(False)
+    class_conditional: bool = _bool(False)
     # fine-tuning a pretrained base (architecture from the checkpoint; ``model`` is then unused)
     init_from: str = _path("", text="a DDPMPipeline folder, a Hub id (owner/name), or empty (train from scratch)")
     adapter: str = _choice("none", ADAPTERS)
@@ -299,6 +303,11 @@ class Settings:
         )
 
     @property
+    def num_classes(self) -> int | None:
+        """Classes the UNet is conditioned on: the data set's with ``class-conditional``, else None."""
+        return dataset_classes(self.dataset) if self.class_conditional else None
+
+    @property
     def thresholds(self) -> tuple[float, ...]:
         return tuple(float(x) for x in self.mq_thresholds.split(","))
 
@@ -318,6 +327,11 @@ class Settings:
             raise ValueError(
                 f"adapter: {self.adapter!r} adapts a pretrained model and needs init-from (a DDPMPipeline "
                 'folder or a Hub id); use adapter = "none" to train from scratch'
+            )
+        if self.class_conditional and dataset_classes(self.dataset) is None:
+            raise ValueError(
+                f"class-conditional: dataset {self.dataset!r} has no labels to condition on; set "
+                "class-conditional = false, or use a labelled data set (digits, cifar10, cifar100)"
             )
         if self.dataset == "imagefolder" and not self.data_root:
             raise ValueError("data-root: required for dataset 'imagefolder' (a folder of images)")
@@ -408,6 +422,7 @@ class Settings:
                 f"dataset: {self.dataset!r} has {want}-channel images, but the base model of init-from "
                 f"{self.init_from!r} takes {channels} channels in and gives {config.get('out_channels')} out"
             )
+        check_base_classes(config, self.num_classes, self.init_from)
 
 
 def _probe(key: str, value: str, test: Any) -> Any:

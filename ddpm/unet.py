@@ -52,8 +52,12 @@ _SIZES: dict[str, dict] = {
 MODEL_SIZES: tuple[str, ...] = tuple(_SIZES)
 
 
-def build_unet(size: str, image_size: int, channels: int) -> UNet2DModel:
-    """Return a freshly initialised epsilon-predicting UNet of a named size."""
+def build_unet(size: str, image_size: int, channels: int, num_classes: int | None = None) -> UNet2DModel:
+    """Return a freshly initialised epsilon-predicting UNet of a named size.
+
+    ``num_classes``: class-conditional with diffusers' class embedding (``num_class_embeds``: one
+    learned vector per class added to the timestep embedding); None: unconditional.
+    """
     if size not in _SIZES:
         raise ValueError(f"model: unknown size {size!r}; allowed: {', '.join(MODEL_SIZES)}")
     spec = _SIZES[size]
@@ -62,6 +66,7 @@ def build_unet(size: str, image_size: int, channels: int) -> UNet2DModel:
         in_channels=channels,
         out_channels=channels,
         attention_head_dim=None,  # one head per attention block (see the module docstring)
+        num_class_embeds=num_classes,
         **spec,
     )
 

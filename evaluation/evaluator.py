@@ -13,7 +13,7 @@ import torch
 from diffusers import UNet2DModel
 
 from ddpm.data import ImageSet
-from ddpm.schedule import ddim_sample
+from ddpm.schedule import ddim_sample, draw_class_labels, model_classes
 from ddpm.settings import Settings
 
 from .bootstrap import DEFAULT_LEVEL, DEFAULT_RESAMPLES, QualityScore
@@ -49,6 +49,7 @@ class MemorizationEvaluator:
         self.fid_reason = "" if settings.fid else "disabled by setting fid = false"
         self.digit_fd_reason = ""
         self.last_images: torch.Tensor | None = None
+        self.last_labels: torch.Tensor | None = None  # the class labels of the last samples, when conditional
         self.last_neighbours: Neighbours | None = None
         self.last_report: Path | None = None
         self.cache = cache_dir(settings.fid_cache_dir)
@@ -61,10 +62,20 @@ class MemorizationEvaluator:
         return self.evaluate_images(self.generate(model), f"round{server_round:03d}", f"round {server_round}")
 
     def generate(self, model: UNet2DModel) -> torch.Tensor:
-        """``eval-num-images`` DDIM samples in [0, 1], seeded by the run's seed."""
+        """``eval-num-images`` DDIM samples in [0, 1], seeded by the run's seed; a class-conditional
+        model gets labels drawn uniformly over its classes (kept in ``last_labels``)."""
         s = self.settings
-        steps, batch = s.sample_steps, s.eval_batch_size
-        return ddim_sample(model, s.eval_num_images, steps=steps, batch_size=batch, seed=s.seed, device=self.device)
+        classes = model_classes(model)
+        self.last_labels = None if classes is None else draw_class_labels(s.eval_num_images, classes, s.seed)
+        return ddim_sample(
+            model,
+            s.eval_num_images,
+            steps=s.sample_steps,
+            batch_size=s.eval_batch_size,
+            seed=s.seed,
+            device=self.device,
+            class_labels=self.last_labels,
+        )
 
     # ---- the metrics ---------------------------------------------------------------------
     def evaluate_images(self, images: torch.Tensor, tag: str = "final", title: str = "") -> dict[str, float | None]:
@@ -170,6 +181,19 @@ class MemorizationEvaluator:
             return None
 
     # ---- the report ----------------------------------------------------------------------
+    def _label_lines(self, num: int) -> list[str]:
+        """The report's note on class labels: how they were drawn, when the samples are conditional."""
+        labels = self.last_labels
+        if labels is None or labels.numel() != num:
+            return []
+        classes = int(torch.unique(labels).numel())
+        return [
+            "Class-conditional: each image's label drawn uniformly from the model's classes "
+            f"(seed {self.settings.seed}); {classes} distinct labels among the {num} images. "
+            "MQ compares against the whole training set, as for an unconditional model.",
+            "",
+        ]
+
     def _write_report(
         self,
         tag: str,
@@ -188,6 +212,7 @@ class MemorizationEvaluator:
             f"{num} generated images (DDIM, {s.sample_steps} steps, seed {s.seed}) against the {len(data)} "
             f"training images of `{data.name}` ({data.fingerprint}); {len(data.holdout)} held-out real images.",
             "",
+            *self._label_lines(num),
             "## Memorization",
             "",
             f"MQ (eq. 12-13): a generated image counts when its squared distance to the nearest training image is "

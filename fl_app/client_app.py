@@ -15,9 +15,10 @@ from clients.state import ShardStateStore
 from clients.trainer import shard_seed, train_shard
 from ddpm.adapters import load_trainable, trainable_state
 from ddpm.base import model_fingerprint
-from ddpm.data import load_dataset
+from ddpm.data import ImageSet, load_dataset
 from ddpm.device import resolve_device
 from ddpm.model import initial_model
+from ddpm.settings import Settings
 
 from .config import settings_from_message
 
@@ -67,13 +68,15 @@ def make_client_app(**train_kwargs) -> ClientApp:
                 store.root,
             )
         started = time.perf_counter()
+        rows = torch.from_numpy(ids)
         result = train_shard(
             model,
-            data.images[torch.from_numpy(ids)],
+            data.images[rows],
             settings,
             state,
             device=device,
             seed=shard_seed(settings.seed, server_round, shard),
+            labels=_shard_labels(data, rows, settings),
             desc=f"shard {shard}, round {server_round}: local training",
             **train_kwargs,
         )
@@ -98,6 +101,15 @@ def make_client_app(**train_kwargs) -> ClientApp:
         return Message(content=content, reply_to=msg)
 
     return app
+
+
+def _shard_labels(data: ImageSet, rows: torch.Tensor, settings: Settings) -> torch.Tensor | None:
+    """The shard's labels from this node's own copy of the data set (only ids travel), when conditional."""
+    if not settings.class_conditional:
+        return None
+    if data.labels is None:
+        raise ValueError(f"class-conditional: this node's copy of {settings.dataset} has no labels")
+    return data.labels[rows]
 
 
 app = make_client_app()

@@ -158,11 +158,12 @@ def run(
 def _model_line(settings: Settings, model: torch.nn.Module) -> str:
     """The model part of the run's first line: size, or base and adapter with what trains."""
     total = sum(p.numel() for p in model.parameters())
+    cond = f", conditional on {settings.num_classes} classes" if settings.class_conditional else ""
     if not settings.init_from:
-        return f"model {settings.model} ({total / 1e6:.2f}M params)"
+        return f"model {settings.model} ({total / 1e6:.2f}M params{cond})"
     adapter = settings.adapter + (f" rank {settings.lora_rank}" if settings.adapter == "lora" else "")
     return (
-        f"base {settings.init_from} ({total / 1e6:.2f}M params), adapter {adapter}: "
+        f"base {settings.init_from} ({total / 1e6:.2f}M params{cond}), adapter {adapter}: "
         f"{num_parameters(model) / 1e6:.4g}M train and travel"
     )
 
@@ -223,6 +224,12 @@ def _finish(writer: RunWriter, settings: Settings, model, strategy: IETStrategy,
     if settings.agc:
         plot_skip_histogram(counts, writer.path / "skip_counts.png")
     notes = [f"final weights: `{pipeline.name}/` (load with `DDPMPipeline.from_pretrained`)"]
+    if settings.class_conditional:
+        notes.append(
+            f"class-conditional ({settings.num_classes} classes): `DDPMPipeline.__call__` passes no labels; "
+            "sample with `ddpm.schedule.ddim_sample(pipe.unet, n, class_labels=labels)` "
+            "or the UNet's `class_labels` argument"
+        )
     if getattr(evaluator, "last_images", None) is not None:
         writer.save_samples(evaluator.last_images)
     fid_reason = getattr(evaluator, "fid_reason", "")

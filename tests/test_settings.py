@@ -76,6 +76,12 @@ def test_paper_presets_carry_the_paper_settings():
         p = presets[name]
         assert (p["num-shards"], p["skip-threshold"], p["aug-range"], p["randaugment-magnitude"]) == (k, lam, r, m)
         assert (p["bank-eta"], p["msr-proportion"], p["local-epochs"], p["aug-sharpness"]) == (0.8, 0.25, 50, 5.0)
+    # the authors' config files: only config/CIFAR100.txt trains with labels (use_labels=True, num_labels=100)
+    assert {name: p["class-conditional"] for name, p in presets.items()} == {
+        "cifar10": False,
+        "cifar100": True,
+        "afhq-dog": False,
+    }
 
 
 def test_afhq_preset_without_data_stops_naming_data_root():

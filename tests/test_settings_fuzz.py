@@ -60,7 +60,7 @@ FLOATS = {  # key: (low, low included, high or None, high included, +inf allowed
     "msr-proportion": (0.0, True, 1.0, False, False),
     "lora-alpha": (0.0, False, None, False, False),
 }
-BOOLS = ("download", "hflip", "agc", "taa", "fid", "lora-freeze-a", "save-adapter")
+BOOLS = ("download", "hflip", "class-conditional", "agc", "taa", "fid", "lora-freeze-a", "save-adapter")
 CHOICES = {
     "dataset": ("digits", "cifar10", "cifar100", "imagefolder"),
     "model": ("tiny", "cifar", "afhq64"),
