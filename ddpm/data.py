@@ -230,13 +230,11 @@ def load_dataset(
     ``cache_dir`` holds the decoded copies (``""``: ``data_cache.default_cache_dir()``; ``"off"``:
     decode every time and keep nothing).
     """
-    if name not in DATASETS or (name == "imagefolder" and not root):
-        return _decode(name, root, holdout_root, download, image_size, train_size, seed)  # its error
+    if cache_dir == "off" or name not in DATASETS or (name == "imagefolder" and not root):
+        return _decode(name, root, holdout_root, download, image_size, train_size, seed)  # or its error
     args = dict(name=name, root=root, holdout_root=holdout_root, image_size=image_size, train_size=train_size)
     if name == "digits":
         args["seed"] = seed  # the only loader whose split depends on the seed
-    if cache_dir == "off":
-        return _decode(name, root, holdout_root, download, image_size, train_size, seed)
     base = Path(cache_dir).expanduser() if cache_dir else data_cache.default_cache_dir()
     folder = base / data_cache.cache_key({**args, "sources": _sources(name, root, holdout_root)})
     found = data_cache.read(folder)
