@@ -16,6 +16,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from ddpm.files import atomic_write
+
 from .trainer import ShardState
 
 ROUND_FILE = re.compile(r"round-(\d+)\.safetensors$")
@@ -70,9 +72,8 @@ class ShardStateStore:
             for name, value in entry.items():
                 tensors[f"opt.{index}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
         target = folder / f"round-{server_round:06d}.safetensors"
-        tmp = folder / f".{target.name}.tmp-{os.getpid()}"
-        save_file(tensors, tmp, metadata={"step": str(state.step), "round": str(server_round)})
-        os.replace(tmp, target)
+        meta = {"step": str(state.step), "round": str(server_round)}
+        atomic_write(target, lambda tmp: save_file(tensors, tmp, metadata=meta))
         earlier = sorted(r for r in self._rounds(folder) if r < server_round)
         for r in earlier[:-1]:
             (folder / f"round-{r:06d}.safetensors").unlink(missing_ok=True)

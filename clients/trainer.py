@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 from diffusers import UNet2DModel
+from diffusers.optimization import get_constant_schedule_with_warmup
 
 from ddpm.data import to_model_range
 from ddpm.progress import progress
@@ -158,12 +159,14 @@ def train_shard(
     augment: AugmentPolicy | None | bool = True,
     labels: torch.Tensor | None = None,
     desc: str = "local training",
+    proximal_mu: float = 0.0,
 ) -> ShardResult:
     """Train ``model`` in place on one shard's uint8 images for ``settings.local_epochs`` epochs.
 
     ``state`` is updated in place. ``augment=True`` means the settings' policy (None if TAA is off).
     ``labels`` (int64, aligned with ``images``) are required exactly when the model is class-conditional.
-    ``desc`` names the work in its progress line (long rounds only).
+    ``desc`` names the work in its progress line (long rounds only). ``proximal_mu`` > 0 adds
+    FedProx's proximal term to every step's loss (the server's FedProx sends it as ``proximal-mu``).
     """
     skip_rule = skip_rule or default_skip_rule(settings)
     if augment is True:
@@ -185,7 +188,8 @@ def train_shard(
     n = data.shape[0]
     batch = min(settings.batch_size, n)
     steps_per_epoch = max(1, n // batch)  # drop_last, but never zero steps
-    warmup = settings.warmup_epochs * steps_per_epoch
+    lr_schedule = warmup_schedule(optimizer, settings.warmup_epochs * steps_per_epoch, state.step)
+    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None  # FedProx: the round's weights
     bank = state.bank.to(device)
     counts = torch.zeros(n, dtype=torch.long, device=device)
     loss_sum = torch.zeros((), device=device)
@@ -205,13 +209,12 @@ def train_shard(
                 noise = torch.randn_like(x0)
                 y = None if targets is None else targets[pos]
                 out = agc_taa_loss(model, scheduler, x0, t, noise, bank, skip_rule, augment, settings, y)
-                loss = out.loss
+                loss = out.loss if anchor is None else out.loss + proximal_term(params, anchor, proximal_mu)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
-                for group in optimizer.param_groups:
-                    group["lr"] = settings.lr * min(1.0, (state.step + 1) / warmup) if warmup else settings.lr
                 optimizer.step()
+                lr_schedule.step()
                 state.step += 1
                 bank = update_memory_bank(bank, t, out.losses, eta)
                 counts.index_add_(0, pos, out.skip.long())
@@ -250,6 +253,21 @@ def _shard_labels(model: UNet2DModel, labels: torch.Tensor | None, n: int) -> to
     if not 0 <= low <= high < classes:
         raise ValueError(f"class-conditional: labels must be in [0, {classes - 1}], got {low}..{high}")
     return labels
+
+
+def warmup_schedule(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, done: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """diffusers' linear warm-up, continued after the shard's ``done`` steps so far: the lr of step s
+    (0-based, counted over all rounds) is lr * min(s, warmup) / warmup, as in the authors' code."""
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])  # what LambdaLR scales when it starts mid-schedule
+    return get_constant_schedule_with_warmup(optimizer, warmup_steps, last_epoch=done - 1)
+
+
+def proximal_term(params: list[torch.Tensor], anchor: list[torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx's proximal term mu/2 * ||w - w_t||^2 over the trainable tensors (Li et al., 2020, eq. 2)."""
+    return 0.5 * mu * sum((p - a).pow(2).sum() for p, a in zip(params, anchor, strict=True))
 
 
 def shard_seed(seed: int, server_round: int, shard: int) -> int:

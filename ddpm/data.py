@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import warnings
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -19,9 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from . import data_cache
+from .files import error_text
 
 DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "imagefolder")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "WEBP")  # the decoders for IMAGE_SUFFIXES, whatever the suffix says
 DEFAULT_ROOT = Path.home() / ".cache" / "iet-agc" / "data"
 
 
@@ -58,6 +61,11 @@ class ImageSet:
         if self.labels is not None:
             h.update(self.labels.numpy().astype(np.int64).tobytes())
         return f"{len(self)}-{h.hexdigest()[:16]}"
+
+
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [0, 1] (metrics, plots, augmentation); a float tensor is taken as [0, 1]."""
+    return images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
@@ -154,6 +162,23 @@ def num_channels(name: str) -> int:
     return 1 if name == "digits" else 3
 
 
+def read_image(path: Path):
+    """One decoded PIL image from ``path``; a folder, an unreadable, truncated or non-image file
+    (or one too large to decode safely) is a ValueError naming the file."""
+    from PIL import Image
+
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder named like an image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # refused, not decoded
+            with Image.open(path, formats=IMAGE_FORMATS) as img:
+                img.load()
+                return img.copy()
+    except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ValueError(f"{path}: not a readable image ({error_text(err)})") from None
+
+
 def _read_folder(root: Path, image_size: int) -> torch.Tensor:
     from PIL import Image
 
@@ -162,9 +187,8 @@ def _read_folder(root: Path, image_size: int) -> torch.Tensor:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
     out = torch.empty((len(files), 3, image_size, image_size), dtype=torch.uint8)
     for i, path in enumerate(files):  # loading, not a training step
-        with Image.open(path) as img:
-            img = img.convert("RGB").resize((image_size, image_size), Image.BICUBIC)
-            out[i] = torch.from_numpy(np.array(img)).permute(2, 0, 1)
+        img = read_image(path).convert("RGB").resize((image_size, image_size), Image.BICUBIC)
+        out[i] = torch.from_numpy(np.array(img)).permute(2, 0, 1)
     return out
 
 

@@ -28,12 +28,13 @@ from .adapters import ADAPTERS, LORA_TARGETS, AdapterSpec
 from .base import base_config, check_base_classes
 from .data import DATASETS, IMAGE_SUFFIXES, num_channels, num_train_images
 from .data import num_classes as dataset_classes
+from .device import DEVICE_PATTERN, DEVICES
 from .schedule import NUM_TRAIN_TIMESTEPS
 from .unet import _SIZES, MODEL_SIZES
 
 MSR_MODES = ("memory", "random", "none")
 SKIP_COUNT_MODES = ("reset", "cumulative")
-DEVICE_PATTERN = r"auto|cpu|mps|(cuda|xpu)(:(0|[1-9][0-9]{0,2}))?"
+AGGREGATIONS = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedtrimmedavg", "fedmedian")  # Flower strategies
 
 # Upper bounds where a larger value would only hang the run or exhaust memory.
 MAX_SEED = 2**31 - 1  # torch and numpy seeds
@@ -170,6 +171,20 @@ def _path(default: str, **rule: Any) -> Any:
     return _setting(default, str, path=True, **rule)
 
 
+def parse_thresholds(text: str, key: str) -> tuple[float, ...]:
+    """'0.4,0.5,0.6' -> (0.4, 0.5, 0.6): MQ's delta values, each in (0, 1], none repeated (to 6
+    significant digits, which name the results columns); a ValueError naming ``key`` otherwise."""
+    try:
+        values = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"{key}: must be comma-separated numbers, each in (0, 1], got {text!r}") from None
+    if any(not 0 < v <= 1 for v in values):  # NaN fails both comparisons
+        raise ValueError(f"{key}: must be comma-separated numbers, each in (0, 1], got {text!r}")
+    if len({f"{v:g}" for v in values}) != len(values):  # one results column per threshold
+        raise ValueError(f"{key}: a threshold is repeated (to 6 significant digits, the column names), got {text!r}")
+    return values
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every run setting, with the CPU default preset's values as defaults.
@@ -211,16 +226,14 @@ class Settings:
     batch_size: int = _int(32, 1, MAX_BATCH)
     lr: float = _float(1e-3, low=0, high=1, low_open=True)
     warmup_epochs: int = _int(5, 0, MAX_EPOCHS)
+    seed: int = _int(0, 0, MAX_SEED)
     grad_clip: float = _float(1.0, low=0, low_open=True)
     round_timeout: float = _float(3600.0, low=0, high=MAX_TIMEOUT, low_open=True)
     min_nodes: int = _int(1, 1, MAX_NODES)
     max_failed_rounds: int = _int(3, 1, MAX_ROUNDS)
     node_max_failures: int = _int(2, 1, MAX_ROUNDS)
     messages_per_node: int = _int(2, 1, MAX_SHARDS)
-    seed: int = _int(0, 0, MAX_SEED)
-    device: str = _setting(
-        "auto", str, pattern=DEVICE_PATTERN, text="one of auto, cpu, cuda, cuda:N, mps, xpu, xpu:N (N in 0..999)"
-    )
+    device: str = _setting("auto", str, pattern=DEVICE_PATTERN, text=f"one of {DEVICES} (N in 0..999)")
     # AGC (eq. 3-4), TAA (eq. 5-8), MSR (eq. 10-11)
     agc: bool = _bool(True)
     skip_threshold: float = _float(0.5, low=0, high=10, low_open=True)
@@ -233,6 +246,14 @@ class Settings:
     msr: str = _choice("memory", MSR_MODES)
     msr_proportion: float = _float(0.25, low=0, high=1, high_open=True)
     skip_counts: str = _choice("reset", SKIP_COUNT_MODES)
+    # aggregation of the shard models (IET's FedAvg by default; each is the Flower strategy of that name)
+    aggregation: str = _choice("fedavg", AGGREGATIONS)
+    fedprox_mu: float = _float(0.01, low=0, low_open=True)
+    fedavgm_lr: float = _float(1.0, low=0, low_open=True)
+    fedavgm_momentum: float = _float(0.9, low=0, high=1, high_open=True)
+    fedadam_eta: float = _float(1e-3, low=0, low_open=True)
+    fedadam_tau: float = _float(1e-3, low=0, low_open=True)
+    fedtrimmedavg_beta: float = _float(0.25, low=0, high=0.5, high_open=True)
     # evaluation
     eval_every: int = _int(5, 0, MAX_ROUNDS)
     eval_num_images: int = _int(500, 1, MAX_EVAL_IMAGES)
@@ -309,7 +330,7 @@ class Settings:
 
     @property
     def thresholds(self) -> tuple[float, ...]:
-        return tuple(float(x) for x in self.mq_thresholds.split(","))
+        return parse_thresholds(self.mq_thresholds, "mq-thresholds")
 
     # ---- validation ----------------------------------------------------------------
     def validate(self) -> None:
@@ -355,21 +376,7 @@ class Settings:
                 raise ValueError(f"{key}: must be an integer in [1, {size}] ({source} = {size}), got {value}")
 
     def _check_thresholds(self) -> None:
-        parts = self.mq_thresholds.split(",")
-        rule = Rule(float, low=0, high=1, low_open=True)
-        try:
-            values = [float(p) for p in parts]
-            for v in values:
-                rule.check("mq-thresholds", v)
-        except ValueError:
-            raise ValueError(
-                f"mq-thresholds: must be comma-separated numbers, each in (0, 1], got {self.mq_thresholds!r}"
-            ) from None
-        if len({f"{v:g}" for v in values}) != len(values):  # one results column per threshold
-            raise ValueError(
-                f"mq-thresholds: must not repeat a threshold (to 6 significant digits, which name the "
-                f"results columns), got {self.mq_thresholds!r}"
-            )
+        parse_thresholds(self.mq_thresholds, "mq-thresholds")
 
     def check_environment(self) -> None:
         """The checks that read the file system of the machine that starts the run (never a node's).

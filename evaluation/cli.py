@@ -27,25 +27,15 @@ if TYPE_CHECKING:  # torch loads lazily: `iet-agc run` does not need it
 
 import numpy as np
 
+from ddpm.device import DEVICE_PATTERN, DEVICES
+from ddpm.files import error_text as _reason
 from ddpm.progress import bars
 
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
-IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "WEBP")  # the decoders for ddpm.data.IMAGE_SUFFIXES, whatever the suffix says
-DEVICE_PATTERN = r"auto|cpu|mps|(cuda|xpu)(:(0|[1-9][0-9]{0,2}))?"
-DEVICES = "auto, cpu, cuda, cuda:N, mps, xpu, xpu:N"
 
 
 class InputError(ValueError):
     """A user input the command cannot work with; the message names it (option or file) and says why."""
-
-
-def _reason(err: BaseException) -> str:
-    """An exception's message on one line (OSError: its strerror and file name)."""
-    if isinstance(err, OSError) and err.strerror:
-        text = err.strerror + (f": {err.filename}" if err.filename else "")
-    else:
-        text = str(err) or type(err).__name__
-    return " ".join(text.split())
 
 
 # ---- paths --------------------------------------------------------------------------------
@@ -142,20 +132,13 @@ def _from_array(array: np.ndarray, option: str) -> torch.Tensor:
 
 
 def read_image(path: Path, option: str):
-    """One decoded PIL image from ``path``; a folder, an unreadable, truncated or non-image file
-    (or one too large to decode safely) is an InputError naming the file."""
-    from PIL import Image
+    """``ddpm.data.read_image`` for a command-line option: its error as an InputError naming both."""
+    from ddpm.data import read_image as decode
 
-    if path.is_dir():
-        raise InputError(f"{option}: {path} is a folder named like an image")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)  # refused, not decoded
-            with Image.open(path, formats=IMAGE_FORMATS) as img:
-                img.load()
-                return img.copy()
-    except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise InputError(f"{option}: {path}: not a readable image ({_reason(err)})") from None
+        return decode(path)
+    except ValueError as err:
+        raise InputError(f"{option}: {err}") from None
 
 
 def _read_folder(root: Path, option: str) -> torch.Tensor:
@@ -190,16 +173,13 @@ def _read_folder(root: Path, option: str) -> torch.Tensor:
 
 
 def parse_thresholds(text: str) -> tuple[float, ...]:
-    """'0.4,0.5,0.6' -> (0.4, 0.5, 0.6); each in (0, 1], none repeated (they name the columns)."""
+    """``--thresholds``: the settings' rule for ``mq-thresholds``, as an InputError."""
+    from ddpm.settings import parse_thresholds as settings_thresholds
+
     try:
-        values = tuple(float(x) for x in text.split(","))
-    except ValueError:
-        raise InputError(f"--thresholds: comma-separated numbers, got {text!r}") from None
-    if not values or any(not 0 < t <= 1 for t in values):  # NaN fails both comparisons
-        raise InputError(f"--thresholds: each must be in (0, 1], got {text!r}")
-    if len({f"{t:g}" for t in values}) != len(values):
-        raise InputError(f"--thresholds: a threshold is repeated, got {text!r}")
-    return values
+        return settings_thresholds(text, "--thresholds")
+    except ValueError as err:
+        raise InputError(str(err)) from None
 
 
 def usable_device(name: str, option: str = "--device") -> torch.device:

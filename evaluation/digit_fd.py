@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ddpm.data import to_unit_range
+from ddpm.files import atomic_write
 
 from .bootstrap import DEFAULT_RESAMPLES, QualityScore, score_features
 from .fid import feature_statistics, frechet_distance_stats
@@ -68,7 +70,7 @@ def train_digit_net(images: torch.Tensor, labels: torch.Tensor, seed: int = 0, s
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = DigitNet()
-    x, y = images.float() / 255.0, labels.long()
+    x, y = to_unit_range(images), labels.long()
     opt = torch.optim.Adam(net.parameters(), lr=3e-3, weight_decay=1e-4)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -86,7 +88,7 @@ def train_digit_net(images: torch.Tensor, labels: torch.Tensor, seed: int = 0, s
 @torch.no_grad()
 def accuracy(net: DigitNet, images: torch.Tensor, labels: torch.Tensor) -> float:
     """Share of images classified correctly (a sanity check of the features)."""
-    return float((net.logits(images.float() / 255.0).argmax(1) == labels).double().mean())
+    return float((net.logits(to_unit_range(images)).argmax(1) == labels).double().mean())
 
 
 @dataclass
@@ -108,7 +110,7 @@ class DigitFD:
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """The classifier's 64-d features of images (uint8 or [0, 1])."""
-        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        x = to_unit_range(images)
         return self.net(x)
 
     def score(self, generated01: torch.Tensor, resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> QualityScore:
@@ -148,10 +150,7 @@ def load_digit_fd(
     if net is None:
         net = train_digit_net(holdout, holdout_labels, seed)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}")
-            torch.save(net.state_dict(), tmp)
-            os.replace(tmp, path)
+            atomic_write(path, lambda tmp: torch.save(net.state_dict(), tmp))
         except OSError as err:
             log.warning("could not cache the digit classifier at %s: %s", path, err)
     acc = accuracy(net, train, train_labels) if train_labels is not None else float("nan")

@@ -28,7 +28,14 @@ PAIRS_LISTED = 10
 
 
 class Evaluator(Protocol):
-    """Called by the ServerApp after chosen rounds with the global model; returns metric columns."""
+    """Called by the ServerApp after chosen rounds with the global model; returns metric columns.
+
+    The ServerApp also reads the last evaluation's images (``samples.png`` of the run) and why FID
+    is unavailable ("" when it is not).
+    """
+
+    last_images: torch.Tensor | None
+    fid_reason: str
 
     def __call__(self, server_round: int, model: UNet2DModel) -> dict[str, float | None]: ...
 

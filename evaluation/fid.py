@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import os
 import pickle
 import warnings
 from collections.abc import Callable
@@ -26,6 +25,8 @@ import pytorch_fid.inception as pf
 import torch
 import torchvision
 
+from ddpm.data import to_unit_range
+from ddpm.files import atomic_write
 from ddpm.progress import progress
 
 from .bootstrap import DEFAULT_RESAMPLES, QualityScore, score_features
@@ -218,7 +219,7 @@ def _file_hash(path: str, size: int, mtime_ns: int) -> str:
 
 
 def _to01(batch: torch.Tensor) -> torch.Tensor:
-    x = batch.float() / 255.0 if batch.dtype == torch.uint8 else batch.float()
+    x = to_unit_range(batch)
     return x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x
 
 
@@ -309,10 +310,7 @@ def cached_statistics(
             log.warning("ignoring unreadable FID statistics cache %s: %s", path, err)
     mu, sigma = feature_statistics(images, model, batch_size, device, "FID features of the training set")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.npz")
-        np.savez(tmp, mu=mu, sigma=sigma, count=images.shape[0])
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: np.savez(tmp, mu=mu, sigma=sigma, count=images.shape[0]), suffix=".npz")
     except OSError as err:  # a read-only cache is not worth failing an evaluation for
         log.warning("could not write FID statistics cache %s: %s", path, err)
     return mu, sigma

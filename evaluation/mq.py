@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ddpm.data import to_unit_range
 from ddpm.progress import progress
 
 
@@ -47,7 +48,7 @@ def flatten01(images: torch.Tensor, name: str = "images") -> torch.Tensor:
     if images.dim() < 2:
         raise ValueError(f"{name}: expected a batch of images (N, C, H, W), got shape {tuple(images.shape)}")
     if images.dtype == torch.uint8:
-        x = images.float().div_(255.0)
+        x = to_unit_range(images)
     elif images.is_floating_point():
         x = images.float()
         if x.numel():

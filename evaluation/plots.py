@@ -18,6 +18,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torchvision.utils import make_grid, save_image
 
+from ddpm.data import to_unit_range
+
 from .mq import Neighbours
 
 
@@ -25,10 +27,6 @@ def _figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height))
     FigureCanvasAgg(fig)
     return fig
-
-
-def _as01(images: torch.Tensor) -> torch.Tensor:
-    return images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
 
 
 def save_sample_grid(images: torch.Tensor, path: Path | str, count: int = 64) -> Path:
@@ -55,7 +53,7 @@ def save_pair_grid(
     k = int(order.numel())
     if k == 0:
         raise ValueError("no generated images to draw")
-    gen, ref = _as01(generated[order]).cpu(), _as01(train[neighbours.nearest[order]]).cpu()
+    gen, ref = to_unit_range(generated[order]).cpu(), to_unit_range(train[neighbours.nearest[order]]).cpu()
     columns = min(columns, k)
     rows = math.ceil(k / columns)
     fig = _figure(columns * 1.5, rows * 1.15 + 0.5)

@@ -28,7 +28,7 @@ from ddpm.settings import Settings
 from evaluation.cli import register as register_evaluation
 from strategies.checkpoint import CheckpointError, load_checkpoint
 
-from .config import settings_from_run_config
+from .config import settings_from_run_config, toml_value
 from .resume import resumed_settings, run_folder_lock
 from .sweep import register as register_sweep
 
@@ -188,8 +188,8 @@ def prepare_run(args: argparse.Namespace) -> list[str]:
     nodes = federation["num-supernodes"]
     if settings.min_nodes > nodes:  # the run would wait for nodes forever
         raise ValueError(f"min-nodes: must be <= num-supernodes ({nodes}), got {settings.min_nodes}")
-    config = " ".join(f"{k}={_toml(v)}" for k, v in overrides.items())
-    nodes_config = " ".join(f"{k}={_toml(v)}" for k, v in federation.items())
+    config = " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())
+    nodes_config = " ".join(f"{k}={toml_value(v)}" for k, v in federation.items())
     cmd = ["flwr", "run", str(app_dir), *([args.superlink] if args.superlink else []), "--stream"]
     cmd += ["--run-config", config, "--federation-config", nodes_config]
     return cmd + [f"--{k}={v}" for k in ("federation", "format") if (v := getattr(args, k)) is not None]
@@ -250,17 +250,6 @@ def _default_gpus() -> float:
     import torch
 
     return 1.0 if torch.cuda.is_available() else 0.0
-
-
-def _toml(value) -> str:
-    """A value as flwr's key=value parser reads it back (TOML)."""
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float) and value in (float("inf"), float("-inf")):
-        return "inf" if value > 0 else "-inf"
-    return repr(value)
 
 
 def build_parser() -> argparse.ArgumentParser:

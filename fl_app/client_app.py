@@ -78,6 +78,7 @@ def make_client_app(**train_kwargs) -> ClientApp:
             seed=shard_seed(settings.seed, server_round, shard),
             labels=_shard_labels(data, rows, settings),
             desc=f"shard {shard}, round {server_round}: local training",
+            proximal_mu=float(cfg.get("proximal-mu", 0.0)),  # FedProx's key in the train config
             **train_kwargs,
         )
         store.save(run_key, shard, server_round, state)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,3 +38,14 @@ def settings_from_message(config: Mapping[str, Any], node_config: Mapping[str, A
     values.update({k: "" for k in SERVER_ONLY_PATHS})  # a node never evaluates: it needs none of them
     values.update({k: v for k, v in (node_config or {}).items() if k in NODE_KEYS})
     return Settings.from_run_config(values)
+
+
+def toml_value(value: Any) -> str:
+    """A setting's value as TOML (settings.toml, and flwr's key=value parser reads it back)."""
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value in (float("inf"), float("-inf")):
+        return "inf" if value > 0 else "-inf"
+    return repr(value)

@@ -1,4 +1,4 @@
-"""Recording a finished round: its rows in the run folder, its checkpoint, its summary line."""
+"""Recording the run: each finished round (rows, checkpoint, summary line) and its end (pipeline, report)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,19 @@ import time
 from logging import INFO, WARNING
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.common.logger import log
 
-from evaluation.outputs import RunWriter
+from ddpm.adapters import adapter_state, merged_unet
+from ddpm.settings import Settings
+from ddpm.unet import num_parameters
+from evaluation.evaluator import Evaluator
+from evaluation.plots import plot_skip_histogram
 from strategies.checkpoint import Checkpoint, save_checkpoint
-from strategies.iet import RoundLog
+from strategies.iet import IETStrategy, RoundLog, StrategyState
+
+from .run_folder import RunWriter
 
 EVAL_PREFIXES = ("mq_", "copy_", "fid", "digit_fd")
 EVAL_SECONDS = "eval-seconds"  # reported by the evaluation function, printed, not kept in rounds.csv
@@ -41,10 +48,10 @@ class RunRecorder:
         self.last_time = time.monotonic()
 
     def round_done(
-        self, rlog: RoundLog, arrays: ArrayRecord, evaluation: MetricRecord | None, state: tuple[dict, dict]
+        self, rlog: RoundLog, arrays: ArrayRecord, evaluation: MetricRecord | None, state: StrategyState
     ) -> None:
         r, m, w = rlog.server_round, rlog.metrics, self.writer
-        meta, ledger_arrays = state
+        meta = state.ledger_meta
         w.add_assignment(r, rlog.assignment, rlog.moved)
         w.add_shard_metrics(r, rlog.shard_metrics)
         nodes = meta["node-of-shard"]
@@ -73,7 +80,8 @@ class RunRecorder:
                 server_round=r,
                 weights={k: a.numpy() for k, a in arrays.items()},
                 ledger_meta=meta,
-                ledger_arrays=ledger_arrays,
+                ledger_arrays=state.ledger_arrays,
+                aggregator=state.aggregator,
                 rows=w.rows,
                 settings=w.settings.to_run_config(),
                 run_key=self.run_key,
@@ -102,3 +110,63 @@ class RunRecorder:
         )
         for node, why in rlog.set_aside.items():
             log(WARNING, "node %d set aside: %s", node, why)
+
+
+def finish_run(
+    writer: RunWriter,
+    settings: Settings,
+    model: torch.nn.Module,
+    strategy: IETStrategy,
+    evaluator: Evaluator,
+    started: float,
+) -> None:
+    """The final pipeline, skip counts, samples and report; the summary line."""
+    counts = strategy.total_counts
+    pipeline = writer.save_model(merged_unet(model))  # a plain DDPMPipeline, adapters folded in
+    if settings.adapter != "none" and settings.save_adapter:
+        writer.save_adapter(adapter_state(model), settings)
+    writer.save_skip_counts(counts)
+    if settings.agc:
+        plot_skip_histogram(counts, writer.path / "skip_counts.png")
+    notes = [f"final weights: `{pipeline.name}/` (load with `DDPMPipeline.from_pretrained`)"]
+    if settings.class_conditional:
+        notes.append(
+            f"class-conditional ({settings.num_classes} classes): `DDPMPipeline.__call__` passes no labels; "
+            "sample with `ddpm.schedule.ddim_sample(pipe.unet, n, class_labels=labels)` "
+            "or the UNet's `class_labels` argument"
+        )
+    if evaluator.last_images is not None:
+        writer.save_samples(evaluator.last_images)
+    fid_reason = evaluator.fid_reason
+    if fid_reason:
+        notes.append(f"FID unavailable: {fid_reason}")
+    set_aside = [f"node {n} ({why})" for n, why in strategy.ledger.set_aside.items()]
+    failed = [str(r) for r, rlog in sorted(strategy.log.items()) if rlog.failed]
+    if set_aside:
+        notes.append("nodes set aside (node-max-failures), their shards trained elsewhere: " + "; ".join(set_aside))
+    if failed:
+        notes.append(f"failed rounds (no valid reply, the global model kept): {', '.join(failed)}")
+    writer.write_report(notes)
+    final = writer.rows[-1] if writer.rows else {}
+    log(
+        INFO,
+        f"done in {time.monotonic() - started:.0f}s: "
+        + ", ".join(f"{k} {fmt(final.get(k))}" for k in writer.columns if k.startswith(("mq_", "copy_", "digit_fd")))
+        + (f", FID unavailable ({fid_reason})" if fid_reason else f", FID {fmt(final.get('fid'))}")
+        + (f"; set aside: {'; '.join(set_aside)}" if set_aside else "")
+        + (f"; failed rounds: {', '.join(failed)}" if failed else "")
+        + f"; results in {writer.path}",
+    )
+
+
+def model_line(settings: Settings, model: torch.nn.Module) -> str:
+    """The model part of the run's first line: size, or base and adapter with what trains."""
+    total = sum(p.numel() for p in model.parameters())
+    cond = f", conditional on {settings.num_classes} classes" if settings.class_conditional else ""
+    if not settings.init_from:
+        return f"model {settings.model} ({total / 1e6:.2f}M params{cond})"
+    adapter = settings.adapter + (f" rank {settings.lora_rank}" if settings.adapter == "lora" else "")
+    return (
+        f"base {settings.init_from} ({total / 1e6:.2f}M params{cond}), adapter {adapter}: "
+        f"{num_parameters(model) / 1e6:.4g}M train and travel"
+    )

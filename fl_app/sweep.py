@@ -29,6 +29,7 @@ from typing import Any
 
 import pandas as pd
 
+from ddpm.files import atomic_write
 from ddpm.settings import Settings
 
 from .config import settings_from_run_config
@@ -347,9 +348,7 @@ def read_results(path: Path) -> pd.DataFrame:
 
 def write_results(frame: pd.DataFrame, path: Path) -> None:
     """Written to a temporary file and renamed: an interruption leaves the old table or the new one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
 # ---- summaries ---------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 ``RUN_DIR/checkpoint/round-NNNNNN/`` holds the global weights (``weights.safetensors``: all of
 them, or when fine-tuning with an adapter only the adapter's trainable tensors, the base being
 reloaded from ``init-from`` and checked by its fingerprint), the
-ledger's arrays (``ledger.safetensors``: shards and cumulative skip counts) and ``state.json``
+ledger's arrays (``ledger.safetensors``: shards and cumulative skip counts), a server optimizer's
+state where the aggregation keeps one (``aggregator.safetensors``: FedAvgM, FedAdam) and ``state.json``
 (the ledger's other values with MSR's RNG state, the rows written so far, the settings, the run
 key). Nothing is unpickled. A checkpoint is written into a temporary folder and renamed into
 place, so a crash leaves either the previous checkpoint or the new one, never half of one.
@@ -15,7 +16,7 @@ import json
 import math
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 CHECKPOINT_DIR = "checkpoint"
+AGGREGATOR_FILE = "aggregator.safetensors"
 FORMAT = 1
 
 
@@ -41,6 +43,7 @@ class Checkpoint:
     run_key: str
     fingerprint: str  # the training data set's, checked again on resume
     base_fingerprint: str = ""  # the initial model's when fine-tuning (init-from): weights hold only what trains
+    aggregator: dict[str, np.ndarray] = field(default_factory=dict)  # a server optimizer's state (FedAvgM, FedAdam)
 
 
 def _json_safe(value):
@@ -69,6 +72,10 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> Path:
     tmp.mkdir()
     save_file({k: np.ascontiguousarray(v) for k, v in ckpt.weights.items()}, tmp / "weights.safetensors")
     save_file({k: np.ascontiguousarray(v) for k, v in ckpt.ledger_arrays.items()}, tmp / "ledger.safetensors")
+    files = ["weights.safetensors", "ledger.safetensors", "state.json"]
+    if ckpt.aggregator:
+        save_file({k: np.ascontiguousarray(v) for k, v in ckpt.aggregator.items()}, tmp / AGGREGATOR_FILE)
+        files.append(AGGREGATOR_FILE)
     state = {
         "format": FORMAT,
         "round": ckpt.server_round,
@@ -80,7 +87,7 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> Path:
         "settings": ckpt.settings,
     }
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    for name in ("weights.safetensors", "ledger.safetensors", "state.json"):
+    for name in files:
         with open(tmp / name, "rb") as fh:
             os.fsync(fh.fileno())
     if final.exists():  # the same round written again (a resumed run redid it)
@@ -145,6 +152,7 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
             str(state["run-key"]),
             str(state["fingerprint"]),
             str(state.get("base-fingerprint", "")),
+            load_file(path / AGGREGATOR_FILE) if (path / AGGREGATOR_FILE).is_file() else {},
         )
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from None

@@ -1,4 +1,4 @@
-"""The IET strategy: FedAvg over K shard models, one message per shard, MSR between rounds.
+"""The IET strategy: K shard models combined by an aggregator (FedAvg), one message per shard, MSR between rounds.
 
 K (shards) is independent of the number of nodes: shards are mapped onto the connected nodes
 and stay on their node while it stays healthy (``ShardLedger``). Each node's messages go out in
@@ -21,9 +21,11 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.result import Result
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from .aggregation import WEIGHTED_BY, Resumable, aggregate, fedavg, instruction
 from .dispatch import DEADLINE, LATE, NodeQueues
 from .ledger import ShardLedger
 from .msr import Moves, Redistribution, apply_moves, check_partition, hold_moves_into
@@ -42,7 +44,7 @@ class RoundLog:
 
     server_round: int
     assignment: list[np.ndarray]  # the ids each shard was sent this round
-    metrics: dict[str, float] = field(default_factory=dict)  # FedAvg's weighted means, moved, counts
+    metrics: dict[str, float] = field(default_factory=dict)  # weighted means of the replies' metrics, moved, counts
     moved: list[np.ndarray] = field(default_factory=list)
     dropped: list[tuple[int, int, str]] = field(default_factory=list)  # (shard or -1, node, reason)
     timed_out: dict[int, str] = field(default_factory=dict)  # shard -> why it was not sent / answered
@@ -54,16 +56,27 @@ class RoundLog:
         return not self.shard_metrics
 
 
+@dataclass
+class StrategyState:
+    """What the strategy needs to continue after a round: the ledger and the aggregator's state."""
+
+    ledger_meta: dict
+    ledger_arrays: dict[str, np.ndarray]
+    aggregator: dict[str, np.ndarray] = field(default_factory=dict)
+
+
 class RoundRecorder(Protocol):
     """Receives each finished round and the strategy's state (rows, checkpoint)."""
 
     def round_done(
-        self, rlog: RoundLog, arrays: ArrayRecord, evaluation: MetricRecord | None, state: tuple[dict, dict]
+        self, rlog: RoundLog, arrays: ArrayRecord, evaluation: MetricRecord | None, state: StrategyState
     ) -> None: ...
 
 
-class IETStrategy(FedAvg):
-    """FedAvg-derived IET strategy owning the shard assignment and the MSR step."""
+class IETStrategy(Strategy):
+    """The shard layer of IET: shard assignment, node placement, reply checks and MSR, over an
+    aggregation strategy (Flower's FedAvg unless ``aggregator`` names another) that combines the
+    shard models."""
 
     def __init__(
         self,
@@ -80,13 +93,10 @@ class IETStrategy(FedAvg):
         recorder: RoundRecorder | None = None,
         dispatcher: NodeQueues | None = None,
         should_stop: Callable[[], str | None] | None = None,
+        aggregator: Strategy | None = None,
     ) -> None:
-        super().__init__(
-            fraction_evaluate=0.0,
-            min_train_nodes=1,
-            min_available_nodes=min_nodes,
-            weighted_by_key="num-examples",
-        )
+        self.aggregator = fedavg() if aggregator is None else aggregator
+        self.min_available_nodes = min_nodes
         self.ledger = shards if isinstance(shards, ShardLedger) else ShardLedger(list(shards), num_samples, seed)
         self.train_config = dict(train_config)
         self.redistribution = redistribution
@@ -102,6 +112,7 @@ class IETStrategy(FedAvg):
         self.outgoing: list[Message] = []  # this round's messages; ids are set when pushed
         self.expected_arrays: dict[str, tuple[str, tuple[int, ...]]] = {}  # key -> (dtype, shape)
         self.confirmed: set[int] = set()  # nodes whose valid reply confirmed the data set's fingerprint
+        self.array_key = "arrays"  # the aggregator's key for the arrays it combines (from its instruction)
 
     # shards and counts live in the ledger; these names keep the strategy readable
     @property
@@ -111,6 +122,32 @@ class IETStrategy(FedAvg):
     @property
     def total_counts(self) -> np.ndarray:
         return self.ledger.total_counts
+
+    def summary(self) -> None:
+        """Flower's strategy summary: the shard layer, then the aggregator's own."""
+        log(
+            INFO,
+            "\t├──> IET: %d shards over the connected nodes (min-nodes %d), redistribution %s",
+            len(self.shards),
+            self.min_available_nodes,
+            type(self.redistribution).__name__,
+        )
+        log(INFO, "\t└──> aggregation: %s", type(self.aggregator).__name__)
+        self.aggregator.summary()
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list:
+        """No federated evaluation: the server's evaluator measures the global model."""
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+    def state(self) -> StrategyState:
+        """The ledger and (a ``Resumable`` aggregator's) server-optimizer state, for the checkpoint."""
+        meta, arrays = self.ledger.state_dict()
+        return StrategyState(
+            meta, arrays, self.aggregator.state_dict() if isinstance(self.aggregator, Resumable) else {}
+        )
 
     # ---- the round loop ---------------------------------------------------------------
     def start(  # noqa: D417 - FedAvg's signature, plus where to begin
@@ -160,7 +197,7 @@ class IETStrategy(FedAvg):
             if evaluation is not None:
                 result.evaluate_metrics_serverapp[server_round] = evaluation
             if self.recorder is not None:
-                self.recorder.round_done(rlog, arrays, evaluation, self.ledger.state_dict())
+                self.recorder.round_done(rlog, arrays, evaluation, self.state())
             if self.ledger.failed_rounds >= self.max_failed_rounds:
                 raise RunStopped(self._stop_reason())
         log(INFO, "Strategy execution finished in %.2fs", time.time() - started)
@@ -196,6 +233,8 @@ class IETStrategy(FedAvg):
             why = self.ledger.set_aside.get(old, "it left")
             log(WARNING, "shard %d moved from node %d (%s) to node %d: its local state restarts", s, old, why, new)
         self.log[server_round] = RoundLog(server_round, [s.copy() for s in self.shards])
+        nodes_used = sorted(set(placement.node_of_shard.values()))
+        self.array_key, arrays, config = instruction(self.aggregator, server_round, arrays, config, nodes_used)
         self.expected_arrays = {k: (a.dtype, tuple(a.shape)) for k, a in arrays.items()}
         self.outgoing = []
         for shard, ids in enumerate(self.shards):
@@ -269,12 +308,14 @@ class IETStrategy(FedAvg):
         if failed:
             log(WARNING, "round %d: shards %s keep their samples (no valid reply)", server_round, failed)
         arrays, metrics = None, None
-        if accepted:  # FedAvg sees only weights and the expected scalar metrics, in shard order
-            stripped = [
-                Message(RecordDict({"arrays": r.arrays, "metrics": r.metrics}), reply_to=r.message)
-                for r in (accepted[s] for s in sorted(accepted))
-            ]
-            arrays, metrics = super().aggregate_train(server_round, stripped)
+        if accepted:  # the aggregator sees only weights and the expected scalar metrics, in shard order
+            ordered = [accepted[s] for s in sorted(accepted)]
+            arrays = aggregate(
+                self.aggregator, server_round, self.array_key, [(r.message, r.arrays, r.metrics) for r in ordered]
+            )
+            metrics = aggregate_metricrecords(
+                [RecordDict({"metrics": MetricRecord(dict(r.metrics))}) for r in ordered], WEIGHTED_BY
+            )
         for shard, reply in accepted.items():
             rlog.shard_metrics[shard] = {
                 "node": reply.node,

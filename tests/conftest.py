@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
@@ -95,3 +98,11 @@ def fresh_shell(tmp_path):
     stop_local_superlinks()
     yield newcomer_env(tmp_path)
     stop_local_superlinks(tmp_path / "flwr-home")  # services the test started end with it
+
+
+def iet_agc_run(*args: str, env: dict, cwd: Path = ROOT) -> str:
+    """``iet-agc run ARGS`` in a subprocess as a user types it; its whole log, after checking it succeeded."""
+    proc = subprocess.run(["iet-agc", "run", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    return log

@@ -3,12 +3,12 @@
 Stops machine-wide local simulation SuperLinks (the ``fresh_shell`` fixture), as test_flwr_run.py.
 """
 
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from conftest import iet_agc_run
 from diffusers import DDPMPipeline
 from flwr.simulation import run_simulation
 
@@ -42,16 +42,7 @@ def test_flwr_run_fine_tunes_as_the_simulation_does(fresh_shell, tmp_path):
     cfg = {**RUN, "init-from": str(base)}
     text = " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={str(v).lower()}" for k, v in cfg.items())
     out = tmp_path / "flwr"
-    proc = subprocess.run(
-        ["iet-agc", "run", "--run-config", text, "--run-config", f'out-dir="{out}"'],
-        cwd=ROOT,
-        env=fresh_shell,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-3000:]
+    log = iet_agc_run("--run-config", text, "--run-config", f'out-dir="{out}"', env=fresh_shell)
     assert "adapter lora rank 4" in log and "done in" in log
     (flwr_run,) = out.iterdir()
 

@@ -11,7 +11,7 @@ import threading
 import time
 from pathlib import Path
 
-from conftest import TINY_RUN
+from conftest import TINY_RUN, iet_agc_run
 
 from fl_app.cli import ENV_FLAG
 
@@ -93,16 +93,7 @@ def test_dropped_reply_reason_and_progress_lines_in_the_stream(fresh_shell, tmp_
     out = tmp_path / "runs"
     config = _pairs({**TINY_RUN, "num-shards": 2, "num-rounds": 1, "out-dir": f"'{out}'"})
     env = {**fresh_shell, "IET_AGC_PROGRESS_SECONDS": "0.01"}
-    proc = subprocess.run(
-        ["iet-agc", "run", str(app), "--run-config", config],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
+    log = iet_agc_run(str(app), "--run-config", config, env=env, cwd=tmp_path)
     assert re.search(r"round 1: dropped a reply from node \d+ \(shard 0\): error reply: .*test fault: shard 0", log), (
         log[-4000:]
     )

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import iet_agc_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,16 +19,7 @@ def test_flwr_run_end_to_end(fresh_shell, tmp_path):
         f"train-size=80 num-shards=2 num-rounds=1 local-epochs=1 batch-size=16 eval-num-images=20 sample-steps=2 "
         f'mq-neighbours=5 fid=false out-dir="{out}"'
     )
-    proc = subprocess.run(
-        ["iet-agc", "run", "--run-config", config],
-        cwd=ROOT,
-        env=fresh_shell,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-3000:]
+    log = iet_agc_run("--run-config", config, env=fresh_shell)
     assert "round 1/1: loss" in log and "done in" in log
     assert "Installing application dependencies" not in log  # no per-run environment was built
     (run,) = out.iterdir()

@@ -16,13 +16,7 @@ ALLOWED = {
 
 
 def _project_imports(path: Path) -> set[str]:
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module]
-        found |= {n.split(".")[0] for n in names if n.split(".")[0] in ALLOWED}
-    return found
+    return _imported_modules(path) & set(ALLOWED)
 
 
 @pytest.mark.parametrize("package", sorted(ALLOWED))
@@ -30,3 +24,26 @@ def test_imports_run_one_way(package):
     for path in (ROOT / package).glob("*.py"):
         bad = _project_imports(path) - ALLOWED[package] - {package}
         assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+def _imported_modules(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+@pytest.mark.parametrize("package", ["ddpm", "clients", "evaluation"])
+def test_flower_stays_in_the_glue(package):
+    """Flower is imported only by fl_app/ and strategies/: the method and the metric run without it."""
+    for path in (ROOT / package).glob("*.py"):
+        assert "flwr" not in _imported_modules(path), f"{path.relative_to(ROOT)} imports flwr"
+
+
+def test_no_test_helpers_in_the_package():
+    for package in [*ALLOWED, "deploy", "scripts", "examples"]:
+        for path in (ROOT / package).glob("*.py"):
+            assert "unittest" not in _imported_modules(path), f"{path.relative_to(ROOT)} imports unittest"

@@ -59,6 +59,12 @@ FLOATS = {  # key: (low, low included, high or None, high included, +inf allowed
     "aug-sharpness": (0.0, False, None, False, False),
     "msr-proportion": (0.0, True, 1.0, False, False),
     "lora-alpha": (0.0, False, None, False, False),
+    "fedprox-mu": (0.0, False, None, False, False),
+    "fedavgm-lr": (0.0, False, None, False, False),
+    "fedavgm-momentum": (0.0, True, 1.0, False, False),
+    "fedadam-eta": (0.0, False, None, False, False),
+    "fedadam-tau": (0.0, False, None, False, False),
+    "fedtrimmedavg-beta": (0.0, True, 0.5, False, False),
 }
 BOOLS = ("download", "hflip", "class-conditional", "agc", "taa", "fid", "lora-freeze-a", "save-adapter")
 CHOICES = {
@@ -66,6 +72,7 @@ CHOICES = {
     "model": ("tiny", "cifar", "afhq64"),
     "msr": ("memory", "random", "none"),
     "skip-counts": ("reset", "cumulative"),
+    "aggregation": ("fedavg", "fedprox", "fedavgm", "fedadam", "fedtrimmedavg", "fedmedian"),
     "adapter": ("none", "lora", "difffit"),
     "lora-targets": ("attention", "attention+conv"),
 }

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import math
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +12,9 @@ from diffusers import DDPMPipeline, UNet2DModel
 
 from ddpm.schedule import train_scheduler
 from ddpm.settings import Settings
+from evaluation.plots import plot_curves, save_sample_grid
 
-from .plots import plot_curves, save_sample_grid
+from .config import toml_value
 
 ROUND_COLUMNS = ("round", "train_loss", "skip_rate", "aug_rate", "moved", "replies", "dropped", "timed_out", "seconds")
 SHARD_COLUMNS = ("node", "local_step", "num_examples", "train_loss", "skip_rate", "aug_rate", "steps", "train_seconds")
@@ -37,16 +37,6 @@ def new_run_dir(settings: Settings) -> Path:
     return path
 
 
-def _toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, float) and math.isinf(v):
-        return "inf"
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return repr(v)
-
-
 class RunWriter:
     """Writes one run's files as rounds finish, so a stopped run still leaves its table.
 
@@ -60,7 +50,7 @@ class RunWriter:
         self.rows: list[dict] = []
         eval_cols = [f"mq_{t:g}" for t in settings.thresholds] + ["fid"]
         self.columns = list(ROUND_COLUMNS) + eval_cols
-        text = "".join(f"{k} = {_toml_value(v)}\n" for k, v in settings.to_run_config().items())
+        text = "".join(f"{k} = {toml_value(v)}\n" for k, v in settings.to_run_config().items())
         (self.path / "settings.toml").write_text(text)
         for name, header in TABLES.items():
             table = self.path / name
