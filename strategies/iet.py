@@ -231,7 +231,15 @@ class IETStrategy(Strategy):
             log(WARNING, "node %d gets shards again: no healthy node is left", node)
         for s, (old, new) in placement.moved.items():
             why = self.ledger.set_aside.get(old, "it left")
-            log(WARNING, "shard %d moved from node %d (%s) to node %d: its local state restarts", s, old, why, new)
+            log(
+                WARNING,
+                "shard %d moved from node %d (%s) to node %d: its optimizer, warm-up and memory bank go on only "
+                "if that node reads the same state-dir (one machine, or a shared folder), else they restart",
+                s,
+                old,
+                why,
+                new,
+            )
         self.log[server_round] = RoundLog(server_round, [s.copy() for s in self.shards])
         nodes_used = sorted(set(placement.node_of_shard.values()))
         self.array_key, arrays, config = instruction(self.aggregator, server_round, arrays, config, nodes_used)
