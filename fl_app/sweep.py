@@ -79,6 +79,7 @@ class Sweep:
     swept: list[str]  # grid and vary keys, in file order
     pretrain: dict[str, Any] | None = None  # [pretrain]: the base run's values over base and [set]
     init_from: str = ""  # the finished base run's pipeline folder, once there is one
+    extra: dict[str, Any] = field(default_factory=dict)  # --set: over [pretrain] too
 
     def config(self, cell: Cell, seed: int) -> dict[str, Any]:
         """The run config of one run: base < cell < seed and its own output folder (and the base)."""
@@ -88,8 +89,9 @@ class Sweep:
         return config
 
     def base_config(self) -> dict[str, Any]:
-        """The base run's config: base < [set] < [pretrain] (its ``seed``, default 0), in ``<out>/base``."""
-        return {**self.base, **self.shared, "seed": 0, **(self.pretrain or {}), "out-dir": str(self.out / BASE_FOLDER)}
+        """The base run's config: base < [set] < [pretrain] (its ``seed``, default 0) < --set, in ``<out>/base``."""
+        values = {**self.base, **self.shared, "seed": 0, **(self.pretrain or {}), **self.extra}
+        return {**values, "out-dir": str(self.out / BASE_FOLDER)}
 
     def run_folder(self, cell: Cell, seed: int) -> Path:
         return self.out / "cells" / slug(cell.name) / f"seed{seed}"
@@ -201,7 +203,9 @@ def load_sweep(
         for place, values in places.items():
             if "init-from" in values:
                 raise SweepError(f"{where}: {place}: init-from: set by the sweep itself (the [pretrain] base run)")
-        _check(where, "pretrain", {**base, **shared, **{k: v for k, v in pretrain.items() if k != "seed"}})
+        _check(
+            where, "pretrain", {**base, **shared, **{k: v for k, v in pretrain.items() if k != "seed"}, **(extra or {})}
+        )
     _check(where, "set", {**base, **shared, **fill})
     for name, changes in rows.items():
         _check(where, f"rows.{name}", {**base, **shared, **fill, **changes})
@@ -221,7 +225,9 @@ def load_sweep(
     quality = doc.get("quality", "digit_fd" if {**base, **shared}.get("dataset", "digits") == "digits" else "fid")
     if quality not in QUALITY:
         raise SweepError(f"{where}: quality: must be one of {', '.join(QUALITY)}, got {quality!r}")
-    sweep = Sweep(path, base, shared, cells, seed_list, quality, out_dir, [*grid, *vary], pretrain)
+    sweep = Sweep(
+        path, base, shared, cells, seed_list, quality, out_dir, [*grid, *vary], pretrain, "", dict(extra or {})
+    )
     if pretrain is not None:
         sweep = _check_pretrain(sweep)
     for cell in cells:  # the checks against this machine too (out-dir writable, ...), per run

@@ -205,6 +205,8 @@ def test_shipped_finetune_sweep_shares_one_split_and_fine_tunes_one_base(tmp_pat
     for key in ("data-seed", "train-size", "holdout-size"):
         assert {c[key] for c in configs} == {base[key]}, key
     assert {c["adapter"] for c in configs} == {"none", "lora", "difffit"}
+    short = sw.load_sweep("configs/sweeps/finetune.toml", out=tmp_path / "out", extra={"num-rounds": 2})
+    assert short.base_config()["num-rounds"] == 2  # --set reaches the base run too
 
 
 def test_sweep_pretrains_the_base_once_and_fine_tunes_it_in_every_cell(tmp_path):
