@@ -23,6 +23,7 @@ from . import data_cache
 from .files import error_text
 
 DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "imagefolder")
+DATA_SPLITS: tuple[str, ...] = ("train", "spare")  # what a run trains on (spare: digits only)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "WEBP")  # the decoders for IMAGE_SUFFIXES, whatever the suffix says
 DEFAULT_ROOT = Path.home() / ".cache" / "iet-agc" / "data"
@@ -38,6 +39,7 @@ class ImageSet:
     holdout: torch.Tensor  # uint8 (M, C, H, W); M may be 0
     holdout_labels: torch.Tensor | None = None  # int64 (M,) where the data set has labels
     known_fingerprint: str = field(default="", repr=False)  # stored with a decoded copy on disk
+    split: str = ""  # a split other than "train + all the rest" (digits' holdout-size, data-split)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -52,10 +54,12 @@ class ImageSet:
 
     @functools.cached_property
     def fingerprint(self) -> str:
-        """``<N>-<sha256 prefix>`` over the training images and labels."""
+        """``<N>-<sha256 prefix>`` over the training images and labels (and the split, if not the usual)."""
         if self.known_fingerprint:
             return self.known_fingerprint
         h = hashlib.sha256()
+        if self.split:
+            h.update(f"split {self.split};".encode())
         h.update(str(tuple(self.images.shape)).encode())
         h.update(self.images.contiguous().numpy().tobytes())
         if self.labels is not None:
@@ -80,18 +84,39 @@ def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
     return out.round().clamp(0, 255).to(torch.uint8)
 
 
-def _load_digits(image_size: int, train_size: int, seed: int) -> ImageSet:
+def _load_digits(
+    image_size: int, train_size: int, seed: int, holdout_size: int = 0, data_split: str = "train"
+) -> ImageSet:
+    """One permutation from ``seed``: its first ``train_size`` digits train, the next ``holdout_size``
+    (0: all the rest) are held out, the rest are spare; ``data_split = "spare"`` trains on those."""
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
     images = torch.from_numpy(np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8))[:, None]
     labels = torch.from_numpy(bunch.target.astype(np.int64))
-    if not 1 <= train_size < len(images):
-        raise ValueError(f"train-size: must be in [1, {len(images) - 1}] for digits, got {train_size}")
-    order = torch.from_numpy(np.random.default_rng(seed).permutation(len(images)))
-    train, rest = order[:train_size], order[train_size:]
+    total = len(images)
+    if not 1 <= train_size < total:
+        raise ValueError(f"train-size: must be in [1, {total - 1}] for digits, got {train_size}")
+    if not 0 <= holdout_size <= total - train_size:
+        raise ValueError(
+            f"holdout-size: must be in [0, {total - train_size}] for digits with train-size {train_size} "
+            f"(0 = all the rest), got {holdout_size}"
+        )
+    if data_split not in DATA_SPLITS:
+        raise ValueError(f"data-split: must be one of {', '.join(DATA_SPLITS)}, got {data_split!r}")
+    end = train_size + holdout_size if holdout_size else total
+    if data_split == "spare" and end == total:
+        raise ValueError(
+            f"data-split: 'spare' trains on the digits neither in train-size nor in holdout-size, and "
+            f"train-size {train_size} + holdout-size {holdout_size or 'all the rest'} leave none"
+        )
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(total))
+    train, rest = (order[end:] if data_split == "spare" else order[:train_size]), order[train_size:end]
+    split = "" if end == total else f"data-split={data_split},holdout-size={holdout_size}"
     images = _resize(images, image_size)
-    return ImageSet("digits", images[train].contiguous(), labels[train], images[rest].contiguous(), labels[rest])
+    return ImageSet(
+        "digits", images[train].contiguous(), labels[train], images[rest].contiguous(), labels[rest], split=split
+    )
 
 
 def _load_cifar(name: str, root: Path, download: bool, image_size: int, train_size: int) -> ImageSet:
@@ -211,12 +236,35 @@ def _sources(name: str, root: str, holdout_root: str) -> dict:
     return out
 
 
+def check_split(name: str, holdout_size: int, data_split: str) -> None:
+    """Only the digits split is drawn here; other data sets bring their own held-out images."""
+    if name == "digits" or name not in DATASETS:
+        return
+    if holdout_size:
+        held = "holdout-root" if name == "imagefolder" else "its test split"
+        raise ValueError(f"holdout-size: digits only; {name} holds out {held}, leave holdout-size = 0")
+    if data_split != "train":
+        raise ValueError(
+            f"data-split: {data_split!r} exists for digits only (the digits neither trained on nor held out); "
+            f'{name} trains on its training images, leave data-split = "train"'
+        )
+
+
 def _decode(
-    name: str, root: str, holdout_root: str, download: bool, image_size: int, train_size: int, seed: int
+    name: str,
+    root: str,
+    holdout_root: str,
+    download: bool,
+    image_size: int,
+    train_size: int,
+    seed: int,
+    holdout_size: int = 0,
+    data_split: str = "train",
 ) -> ImageSet:
     """Read and decode the source files (what the disk copy saves a process from doing again)."""
+    check_split(name, holdout_size, data_split)
     if name == "digits":
-        return _load_digits(image_size, train_size, seed)
+        return _load_digits(image_size, train_size, seed, holdout_size, data_split)
     if name in CIFAR_FOLDERS:
         return _load_cifar(name, Path(root).expanduser() if root else DEFAULT_ROOT, download, image_size, train_size)
     if name == "imagefolder":
@@ -247,18 +295,23 @@ def load_dataset(
     image_size: int = 8,
     train_size: int = 0,
     seed: int = 0,
+    holdout_size: int = 0,
+    data_split: str = "train",
     cache_dir: str = "",
 ) -> ImageSet:
     """Load a data set by name: cached per process, and decoded once per machine.
 
+    ``seed``, ``holdout_size`` and ``data_split`` shape the digits split only (see ``_load_digits``).
     ``cache_dir`` holds the decoded copies (``""``: ``data_cache.default_cache_dir()``; ``"off"``:
     decode every time and keep nothing).
     """
+    decode = (name, root, holdout_root, download, image_size, train_size, seed, holdout_size, data_split)
     if cache_dir == "off" or name not in DATASETS or (name == "imagefolder" and not root):
-        return _decode(name, root, holdout_root, download, image_size, train_size, seed)  # or its error
+        return _decode(*decode)  # or its error
+    check_split(name, holdout_size, data_split)
     args = dict(name=name, root=root, holdout_root=holdout_root, image_size=image_size, train_size=train_size)
-    if name == "digits":
-        args["seed"] = seed  # the only loader whose split depends on the seed
+    if name == "digits":  # the only loader whose split depends on the seed and the split sizes
+        args.update(seed=seed, holdout_size=holdout_size, data_split=data_split)
     base = Path(cache_dir).expanduser() if cache_dir else data_cache.default_cache_dir()
     folder = base / data_cache.cache_key({**args, "sources": _sources(name, root, holdout_root)})
     found = data_cache.read(folder)
@@ -273,7 +326,7 @@ def load_dataset(
             t.get("holdout_labels"),
             known_fingerprint=meta["fingerprint"],
         )
-    data = _decode(name, root, holdout_root, download, image_size, train_size, seed)
+    data = _decode(*decode)
     arrays = {k: getattr(data, k).numpy() for k in ARRAYS if getattr(data, k) is not None}
     # sources again: a download may just have made the files the key is made of
     folder = base / data_cache.cache_key({**args, "sources": _sources(name, root, holdout_root)})

@@ -26,7 +26,7 @@ from typing import Any
 
 from .adapters import ADAPTERS, LORA_TARGETS, AdapterSpec
 from .base import base_config, check_base_classes
-from .data import DATASETS, IMAGE_SUFFIXES, num_channels, num_train_images
+from .data import DATA_SPLITS, DATASETS, DIGITS_IMAGES, IMAGE_SUFFIXES, num_channels, num_train_images
 from .data import num_classes as dataset_classes
 from .device import DEVICE_PATTERN, DEVICES
 from .schedule import NUM_TRAIN_TIMESTEPS
@@ -194,7 +194,10 @@ class Settings:
     Rules between settings: ``image-size`` >= the model's smallest size (tiny 4, cifar 8, afhq64
     16); ``train-size`` in [2, 1796] for digits, [0, 50000] for CIFAR (0 = all), and for an image
     folder at most its number of images; ``num-shards`` and ``mq-neighbours`` <= the training
-    images used; ``data-root`` required for ``imagefolder``; ``class-conditional`` needs a labelled data set
+    images used; ``holdout-size``, ``data-seed`` and ``data-split = "spare"`` are for digits only,
+    ``train-size + holdout-size <= 1797`` and ``spare`` needs digits left over (the spare count then
+    bounds ``num-shards`` and ``mq-neighbours``);
+    ``data-root`` required for ``imagefolder``; ``class-conditional`` needs a labelled data set
     (not ``imagefolder``); ``adapter`` lora or difffit needs
     ``init-from``. With ``init-from``, ``model`` is unused (the base's architecture) and the
     environment check requires ``image-size``, the data set's channels and (``class-conditional``)
@@ -208,6 +211,9 @@ class Settings:
     download: bool = _bool(True)
     image_size: int = _int(8, 4, MAX_IMAGE_SIZE, power_of_two=True)
     train_size: int = _int(400, 0, MAX_TRAIN_SIZE)
+    holdout_size: int = _int(0, 0, MAX_TRAIN_SIZE)
+    data_seed: int = _int(-1, -1, MAX_SEED, text=f"-1 (the run's seed) or an integer in [0, {MAX_SEED}]")
+    data_split: str = _choice("train", DATA_SPLITS)
     model: str = _choice("tiny", MODEL_SIZES)
     hflip: bool = _bool(False)
     class_conditional: bool = _bool(False)
@@ -314,8 +320,15 @@ class Settings:
             download=self.download,
             image_size=self.image_size,
             train_size=self.train_size,
-            seed=self.seed,
+            seed=self.split_seed,
+            holdout_size=self.holdout_size,
+            data_split=self.data_split,
         )
+
+    @property
+    def split_seed(self) -> int:
+        """The seed of the digits split: ``data-seed``, or the run's ``seed`` when it is -1."""
+        return self.seed if self.data_seed < 0 else self.data_seed
 
     def adapter_spec(self) -> AdapterSpec:
         """The adapter to attach to the base (the same on the server and every node)."""
@@ -356,6 +369,7 @@ class Settings:
             )
         if self.dataset == "imagefolder" and not self.data_root:
             raise ValueError("data-root: required for dataset 'imagefolder' (a folder of images)")
+        self._check_split()
         if self.dataset != "imagefolder":  # sizes known without reading the disk
             available = num_train_images(self.dataset)
             low_size = 2 if self.dataset == "digits" else 0
@@ -365,9 +379,45 @@ class Settings:
                     f"train-size: must be an integer in [{low_size}, {available}] for {self.dataset} ({what}), "
                     f"got {self.train_size}"
                 )
-            self._check_train_size_bounds(self.train_size or available, "train-size")
+            if self.data_split == "spare":
+                spare = DIGITS_IMAGES - self.train_size - self.holdout_size
+                self._check_train_size_bounds(spare, "spare digits")
+            else:
+                self._check_train_size_bounds(self.train_size or available, "train-size")
         elif self.train_size:
             self._check_train_size_bounds(self.train_size, "train-size")
+
+    def _check_split(self) -> None:
+        """The digits split: held-out count, its seed, which part trains (other data sets: defaults only)."""
+        if self.dataset != "digits":
+            fixed = "holdout-root" if self.dataset == "imagefolder" else "its test split"
+            if self.holdout_size:
+                raise ValueError(
+                    f"holdout-size: digits only; {self.dataset} holds out {fixed}, leave 0, got {self.holdout_size}"
+                )
+            if self.data_seed != -1:
+                raise ValueError(
+                    f"data-seed: digits only; the split of {self.dataset} is fixed (no seed), leave -1, "
+                    f"got {self.data_seed}"
+                )
+            if self.data_split != "train":
+                raise ValueError(
+                    f"data-split: {self.data_split!r} is for digits only (the digits neither trained on nor "
+                    f'held out); {self.dataset} trains on its training images, leave "train"'
+                )
+            return
+        most = DIGITS_IMAGES - self.train_size
+        if 2 <= self.train_size < DIGITS_IMAGES and self.holdout_size > most:
+            raise ValueError(
+                f"holdout-size: must be an integer in [0, {most}] for digits with train-size {self.train_size} "
+                f"(1797 images; 0 = all the rest), got {self.holdout_size}"
+            )
+        if self.data_split == "spare" and (not self.holdout_size or self.holdout_size >= most):
+            raise ValueError(
+                f"data-split: 'spare' trains on the digits neither in train-size nor in holdout-size; "
+                f"set holdout-size in [1, {most - 1}] so that some are left (train-size {self.train_size}, "
+                f"holdout-size {self.holdout_size or '0 = all the rest'})"
+            )
 
     def _check_train_size_bounds(self, size: int, source: str) -> None:
         """num-shards and mq-neighbours cannot exceed the number of training images used."""

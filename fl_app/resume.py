@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 # Keys that do not change what is trained: run length, evaluation, where and how patiently it runs.
+# Not here on purpose, among others: the data split (train-size, holdout-size, data-seed, data-split:
+# other training or held-out images, a new fingerprint) and seed.
 RESUMABLE_KEYS = (
     "num-rounds",
     "eval-every",

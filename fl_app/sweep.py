@@ -2,10 +2,13 @@
 
 A sweep file (TOML) names a base preset, the run-config values every cell shares (``[set]``),
 named rows (``[rows.NAME]``), a cross product (``[grid]``) and/or one-at-a-time variations around
-the base (``[vary]``), and the ``seeds``. Each cell and seed is one run (flwr.simulation in this
-process); its final evaluation becomes one row of ``results.csv``, written as soon as the run
-ends, so an interrupted sweep continues where it stopped (a finished cell is recognised by its row
-and the hash of its settings; a cell stopped mid-run is resumed from its checkpoint).
+the base (``[vary]``), and the ``seeds``. With ``[pretrain]`` the sweep first trains a base model
+once (``<out>/base/``, skipped when done) and fine-tunes it in every cell (its ``pipeline/`` is each
+cell's ``init-from``); the base trains on the spare digits of the same split. Each cell and seed
+is one run (flwr.simulation in this process); its final evaluation becomes one row of
+``results.csv``, written as soon as the run ends, so an interrupted sweep continues where it
+stopped (a finished cell is recognised by its row and the hash of its settings; a cell stopped
+mid-run is resumed from its checkpoint).
 ``summary.md`` holds mean ± sd over seeds, ``tradeoff.png`` copy_5 against the quality figure,
 ``metrics.png`` each metric against the swept value.
 """
@@ -13,6 +16,7 @@ and the hash of its settings; a cell stopped mid-run is resumed from its checkpo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -31,14 +35,19 @@ import pandas as pd
 
 from ddpm.files import atomic_write
 from ddpm.settings import Settings
+from strategies.checkpoint import CheckpointError, load_checkpoint
+from strategies.replies import record_bytes
 
 from .config import settings_from_run_config
 
-SECTIONS = ("base", "seeds", "quality", "out", "set", "rows", "grid", "vary")
+SECTIONS = ("base", "seeds", "quality", "out", "set", "pretrain", "rows", "grid", "vary")
 RESERVED = ("seed", "out-dir", "resume")  # the sweep sets these itself
 QUALITY = ("digit_fd", "fid")
 RESULTS, SUMMARY, TRADEOFF, METRICS_PLOT = "results.csv", "summary.md", "tradeoff.png", "metrics.png"
-RUN_COLUMNS = ("skip_rate", "aug_rate", "moved", "minutes")  # per-run figures beside the final evaluation
+RUN_COLUMNS = ("skip_rate", "aug_rate", "moved", "round_MB", "minutes")  # per-run figures beside the evaluation
+BASE_FOLDER = "base"  # <out>/base/: the run [pretrain] makes before the cells
+# what makes the split and the base's shape: the base and every cell must agree on them
+SPLIT_KEYS = ("dataset", "image-size", "train-size", "holdout-size", "data-seed", "class-conditional")
 PLOTTED = ("copy_1", "copy_5", "mq_0.5")  # plus the quality figure
 
 
@@ -69,13 +78,29 @@ class Sweep:
     quality: str
     out: Path
     swept: list[str]  # grid and vary keys, in file order
+    pretrain: dict[str, Any] | None = None  # [pretrain]: the base run's values over base and [set]
+    init_from: str = ""  # the finished base run's pipeline folder, once there is one
+    extra: dict[str, Any] = field(default_factory=dict)  # --set: over [pretrain] too
 
     def config(self, cell: Cell, seed: int) -> dict[str, Any]:
-        """The run config of one run: base < cell < seed and its own output folder."""
-        return {**self.base, **cell.changes, "seed": seed, "out-dir": str(self.run_folder(cell, seed))}
+        """The run config of one run: base < cell < seed and its own output folder (and the base)."""
+        config = {**self.base, **cell.changes, "seed": seed, "out-dir": str(self.run_folder(cell, seed))}
+        if self.pretrain is not None:
+            config["init-from"] = self.init_from or pending_base(self.out)
+        return config
+
+    def base_config(self) -> dict[str, Any]:
+        """The base run's config: base < [set] < [pretrain] (its ``seed``, default 0) < --set, in ``<out>/base``."""
+        values = {**self.base, **self.shared, "seed": 0, **(self.pretrain or {}), **self.extra}
+        return {**values, "out-dir": str(self.out / BASE_FOLDER)}
 
     def run_folder(self, cell: Cell, seed: int) -> Path:
         return self.out / "cells" / slug(cell.name) / f"seed{seed}"
+
+
+def pending_base(out: Path) -> str:
+    """A cell's ``init-from`` until the base run has finished (checked, never loaded)."""
+    return str(out / BASE_FOLDER / "pipeline")
 
 
 def slug(name: str) -> str:
@@ -152,6 +177,10 @@ def load_sweep(
         raise SweepError(f"{where}: {unknown[0]}: unknown key; a sweep file has {', '.join(SECTIONS)}")
     base = _base(doc.get("base", "default"), path)
     shared = {**_table(doc, "set", where), **dict(extra or {})}
+    pretrain = _table(doc, "pretrain", where) if "pretrain" in doc else None
+    out_dir = Path(out) if out is not None else Path(doc.get("out", f"runs/sweeps/{path.stem}"))
+    # with a base run the sweep sets every cell's init-from; until the base exists, a stand-in
+    fill = {"init-from": pending_base(out_dir)} if pretrain is not None else {}
     rows = _table(doc, "rows", where)
     for name, changes in rows.items():
         if not isinstance(changes, dict):
@@ -169,15 +198,24 @@ def load_sweep(
     if len(set(seed_list)) != len(seed_list):
         raise SweepError(f"{where}: seeds: must not repeat a seed, got {seed_list!r}")
     # the values of each section are checked where they are written, so an error names that place
-    _check(where, "set", {**base, **shared})
+    if pretrain is not None:
+        places = {"set": shared, "pretrain": pretrain, "grid": grid, "vary": vary}
+        places.update({f"rows.{name}": changes for name, changes in rows.items()})
+        for place, values in places.items():
+            if "init-from" in values:
+                raise SweepError(f"{where}: {place}: init-from: set by the sweep itself (the [pretrain] base run)")
+        _check(
+            where, "pretrain", {**base, **shared, **{k: v for k, v in pretrain.items() if k != "seed"}, **(extra or {})}
+        )
+    _check(where, "set", {**base, **shared, **fill})
     for name, changes in rows.items():
-        _check(where, f"rows.{name}", {**base, **shared, **changes})
+        _check(where, f"rows.{name}", {**base, **shared, **fill, **changes})
     for section, table in (("grid", grid), ("vary", vary)):
         for key, values in table.items():
             for value in values:
-                _check(where, f"{section}.{key}", {**base, **shared, key: value})
-    expanded = expand_cells(rows, grid, vary, lambda changes: config_hash({**base, **shared, **changes}))
-    cells = [Cell(c.name, {**shared, **c.changes}, c.params, c.row) for c in expanded]
+                _check(where, f"{section}.{key}", {**base, **shared, **fill, key: value})
+    expanded = expand_cells(rows, grid, vary, lambda changes: config_hash({**base, **shared, **fill, **changes}))
+    cells = [Cell(c.name, {**shared, **fill, **c.changes}, c.params, c.row) for c in expanded]
     if only:
         missing = [n for n in only if n not in {c.name for c in cells}]
         if missing:
@@ -188,15 +226,56 @@ def load_sweep(
     quality = doc.get("quality", "digit_fd" if {**base, **shared}.get("dataset", "digits") == "digits" else "fid")
     if quality not in QUALITY:
         raise SweepError(f"{where}: quality: must be one of {', '.join(QUALITY)}, got {quality!r}")
-    out_dir = Path(out) if out is not None else Path(doc.get("out", f"runs/sweeps/{path.stem}"))
-    sweep = Sweep(path, base, shared, cells, seed_list, quality, out_dir, [*grid, *vary])
+    sweep = Sweep(
+        path, base, shared, cells, seed_list, quality, out_dir, [*grid, *vary], pretrain, "", dict(extra or {})
+    )
+    if pretrain is not None:
+        sweep = _check_pretrain(sweep)
     for cell in cells:  # the checks against this machine too (out-dir writable, ...), per run
         for seed in seed_list:
+            config = sweep.config(cell, seed)
+            if sweep.pretrain is not None and not sweep.init_from:  # no base to compare with yet
+                config = {**config, "init-from": "", "adapter": "none"}
             try:
-                settings_from_run_config(sweep.config(cell, seed))
+                settings_from_run_config(config)
             except ValueError as err:
                 raise SweepError(f"{where}: cell {cell.name!r}, seed {seed}: {err}") from None
     return sweep
+
+
+def _check_pretrain(sweep: Sweep) -> Sweep:
+    """The base run's settings, and one split for the base and every cell: the base trains on the
+    spare digits only, so it never sees a cell's training or held-out digits. Returns the sweep with
+    ``init_from`` set when the base run has already finished."""
+    where = str(sweep.path)
+    try:
+        base = settings_from_run_config(sweep.base_config()).to_run_config()
+    except ValueError as err:
+        raise SweepError(f"{where}: pretrain: {err}") from None
+    if base["data-seed"] < 0:
+        raise SweepError(
+            f"{where}: set: data-seed: must be fixed (>= 0) with [pretrain], so that the base run and every "
+            f"seed of every cell share one split of the digits, got {base['data-seed']}"
+        )
+    if base["data-split"] != "spare":
+        raise SweepError(
+            f'{where}: pretrain: data-split: must be "spare" (the base may not train on the cells\' training '
+            f"digits), got {base['data-split']!r}"
+        )
+    for cell in sweep.cells:
+        resolved = Settings.from_run_config(sweep.config(cell, sweep.seeds[0])).to_run_config()
+        for key in SPLIT_KEYS:
+            if resolved[key] != base[key]:
+                raise SweepError(
+                    f"{where}: cell {cell.name!r}: {key}: must equal the base run's ({base[key]!r}) so that they "
+                    f"share one split, got {resolved[key]!r}"
+                )
+        if resolved["data-split"] != "train":
+            raise SweepError(
+                f'{where}: cell {cell.name!r}: data-split: must be "train" (fine-tuning on the training digits)'
+            )
+    finished = _finished(sweep.base_config())
+    return dataclasses.replace(sweep, init_from=str(finished / "pipeline")) if finished else sweep
 
 
 def _base(spec: Any, sweep_path: Path) -> dict[str, Any]:
@@ -280,7 +359,20 @@ def run_result(run_dir: Path) -> dict[str, Any]:
     row["aug_rate"] = rounds["aug_rate"].mean()
     row["moved"] = rounds["moved"].mean()
     row["minutes"] = rounds["seconds"].sum() / 60
+    row.update(traffic(run_dir))
     return row
+
+
+def traffic(run_dir: Path) -> dict[str, int]:
+    """``reply_bytes``: the weights record one message carries (the final checkpoint's weights are
+    exactly what travels: all of them, or an adapter's); ``round_bytes``: a round's K records out
+    and K back (the skip counts and metrics add a few KB). Empty without a checkpoint."""
+    try:
+        ckpt = load_checkpoint(run_dir)
+    except CheckpointError:
+        return {}
+    reply = record_bytes(ckpt.weights)
+    return {"reply_bytes": reply, "round_bytes": 2 * int(ckpt.settings["num-shards"]) * reply}
 
 
 # ---- the sweep --------------------------------------------------------------------------
@@ -292,6 +384,8 @@ def run_sweep(
     from tqdm import tqdm
 
     sweep.out.mkdir(parents=True, exist_ok=True)
+    if sweep.pretrain is not None:
+        sweep = run_base(sweep, runner, progress)
     results = read_results(sweep.out / RESULTS)
     todo = []
     for cell in sweep.cells:
@@ -306,20 +400,7 @@ def run_sweep(
         bar.write(f"[iet-agc] sweep: {skipped} runs already in {sweep.out / RESULTS}, {len(todo)} to go")
     for cell, seed, key in bar:
         bar.set_postfix_str(f"{cell.name} seed {seed}")
-        config = sweep.config(cell, seed)
-        folder = Path(config["out-dir"])
-        finished, stopped = run_folders(folder)
-        if finished is None or config_hash(_settings_of(finished)) != key:
-            if stopped is not None and config_hash(_settings_of(stopped)) == key:
-                config = {**config, "resume": str(stopped)}
-            started = time.monotonic()
-            runner(config)
-            finished, _ = run_folders(folder)
-            if finished is None or config_hash(_settings_of(finished)) != key:
-                raise RuntimeError(f"cell {cell.name!r}, seed {seed}: the run left no finished run folder in {folder}")
-            wall = (time.monotonic() - started) / 60
-        else:
-            wall = float("nan")  # finished before an interruption, not yet recorded
+        finished, wall = run_once(sweep.config(cell, seed), runner, f"cell {cell.name!r}, seed {seed}")
         row = {"cell": cell.name, "row": cell.row, "seed": seed, **cell.params, **run_result(finished)}
         row["wall_minutes"] = wall
         row.update(config_hash=key, run=str(finished))
@@ -330,6 +411,43 @@ def run_sweep(
     if not todo:
         write_outputs(sweep, results)
     return results
+
+
+def _finished(config: Mapping[str, Any]) -> Path | None:
+    """The run folder under ``config``'s out-dir that finished with these settings, or None."""
+    finished, _ = run_folders(Path(config["out-dir"]))
+    return finished if finished is not None and config_hash(_settings_of(finished)) == config_hash(config) else None
+
+
+def run_once(config: Mapping[str, Any], runner: Callable[[Mapping[str, Any]], None], what: str) -> tuple[Path, float]:
+    """The finished run of ``config``: found, resumed from its checkpoint, or run. Returns its folder
+    and the minutes spent here (NaN when it had finished before)."""
+    key, folder = config_hash(config), Path(config["out-dir"])
+    finished = _finished(config)
+    if finished is not None:
+        return finished, float("nan")
+    _, stopped = run_folders(folder)
+    if stopped is not None and config_hash(_settings_of(stopped)) == key:
+        config = {**config, "resume": str(stopped)}
+    started = time.monotonic()
+    runner(config)
+    finished = _finished(config)
+    if finished is None:
+        raise RuntimeError(f"{what}: the run left no finished run folder in {folder}")
+    return finished, (time.monotonic() - started) / 60
+
+
+def run_base(sweep: Sweep, runner: Callable[[Mapping[str, Any]], None] = run_cell, progress: bool = True) -> Sweep:
+    """The [pretrain] base run, once: skipped when ``<out>/base`` holds it finished with these
+    settings. Returns the sweep with ``init_from`` = its ``pipeline/``."""
+    config = sweep.base_config()
+    if progress and _finished(config) is None:
+        print(f"[iet-agc] sweep: pretraining the base model in {config['out-dir']} first", file=sys.stderr, flush=True)
+    finished, _ = run_once(config, runner, "the base run ([pretrain])")
+    pipeline = finished / "pipeline"
+    if not pipeline.is_dir():
+        raise RuntimeError(f"the base run ([pretrain]): {finished} holds no pipeline/ to fine-tune")
+    return dataclasses.replace(sweep, init_from=str(pipeline))
 
 
 def _settings_of(run_dir: Path) -> dict[str, Any]:
@@ -391,6 +509,8 @@ def metric_columns(results: pd.DataFrame, quality: str) -> list[str]:
     """The summarised columns: memorization, quality with its interval width and floor, run figures."""
     if f"{quality}_hi" in results and f"{quality}_lo" in results:
         results[f"{quality}_width"] = results[f"{quality}_hi"] - results[f"{quality}_lo"]
+    if "round_bytes" in results:
+        results["round_MB"] = results["round_bytes"] / 1e6
     mq = [c for c in results if c.startswith("mq_")]
     ordered = ["copy_1", "copy_5", *mq, quality, f"{quality}_width", f"{quality}_floor", *RUN_COLUMNS]
     return [c for c in ordered if c in results]
@@ -409,8 +529,10 @@ def write_outputs(sweep: Sweep, results: pd.DataFrame) -> None:
         "",
         f"Mean ± sd over seeds ({', '.join(map(str, sweep.seeds))}); one run per cell and seed, final evaluation. "
         f"`{q}_width`: the 95 % bootstrap interval of {q} over the generated images (mean over seeds); "
-        f"`{q}_floor`: {q} of as many held-out real images. `minutes`: the run's rounds.",
+        f"`{q}_floor`: {q} of as many held-out real images. `round_MB`: weights sent and received in a round "
+        f"(K records each way). `minutes`: the run's rounds.",
         "",
+        *_base_lines(sweep, q),
         markdown_table(summary, metrics),
         "",
         f"![trade-off]({TRADEOFF})",
@@ -421,6 +543,20 @@ def write_outputs(sweep: Sweep, results: pd.DataFrame) -> None:
     (sweep.out / SUMMARY).write_text("\n".join(lines))
     plot_tradeoff(summary, q, sweep.out / TRADEOFF)
     plot_metrics(sweep, results, [*PLOTTED, q], sweep.out / METRICS_PLOT)
+
+
+def _base_lines(sweep: Sweep, quality: str) -> list[str]:
+    """The base run's line in the summary: where it is and how good it is on its own (spare) digits."""
+    if sweep.pretrain is None or not sweep.init_from:
+        return []
+    run = Path(sweep.init_from).parent
+    r = run_result(run)
+    got = ", ".join(f"{k} {r[k]:.3g}" for k in ("copy_5", quality) if k in r and r[k] == r[k])
+    return [
+        f"Every cell fine-tunes the base run `{run}` ([pretrain]: trained once on the spare digits, "
+        f"neither training nor held-out ones; its own final evaluation: {got or 'n/a'}, {r['minutes']:.1f} min).",
+        "",
+    ]
 
 
 def plot_tradeoff(summary: pd.DataFrame, quality: str, path: Path) -> Path:

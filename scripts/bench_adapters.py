@@ -21,7 +21,6 @@ import statistics
 import time
 
 import torch
-from flwr.app import ArrayRecord
 
 from clients.agc import RatioSkip
 from clients.trainer import agc_taa_loss
@@ -30,6 +29,7 @@ from ddpm.device import resolve_device
 from ddpm.schedule import NUM_TRAIN_TIMESTEPS, train_scheduler
 from ddpm.settings import Settings
 from ddpm.unet import build_unet
+from strategies.replies import record_bytes
 
 SHAPES = {"tiny": (8, 1), "cifar": (32, 3), "afhq64": (64, 3)}  # image size, channels
 MODES = {
@@ -44,7 +44,7 @@ MODES = {
 
 def reply_bytes(model: torch.nn.Module) -> int:
     """Serialised bytes of the weights record a node sends back (and the server sends out)."""
-    return sum(len(array.data) for array in ArrayRecord(trainable_state(model)).values())
+    return record_bytes(trainable_state(model))
 
 
 def bench(name: str, steps: int, batch: int, shards: int, device: torch.device, warmup: int = 1) -> list[dict]:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -21,6 +23,12 @@ INFO_KEYS = ("shard", "local-step", "fingerprint")
 EXCEPTION_LINE = re.compile(r"[\w.]*\w(Error|Exception|Exit|Interrupt): \S")  # "ValueError: what went wrong"
 SKIP_KEYS = ("ids", "counts")
 INT64_MAX = np.iinfo(np.int64).max
+
+
+def record_bytes(state: Mapping[str, Any]) -> int:
+    """Bytes of a weights record as Flower serialises it (each Array a ``.npy`` buffer): what one
+    message carries for ``state`` (tensors or arrays), server to node or back."""
+    return sum(len(Array(np.asarray(v.detach().cpu() if hasattr(v, "detach") else v)).data) for v in state.values())
 
 
 class BadReply(ValueError):

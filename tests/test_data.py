@@ -159,3 +159,92 @@ def test_two_writers_of_one_copy_leave_one_complete_copy(tmp_path):
     read, meta = data_cache.read(target)
     assert meta["fingerprint"] == "3-a" and np.array_equal(read["images"], arrays["images"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["key"]  # the loser's temporary folder is gone
+
+
+def _rows(images: torch.Tensor, labels: torch.Tensor) -> list[bytes]:
+    """Each digit as bytes (pixels + label), sorted: a multiset to compare splits by."""
+    flat = torch.cat([images.flatten(1), labels[:, None].to(torch.uint8)], 1)
+    return sorted(bytes(r) for r in flat.numpy())
+
+
+def test_three_digit_splits_are_disjoint_and_cover_every_digit(tmp_path):
+    cache = str(tmp_path / "cache")
+    train = load_dataset("digits", train_size=200, seed=5, holdout_size=900, cache_dir=cache)
+    spare = load_dataset("digits", train_size=200, seed=5, holdout_size=900, data_split="spare", cache_dir=cache)
+    usual = load_dataset("digits", train_size=200, seed=5, cache_dir=cache)
+    assert (len(train), len(train.holdout), len(spare), len(spare.holdout)) == (200, 900, 697, 900)
+    assert torch.equal(train.images, usual.images) and torch.equal(train.holdout, usual.holdout[:900])
+    assert torch.equal(spare.holdout, train.holdout) and torch.equal(spare.images, usual.holdout[900:])
+    every = load_dataset("digits", train_size=1796, seed=0, cache_dir="off")  # all 1797, in some order
+    parts = [(train.images, train.labels), (train.holdout, train.holdout_labels), (spare.images, spare.labels)]
+    union = _rows(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+    assert union == _rows(torch.cat([every.images, every.holdout]), torch.cat([every.labels, every.holdout_labels]))
+    # the usual split (holdout-size 0) keeps its fingerprint: runs made before the keys resume
+    assert load_dataset("digits", train_size=400, seed=0, cache_dir="off").fingerprint == "400-3978fb4a6a05969b"
+    prints = {train.fingerprint, spare.fingerprint, usual.fingerprint}
+    prints.add(load_dataset("digits", train_size=200, seed=6, holdout_size=900, cache_dir=cache).fingerprint)
+    assert len(prints) == 4  # holdout-size, data-split and the seed each make another data set
+    load_dataset.cache_clear()  # read back from the disk copies: each its own, with its fingerprint
+    again = load_dataset("digits", train_size=200, seed=5, holdout_size=900, data_split="spare", cache_dir=cache)
+    assert again.known_fingerprint == spare.fingerprint and torch.equal(again.images, spare.images)
+    assert len(list((tmp_path / "cache").iterdir())) == 4
+
+
+def test_bad_digit_splits_and_other_data_sets_name_the_key():
+    with pytest.raises(ValueError, match="^holdout-size: must be in \\[0, 1597\\]"):
+        load_dataset("digits", train_size=200, holdout_size=1598, cache_dir="off")
+    with pytest.raises(ValueError, match="^data-split: 'spare' trains on the digits neither"):
+        load_dataset("digits", train_size=200, data_split="spare", cache_dir="off")
+    with pytest.raises(ValueError, match="^data-split: must be one of train, spare"):
+        load_dataset("digits", train_size=200, data_split="rest", cache_dir="off")
+    with pytest.raises(ValueError, match="^holdout-size: digits only; cifar10 holds out its test split"):
+        load_dataset("cifar10", holdout_size=10)
+    with pytest.raises(ValueError, match="^data-split: 'spare' exists for digits only"):
+        load_dataset("imagefolder", root="/nonexistent", data_split="spare")
+
+
+def test_data_seed_fixes_the_split_whatever_the_run_seed():
+    from ddpm.settings import Settings
+
+    fixed = [Settings(seed=s, data_seed=7, train_size=200, holdout_size=900).dataset_kwargs() for s in (0, 1, 2)]
+    assert fixed[0] == fixed[1] == fixed[2] and fixed[0]["seed"] == 7
+    following = [Settings(seed=s, train_size=200).dataset_kwargs()["seed"] for s in (0, 1, 2)]
+    assert following == [0, 1, 2]  # data-seed -1: the split follows the run's seed, as before the key
+    data = [load_dataset(**k, cache_dir="off") for k in fixed[:2]]
+    assert torch.equal(data[0].images, data[1].images) and data[0].fingerprint == data[1].fingerprint
+    spare = Settings(seed=3, data_seed=7, train_size=200, holdout_size=900, data_split="spare", num_shards=1)
+    assert load_dataset(**spare.dataset_kwargs(), cache_dir="off").fingerprint.startswith("697-")
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"data-split": "spare"}, "data-split: 'spare' trains on the digits neither"),
+        ({"holdout-size": 1398}, r"holdout-size: must be an integer in \[0, 1397\]"),
+        ({"data-split": "spare", "holdout-size": 1397}, r"data-split: .* set holdout-size in \[1, 1396\]"),
+        ({"data-split": "spare", "holdout-size": 1395, "num-shards": 3}, r"num-shards: .*\(spare digits = 2\)"),
+        ({"data-seed": -2}, r"data-seed: must be -1 \(the run's seed\) or an integer"),
+        ({"dataset": "cifar10", "data-seed": 0}, "data-seed: digits only"),
+        ({"dataset": "cifar10", "holdout-size": 5}, "holdout-size: digits only"),
+        ({"dataset": "cifar100", "data-split": "spare"}, "data-split: 'spare' is for digits only"),
+    ],
+)
+def test_split_settings_refuse_bad_values_naming_the_key(changes, message):
+    from ddpm.settings import Settings
+
+    with pytest.raises(ValueError, match=f"^{message}"):
+        Settings.from_run_config(changes)
+
+
+def test_the_split_cannot_change_on_resume():
+    from ddpm.settings import Settings
+    from fl_app.resume import RESUMABLE_KEYS, resumed_settings
+
+    saved = Settings(data_seed=4, holdout_size=900, train_size=200).to_run_config()
+    for key, value in (("data-seed", 5), ("holdout-size", 800), ("data-split", "spare")):
+        assert key not in RESUMABLE_KEYS
+        with pytest.raises(ValueError, match=f"^{key}: cannot change when resuming"):
+            resumed_settings(saved, {key: value}, Settings().to_run_config())
+    older = {k: v for k, v in saved.items() if k not in ("data-seed", "holdout-size", "data-split")}
+    merged = resumed_settings(older, {"data-seed": -1, "holdout-size": 0}, Settings().to_run_config())
+    assert merged["data-seed"] == -1 and merged["holdout-size"] == 0  # a run from before the keys

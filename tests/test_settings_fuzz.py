@@ -29,6 +29,8 @@ with open(ROOT / "pyproject.toml", "rb") as _fh:
 INTS = {  # key: (lowest, highest) allowed
     "image-size": (4, 1024),  # and a power of two
     "train-size": (2, 1796),  # digits: 1797 images, at least one held out
+    "holdout-size": (0, 1397),  # digits: at most the 1797 - train-size left (0 = all of them)
+    "data-seed": (-1, 2**31 - 1),  # -1: the run's seed
     "num-shards": (1, 400),  # <= train-size
     "num-rounds": (1, 10_000),
     "local-epochs": (1, 10_000),
@@ -74,6 +76,7 @@ CHOICES = {
     "skip-counts": ("reset", "cumulative"),
     "aggregation": ("fedavg", "fedprox", "fedavgm", "fedadam", "fedtrimmedavg", "fedmedian"),
     "adapter": ("none", "lora", "difffit"),
+    "data-split": ("train", "spare"),
     "lora-targets": ("attention", "attention+conv"),
 }
 PATHS = ("data-root", "holdout-root", "fid-weights", "fid-cache-dir", "out-dir", "resume", "init-from")
@@ -262,8 +265,9 @@ def good_values(key: str, places: dict) -> st.SearchStrategy:
     if key in BOOLS:
         return st.booleans() | st.sampled_from(["true", "false", "True", "FALSE"])
     if key in CHOICES:
-        # imagefolder needs a data-root, afhq64 a larger image, an adapter an init-from
-        return st.sampled_from([c for c in CHOICES[key] if c not in ("imagefolder", "afhq64", "lora", "difffit")])
+        # imagefolder needs a data-root, afhq64 a larger image, an adapter an init-from, spare a holdout-size
+        skip = ("imagefolder", "afhq64", "lora", "difffit", "spare")
+        return st.sampled_from([c for c in CHOICES[key] if c not in skip])
     if key == "device":
         return st.sampled_from(["auto", "cpu", "cuda", "mps", "xpu"]) | st.integers(0, 999).map(lambda n: f"cuda:{n}")
     if key == "init-from":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -89,6 +90,16 @@ def test_summary_mean_and_sd_are_exact():
         ('quality = "inception"\n', "s.toml: quality: must be one of digit_fd, fid"),
         ("[grid]\nlr = [0.1]\n[vary]\nlr = [0.2]\n", "s.toml: lr: in both"),
         ("[set\n", "s.toml: invalid TOML"),
+        ('[set]\nholdout-size = 900\n[pretrain]\ndata-split = "spare"\n', "s.toml: set: data-seed: must be fixed"),
+        ("[set]\ndata-seed = 1\nholdout-size = 900\n[pretrain]\n", 's.toml: pretrain: data-split: must be "spare"'),
+        (
+            '[set]\ndata-seed = 1\nholdout-size = 900\n[pretrain]\ndata-split = "spare"\n[rows.a]\ntrain-size = 300\n',
+            "s.toml: cell 'a': train-size: must equal the base run's",
+        ),
+        ('[pretrain]\ndata-split = "spare"\n', "s.toml: pretrain: data-split: 'spare' trains on the digits neither"),
+        ('[pretrain]\nout-dir = "x"\n', "s.toml: pretrain: out-dir: set by the sweep itself"),
+        ('[pretrain]\n[rows.a]\ninit-from = "x"\n', "s.toml: rows.a: init-from: set by the sweep itself"),
+        ("[pretrain]\nbogus = 1\n", "s.toml: pretrain: bogus: unknown setting"),
     ],
 )
 def test_bad_sweep_files_name_the_file_and_the_key(tmp_path, text, message):
@@ -174,3 +185,71 @@ def test_a_run_that_finishes_nothing_stops_the_sweep(tmp_path):
     with pytest.raises(RuntimeError, match="cell 'a', seed 0: the run left no finished run folder"):
         sw.run_sweep(sweep, lambda config: None, progress=False)
     assert not (tmp_path / "out" / sw.RESULTS).exists()
+
+
+def test_shipped_finetune_sweep_shares_one_split_and_fine_tunes_one_base(tmp_path):
+    sweep = sw.load_sweep("configs/sweeps/finetune.toml", out=tmp_path / "out")
+    assert [c.name for c in sweep.cells] == [
+        "full ddpm",
+        "full iet-agc+",
+        "lora ddpm",
+        "lora iet-agc+",
+        "difffit ddpm",
+        "difffit iet-agc+",
+    ]
+    assert sweep.seeds == [0, 1, 2] and sweep.init_from == ""  # no base run yet
+    base = sweep.base_config()
+    assert base["data-split"] == "spare" and base["out-dir"] == str(tmp_path / "out" / "base")
+    configs = [sweep.config(c, s) for c in sweep.cells for s in sweep.seeds]
+    assert {c["init-from"] for c in configs} == {sw.pending_base(tmp_path / "out")}
+    for key in ("data-seed", "train-size", "holdout-size"):
+        assert {c[key] for c in configs} == {base[key]}, key
+    assert {c["adapter"] for c in configs} == {"none", "lora", "difffit"}
+    short = sw.load_sweep("configs/sweeps/finetune.toml", out=tmp_path / "out", extra={"num-rounds": 2})
+    assert short.base_config()["num-rounds"] == 2  # --set reaches the base run too
+
+
+def test_sweep_pretrains_the_base_once_and_fine_tunes_it_in_every_cell(tmp_path):
+    from ddpm.adapters import trainable_state
+    from ddpm.model import initial_model
+    from ddpm.settings import Settings
+    from strategies.checkpoint import load_checkpoint
+    from strategies.replies import record_bytes
+
+    tiny = "\n".join(f"{k} = {str(v).lower() if isinstance(v, bool) else v}" for k, v in TINY_RUN.items())
+    text = (
+        f"seeds = [0]\n[set]\n{tiny}\nholdout-size = 1500\ndata-seed = 3\n"
+        '[pretrain]\ndata-split = "spare"\nnum-rounds = 1\nlocal-epochs = 1\n'
+        '[rows.full]\nadapter = "none"\n[rows.lora]\nadapter = "lora"\nlora-rank = 2\n'
+    )
+    path = _write(tmp_path, text)
+    calls = []
+
+    def counting(config):
+        calls.append(dict(config))
+        sw.run_cell(config)
+
+    results = sw.run_sweep(sw.load_sweep(path, out=tmp_path / "out"), counting, progress=False)
+    base, *cells = calls
+    assert base["out-dir"] == str(tmp_path / "out" / "base") and base["data-split"] == "spare"
+    (base_run,) = (tmp_path / "out" / "base").iterdir()
+    assert (base_run / "pipeline" / "unet").is_dir()
+    assert [c["init-from"] for c in cells] == [str(base_run / "pipeline")] * 2
+    assert load_checkpoint(base_run).fingerprint.startswith("177-")  # the spare digits: 1797 - 120 - 1500
+    assert load_checkpoint(Path(results["run"][0])).fingerprint.startswith("120-")
+    # bytes: what travels, per message and per round (K = 4 out and back); LoRA's a small part of full
+    full, lora = results.set_index("cell").loc[["full", "lora"], ["reply_bytes", "round_bytes"]].to_numpy()
+    assert (full[1], lora[1]) == (8 * full[0], 8 * lora[0]) and lora[0] * 50 < full[0]
+    lora_settings = Settings.from_run_config({**cells[1], "out-dir": str(tmp_path)})
+    assert lora[0] == record_bytes(trainable_state(initial_model(lora_settings, 1)))
+    summary = (tmp_path / "out" / sw.SUMMARY).read_text()
+    assert "round_MB" in summary and f"fine-tunes the base run `{base_run}`" in summary
+
+    # the same command again: neither the base nor a cell runs again
+    again = sw.load_sweep(path, out=tmp_path / "out")
+    assert again.init_from == str(base_run / "pipeline")
+    sw.run_sweep(again, lambda config: pytest.fail(f"ran {config['out-dir']} again"), progress=False)
+    # another base (its settings changed): the cells' init-from waits for it, so they run again too
+    path.write_text(text.replace("local-epochs = 1\n", "local-epochs = 2\n"))
+    changed = sw.load_sweep(path, out=tmp_path / "out")
+    assert changed.init_from == "" and changed.config(changed.cells[0], 0)["init-from"] != str(base_run / "pipeline")
