@@ -391,8 +391,11 @@ def run_sweep(
     for cell in sweep.cells:
         for seed in sweep.seeds:
             key = config_hash(sweep.config(cell, seed))
-            done = (results["cell"] == cell.name) & (results["seed"] == seed) & (results["config_hash"] == key)
-            if not done.any():
+            mine = (results["cell"] == cell.name) & (results["seed"] == seed)
+            for i in results.index[mine & (results["config_hash"] != key)]:
+                if _trained_as(results.at[i, "run"], key):  # made before a setting was added
+                    results.at[i, "config_hash"] = key
+            if not (mine & (results["config_hash"] == key)).any():
                 todo.append((cell, seed, key))
     skipped = len(sweep.cells) * len(sweep.seeds) - len(todo)
     bar = tqdm(todo, desc="sweep", unit="run", disable=not progress, file=sys.stderr)
@@ -411,6 +414,16 @@ def run_sweep(
     if not todo:
         write_outputs(sweep, results)
     return results
+
+
+def _trained_as(run: Any, key: str) -> bool:
+    """The row's run folder trained with the settings hashed as ``key``. Its settings.toml is read
+    with today's defaults, so a setting added since (at its default, the behaviour before it
+    existed) does not make a finished run stale; a changed value does."""
+    try:
+        return isinstance(run, str) and config_hash(_settings_of(Path(run))) == key
+    except (OSError, ValueError, tomllib.TOMLDecodeError):
+        return False
 
 
 def _finished(config: Mapping[str, Any]) -> Path | None:
@@ -460,7 +473,7 @@ def read_results(path: Path) -> pd.DataFrame:
     """``results.csv``, or an empty frame with its key columns."""
     if path.is_file():
         return pd.read_csv(path, dtype={"cell": str, "row": str, "config_hash": str})
-    empty = {"cell": str, "seed": int, "config_hash": str}
+    empty = {"cell": str, "seed": int, "config_hash": str, "run": str}
     return pd.DataFrame({k: pd.Series(dtype=t) for k, t in empty.items()})
 
 

@@ -166,6 +166,30 @@ def test_sweep_runs_tiny_cells_resumes_and_writes_tables_and_plots(tmp_path):
     assert again["cell"].tolist() == ["base", "num-shards=2"]
     assert again.loc[1, "digit_fd"] == pytest.approx(results.loc[1, "digit_fd"])
 
+    # a setting added after these runs (absent from their settings.toml and the row's old hash) at
+    # its default changes nothing: the runs stay done; a changed value makes its cell run again
+    for run in again["run"]:
+        saved = Path(run) / "settings.toml"
+        saved.write_text("".join(line for line in saved.open() if not line.startswith("aggregation =")))
+    again.assign(config_hash="0123456789abcdef").to_csv(tmp_path / "out" / sw.RESULTS, index=False)
+    kept = sw.run_sweep(sweep, lambda config: pytest.fail("reran a finished run"), progress=False)
+    assert (kept["config_hash"] != "0123456789abcdef").all()
+    saved = Path(kept.loc[1, "run"]) / "settings.toml"
+    saved.write_text(saved.read_text().replace("lr = 0.001", "lr = 0.002"))
+    kept.assign(config_hash="0123456789abcdef").to_csv(tmp_path / "out" / sw.RESULTS, index=False)
+    rerun = []
+
+    class Stop(Exception):
+        pass
+
+    def record(config):
+        rerun.append(config["num-shards"])
+        raise Stop
+
+    with pytest.raises(Stop):
+        sw.run_sweep(sweep, record, progress=False)
+    assert rerun == [2]
+
 
 def test_base_preset_file_is_read_relative_to_the_sweep_file(tmp_path):
     (tmp_path / "presets").mkdir()
