@@ -80,9 +80,14 @@ def run(
     with run_folder_lock(run_dir):
         start = start_point(settings, data, run_dir)
         device = resolve_device(settings.device)
-        log(INFO, _first_line(settings, data, start, device))
+        named = aggregator is None  # the aggregation setting's, else the caller's own strategy
+        aggregator = make_aggregator(settings) if named else aggregator
+        log(
+            INFO,
+            _first_line(settings, data, start, device, settings.aggregation if named else type(aggregator).__name__),
+        )
         evaluator = evaluator_factory(settings, data, start.writer.path, device)
-        strategy = make_strategy(settings, data, start, redistribution, aggregator or make_aggregator(settings))
+        strategy = make_strategy(settings, data, start, redistribution, aggregator)
         try:
             result = strategy.start(
                 grid=grid,
@@ -140,12 +145,12 @@ def make_strategy(
     )
 
 
-def _first_line(settings: Settings, data: ImageSet, start: Start, device: torch.device) -> str:
+def _first_line(settings: Settings, data: ImageSet, start: Start, device: torch.device, aggregation: str) -> str:
     resuming = f"; resuming after round {start.first_round - 1}" if start.first_round > 1 else ""
     return (
         f"{settings.dataset}: {len(data)} training images ({data.fingerprint}), {len(data.holdout)} held out; "
         f"K={settings.num_shards} shards of ~{len(data) // settings.num_shards}; {model_line(settings, start.model)}; "
-        f"aggregation {settings.aggregation}; device {device}; output {start.writer.path}{resuming}"
+        f"aggregation {aggregation}; device {device}; output {start.writer.path}{resuming}"
     )
 
 
