@@ -572,28 +572,46 @@ def _base_lines(sweep: Sweep, quality: str) -> list[str]:
     ]
 
 
+_MARKERS = "osD^vP*Xh<>p"
+
+
 def plot_tradeoff(summary: pd.DataFrame, quality: str, path: Path) -> Path:
     """copy_5 against the quality figure, one point per cell, error bars = sd over seeds."""
+    import matplotlib.pyplot as plt
+
+    fig = tradeoff_figure(summary, quality)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def tradeoff_figure(summary: pd.DataFrame, quality: str) -> Any:
+    """The trade-off plot's figure: each cell a marker named in the legend (names printed beside
+    points would overlap where cells land close together, e.g. LoRA and DiffFit near the origin)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for name, row in summary.iterrows():
-        x, y = row.get(f"{quality}_mean", math.nan), row.get("copy_5_mean", math.nan)
-        ax.errorbar(x, y, xerr=row.get(f"{quality}_sd"), yerr=row.get("copy_5_sd"), fmt="o", capsize=3)
-        ax.annotate(str(name), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    for i, (name, row) in enumerate(summary.iterrows()):
+        ax.errorbar(
+            row.get(f"{quality}_mean", math.nan),
+            row.get("copy_5_mean", math.nan),
+            xerr=row.get(f"{quality}_sd"),
+            yerr=row.get("copy_5_sd"),
+            fmt=_MARKERS[i % len(_MARKERS)],
+            capsize=3,
+            label=str(name),
+        )
     if f"{quality}_floor_mean" in summary:
         ax.axvline(summary[f"{quality}_floor_mean"].mean(), color="grey", ls=":", label=f"{quality} floor (real)")
-        ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="best")
     ax.set_xlabel(f"{quality} (lower = better quality)")
     ax.set_ylabel("copy_5 (lower = less copying)")
     ax.set_title("Memorization vs quality (mean ± sd over seeds)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def plot_metrics(sweep: Sweep, results: pd.DataFrame, metrics: Sequence[str], path: Path) -> Path:

@@ -76,6 +76,27 @@ def test_summary_mean_and_sd_are_exact():
     assert "| c      |       1 | 0.5      | n/a        |" in table
 
 
+def test_tradeoff_plot_names_every_cell_in_its_legend_with_distinct_markers():
+    frame = pd.DataFrame(
+        {
+            "cell": ["lora", "difffit", "lora", "difffit", "full"],
+            "seed": [0, 0, 1, 1, 0],
+            "copy_5": [0.010, 0.011, 0.012, 0.010, 0.13],
+            "digit_fd": [3.1, 2.7, 3.0, 2.6, 7.2],
+            "digit_fd_floor": [2.9, 2.9, 3.0, 3.0, 2.9],
+        }
+    )
+    s = sw.summarize(frame, ["copy_5", "digit_fd", "digit_fd_floor"], order=["full", "lora", "difffit"])
+    fig = sw.tradeoff_figure(s, "digit_fd")
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["digit_fd floor (real)", "full", "lora", "difffit"]
+    assert not ax.texts  # no names printed beside the points
+    markers = [c.lines[0].get_marker() for c in ax.containers]
+    assert len(set(markers)) == 3
+    assert ax.containers[1].lines[0].get_xydata().tolist() == [[pytest.approx(3.05), pytest.approx(0.011)]]
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
