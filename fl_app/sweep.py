@@ -16,6 +16,7 @@ mid-run is resumed from its checkpoint).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -46,6 +47,7 @@ QUALITY = ("digit_fd", "fid")
 RESULTS, SUMMARY, TRADEOFF, METRICS_PLOT = "results.csv", "summary.md", "tradeoff.png", "metrics.png"
 RUN_COLUMNS = ("skip_rate", "aug_rate", "moved", "round_MB", "minutes")  # per-run figures beside the evaluation
 BASE_FOLDER = "base"  # <out>/base/: the run [pretrain] makes before the cells
+REFERENCE = "base (not fine-tuned)"  # the results row of the base itself, evaluated as a cell is
 # what makes the split and the base's shape: the base and every cell must agree on them
 SPLIT_KEYS = ("dataset", "image-size", "train-size", "holdout-size", "data-seed", "class-conditional")
 PLOTTED = ("copy_1", "copy_5", "mq_0.5")  # plus the quality figure
@@ -93,6 +95,14 @@ class Sweep:
         """The base run's config: base < [set] < [pretrain] (its ``seed``, default 0) < --set, in ``<out>/base``."""
         values = {**self.base, **self.shared, "seed": 0, **(self.pretrain or {}), **self.extra}
         return {**values, "out-dir": str(self.out / BASE_FOLDER)}
+
+    def reference_config(self, seed: int) -> dict[str, Any]:
+        """The base's reference evaluation: the cells' shared settings (their split, hold-out and
+        evaluation), the finished base's pipeline as it is (no adapter), this seed."""
+        folder = self.out / "reference" / f"seed{seed}"
+        return {**self.base, **self.shared, "seed": seed, "init-from": self.init_from, "adapter": "none"} | {
+            "out-dir": str(folder)
+        }
 
     def run_folder(self, cell: Cell, seed: int) -> Path:
         return self.out / "cells" / slug(cell.name) / f"seed{seed}"
@@ -377,16 +387,21 @@ def traffic(run_dir: Path) -> dict[str, int]:
 
 # ---- the sweep --------------------------------------------------------------------------
 def run_sweep(
-    sweep: Sweep, runner: Callable[[Mapping[str, Any]], None] = run_cell, progress: bool = True
+    sweep: Sweep,
+    runner: Callable[[Mapping[str, Any]], None] = run_cell,
+    progress: bool = True,
+    reference: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None,
 ) -> pd.DataFrame:
     """Run every (cell, seed) without a current row in ``results.csv``; write the table, the summary
-    and the plots after each run. Returns the results frame."""
+    and the plots after each run. With [pretrain], the base itself is a row too (``REFERENCE``:
+    ``reference``, default ``evaluate_base``, per seed). Returns the results frame."""
     from tqdm import tqdm
 
     sweep.out.mkdir(parents=True, exist_ok=True)
+    results = read_results(sweep.out / RESULTS)
     if sweep.pretrain is not None:
         sweep = run_base(sweep, runner, progress)
-    results = read_results(sweep.out / RESULTS)
+        results = reference_rows(sweep, results, reference or evaluate_base, progress)
     todo = []
     for cell in sweep.cells:
         for seed in sweep.seeds:
@@ -463,6 +478,45 @@ def run_base(sweep: Sweep, runner: Callable[[Mapping[str, Any]], None] = run_cel
     return dataclasses.replace(sweep, init_from=str(pipeline))
 
 
+def reference_rows(
+    sweep: Sweep, results: pd.DataFrame, evaluate: Callable[[Mapping[str, Any]], dict[str, Any]], progress: bool = True
+) -> pd.DataFrame:
+    """``results`` with a current ``REFERENCE`` row per seed: the base evaluated without fine-tuning,
+    what the cells' copying and quality are read against. Evaluated once per seed and base."""
+    for seed in sweep.seeds:
+        config = sweep.reference_config(seed)
+        key = config_hash(config)
+        mine = (results["cell"] == REFERENCE) & (results["seed"] == seed)
+        if (mine & (results["config_hash"] == key)).any():
+            continue
+        if progress:
+            print(f"[iet-agc] sweep: evaluating the base itself, seed {seed}", file=sys.stderr, flush=True)
+        row = {"cell": REFERENCE, "row": "", "seed": seed, **evaluate(config), "config_hash": key}
+        row["run"] = config["out-dir"]
+        results = pd.concat([results[~mine], pd.DataFrame([row])], ignore_index=True)
+        write_results(results, sweep.out / RESULTS)
+    return results
+
+
+def evaluate_base(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The final evaluation of a cell, on the base pipeline as it is: its samples against the
+    cells' training images (``metrics.json`` and the evaluator's pictures in ``out-dir``)."""
+    from ddpm.base import load_base_unet
+    from ddpm.data import load_dataset
+    from ddpm.device import resolve_device
+    from evaluation.evaluator import MemorizationEvaluator
+
+    settings = settings_from_run_config(config)
+    data = load_dataset(**settings.dataset_kwargs())
+    evaluator = MemorizationEvaluator(settings, data, Path(settings.out_dir), resolve_device(settings.device))
+    with contextlib.redirect_stdout(sys.stderr):
+        images = evaluator.generate(load_base_unet(settings.init_from))
+        metrics = evaluator.evaluate_images(images, "final", f"{settings.init_from}, not fine-tuned")
+    row = {k: v for k, v in metrics.items() if v is not None}
+    atomic_write(Path(settings.out_dir) / "metrics.json", lambda tmp: tmp.write_text(json.dumps(row, indent=1) + "\n"))
+    return row
+
+
 def _settings_of(run_dir: Path) -> dict[str, Any]:
     """The run config a run folder was made with (its settings.toml), as the sweep wrote it."""
     saved = tomllib.loads((run_dir / "settings.toml").read_text())
@@ -535,7 +589,7 @@ def write_outputs(sweep: Sweep, results: pd.DataFrame) -> None:
         return
     results = results.copy()
     metrics = metric_columns(results, sweep.quality)
-    summary = summarize(results, metrics, [c.name for c in sweep.cells])
+    summary = summarize(results, metrics, _order(sweep))
     q = sweep.quality
     lines = [
         f"# Sweep {sweep.path.name}",
@@ -558,6 +612,11 @@ def write_outputs(sweep: Sweep, results: pd.DataFrame) -> None:
     plot_metrics(sweep, results, [*PLOTTED, q], sweep.out / METRICS_PLOT)
 
 
+def _order(sweep: Sweep) -> list[str]:
+    """The summary's rows: the base's reference row (with [pretrain]), then the cells in file order."""
+    return ([REFERENCE] if sweep.pretrain is not None else []) + [c.name for c in sweep.cells]
+
+
 def _base_lines(sweep: Sweep, quality: str) -> list[str]:
     """The base run's line in the summary: where it is and how good it is on its own (spare) digits."""
     if sweep.pretrain is None or not sweep.init_from:
@@ -567,7 +626,9 @@ def _base_lines(sweep: Sweep, quality: str) -> list[str]:
     got = ", ".join(f"{k} {r[k]:.3g}" for k in ("copy_5", quality) if k in r and r[k] == r[k])
     return [
         f"Every cell fine-tunes the base run `{run}` ([pretrain]: trained once on the spare digits, "
-        f"neither training nor held-out ones; its own final evaluation: {got or 'n/a'}, {r['minutes']:.1f} min).",
+        f"neither training nor held-out ones; its own final evaluation: {got or 'n/a'}, {r['minutes']:.1f} min). "
+        f"The row `{REFERENCE}` is that base evaluated as the cells are, against their training images, "
+        f"without fine-tuning: what the cells' copying and quality are read against.",
         "",
     ]
 
@@ -634,7 +695,7 @@ def plot_metrics(sweep: Sweep, results: pd.DataFrame, metrics: Sequence[str], pa
             ax = axes[i][j]
             if key == "cell":
                 stats = frame.groupby("cell", sort=False)[metric].agg(["mean", "std"])
-                stats = stats.reindex([c.name for c in sweep.cells if c.name in stats.index])
+                stats = stats.reindex([c for c in _order(sweep) if c in stats.index])
                 xs = range(len(stats))
                 ax.errorbar(list(xs), stats["mean"], yerr=stats["std"], fmt="o", capsize=3)
                 ax.set_xticks(list(xs), [str(n) for n in stats.index], rotation=35, ha="right", fontsize=7)

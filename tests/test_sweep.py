@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -281,7 +282,7 @@ def test_sweep_pretrains_the_base_once_and_fine_tunes_it_in_every_cell(tmp_path)
     assert (base_run / "pipeline" / "unet").is_dir()
     assert [c["init-from"] for c in cells] == [str(base_run / "pipeline")] * 2
     assert load_checkpoint(base_run).fingerprint.startswith("177-")  # the spare digits: 1797 - 120 - 1500
-    assert load_checkpoint(Path(results["run"][0])).fingerprint.startswith("120-")
+    assert load_checkpoint(Path(results.set_index("cell").loc["full", "run"])).fingerprint.startswith("120-")
     # bytes: what travels, per message and per round (K = 4 out and back); LoRA's a small part of full
     full, lora = results.set_index("cell").loc[["full", "lora"], ["reply_bytes", "round_bytes"]].to_numpy()
     assert (full[1], lora[1]) == (8 * full[0], 8 * lora[0]) and lora[0] * 50 < full[0]
@@ -289,11 +290,32 @@ def test_sweep_pretrains_the_base_once_and_fine_tunes_it_in_every_cell(tmp_path)
     assert lora[0] == record_bytes(trainable_state(initial_model(lora_settings, 1)))
     summary = (tmp_path / "out" / sw.SUMMARY).read_text()
     assert "round_MB" in summary and f"fine-tunes the base run `{base_run}`" in summary
+    # the base itself is the reference row: evaluated as a cell is, on the cells' training digits
+    ref = results.set_index("cell").loc[sw.REFERENCE]
+    assert ref["run"] == str(tmp_path / "out" / "reference" / "seed0")
+    assert 0 <= ref["copy_5"] <= 1 and ref["digit_fd"] > 0 and math.isnan(ref["reply_bytes"])
+    saved = json.loads((Path(ref["run"]) / "metrics.json").read_text())
+    assert saved["copy_5"] == ref["copy_5"] and saved["digit_fd"] == pytest.approx(ref["digit_fd"])
+    assert summary.index(f"| {sw.REFERENCE}") < summary.index("| full ")
+    done = sw.run_base(sw.load_sweep(path, out=tmp_path / "out"), lambda c: pytest.fail("base ran again"), False)
+    reference_config = done.reference_config(0)
+    assert Settings.from_run_config(reference_config).data_split == "train" and reference_config["adapter"] == "none"
+    assert reference_config["init-from"] == str(base_run / "pipeline")
+    # evaluate_base is exactly a cell's final evaluation, so a cell evaluated by it gives its row
+    cell_run = Path(results.set_index("cell").loc["full", "run"])
+    same = sw.evaluate_base({**cells[0], "init-from": str(cell_run / "pipeline"), "out-dir": str(tmp_path / "re")})
+    for key in ("copy_1", "copy_5", "mq_0.5"):
+        assert same[key] == results.set_index("cell").loc["full", key], key
 
     # the same command again: neither the base nor a cell runs again
     again = sw.load_sweep(path, out=tmp_path / "out")
     assert again.init_from == str(base_run / "pipeline")
-    sw.run_sweep(again, lambda config: pytest.fail(f"ran {config['out-dir']} again"), progress=False)
+    sw.run_sweep(
+        again,
+        lambda config: pytest.fail(f"ran {config['out-dir']} again"),
+        progress=False,
+        reference=lambda config: pytest.fail("evaluated the base again"),
+    )
     # another base (its settings changed): the cells' init-from waits for it, so they run again too
     path.write_text(text.replace("local-epochs = 1\n", "local-epochs = 2\n"))
     changed = sw.load_sweep(path, out=tmp_path / "out")
