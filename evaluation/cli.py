@@ -397,7 +397,7 @@ def _load_unet(pipeline_dir: Path):
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``iet-agc evaluate``: sample a saved model with DDIM, write the evaluation, print its metrics."""
-    from .evaluator import MemorizationEvaluator
+    from .evaluator import MemorizationEvaluator, evaluate_saved
 
     try:  # every input is checked before sampling starts
         run_dir, pipeline_dir = _locate(args.source)
@@ -431,17 +431,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for note in notes:
         warnings.showwarning(note.message, note.category, note.filename, note.lineno)
     evaluator = MemorizationEvaluator(settings, data, out, device)
-    with contextlib.redirect_stdout(sys.stderr):  # stdout is for the JSON line
-        images = evaluator.generate(unet)
-        metrics = evaluator.evaluate_images(images, "final", f"{pipeline_dir} ({settings.eval_num_images} images)")
-    summary = {
-        **metrics,
-        "n_generated": int(images.shape[0]),
-        "fid_reason": evaluator.fid_reason,
-        "report": str(evaluator.last_report),
-    }
-    (out / "metrics.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(json.dumps(summary), flush=True)
+    summary = evaluate_saved(evaluator, unet, f"{pipeline_dir} ({settings.eval_num_images} images)")
+    print(json.dumps(summary), flush=True)  # stdout: this JSON line only
     return 0
 
 

@@ -3,16 +3,20 @@ missing), digit_fd on digits, the closest-pair grid, the ratio histogram and a M
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import logging
 import math
+import sys
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from diffusers import UNet2DModel
 
 from ddpm.data import ImageSet
+from ddpm.files import atomic_write
 from ddpm.schedule import ddim_sample, draw_class_labels, model_classes
 from ddpm.settings import Settings
 
@@ -25,6 +29,7 @@ from .plots import plot_ratio_histogram, save_pair_grid, save_sample_grid
 log = logging.getLogger("flwr.iet_agc.evaluation")  # a child of Flower's logger (flwr run --stream, flwr log)
 
 PAIRS_LISTED = 10
+RUN_FACTS = ("n_generated", "fid_reason", "report")  # what metrics.json adds to the metrics
 
 
 class Evaluator(Protocol):
@@ -302,3 +307,21 @@ def _with_interval(score: QualityScore) -> str:
     """``4.900 (95 % interval 3.1-7.2; floor 2.0 with 500 held-out images)``."""
     floor = f"floor {score.floor:.3f} with {score.floor_n} held-out images" if score.floor is not None else "no floor"
     return f"{score.value:.3f} ({DEFAULT_LEVEL:.0%} interval {score.lo:.3f}-{score.hi:.3f}; {floor})"
+
+
+def evaluate_saved(evaluator: MemorizationEvaluator, model: UNet2DModel, title: str) -> dict[str, Any]:
+    """A saved model's final evaluation (``iet-agc evaluate``, a sweep's base): sample, measure, and
+    write ``metrics.json`` in the evaluator's folder. Returns what it holds: the metrics and
+    ``RUN_FACTS``. Progress goes to stderr, keeping stdout for the caller's one line."""
+    with contextlib.redirect_stdout(sys.stderr):
+        images = evaluator.generate(model)
+        metrics = evaluator.evaluate_images(images, "final", title)
+    summary = {
+        **metrics,
+        "n_generated": int(images.shape[0]),
+        "fid_reason": evaluator.fid_reason,
+        "report": str(evaluator.last_report),
+    }
+    text = json.dumps(summary, indent=1) + "\n"
+    atomic_write(evaluator.out_dir / "metrics.json", lambda tmp: tmp.write_text(text))
+    return summary

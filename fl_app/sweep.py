@@ -16,7 +16,6 @@ mid-run is resumed from its checkpoint).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -100,8 +99,13 @@ class Sweep:
         """The base's reference evaluation: the cells' shared settings (their split, hold-out and
         evaluation), the finished base's pipeline as it is (no adapter), this seed."""
         folder = self.out / "reference" / f"seed{seed}"
-        return {**self.base, **self.shared, "seed": seed, "init-from": self.init_from, "adapter": "none"} | {
-            "out-dir": str(folder)
+        return {
+            **self.base,
+            **self.shared,
+            "seed": seed,
+            "init-from": self.init_from,
+            "adapter": "none",
+            "out-dir": str(folder),
         }
 
     def run_folder(self, cell: Cell, seed: int) -> Path:
@@ -504,17 +508,13 @@ def evaluate_base(config: Mapping[str, Any]) -> dict[str, Any]:
     from ddpm.base import load_base_unet
     from ddpm.data import load_dataset
     from ddpm.device import resolve_device
-    from evaluation.evaluator import MemorizationEvaluator
+    from evaluation.evaluator import RUN_FACTS, MemorizationEvaluator, evaluate_saved
 
     settings = settings_from_run_config(config)
     data = load_dataset(**settings.dataset_kwargs())
     evaluator = MemorizationEvaluator(settings, data, Path(settings.out_dir), resolve_device(settings.device))
-    with contextlib.redirect_stdout(sys.stderr):
-        images = evaluator.generate(load_base_unet(settings.init_from))
-        metrics = evaluator.evaluate_images(images, "final", f"{settings.init_from}, not fine-tuned")
-    row = {k: v for k, v in metrics.items() if v is not None}
-    atomic_write(Path(settings.out_dir) / "metrics.json", lambda tmp: tmp.write_text(json.dumps(row, indent=1) + "\n"))
-    return row
+    summary = evaluate_saved(evaluator, load_base_unet(settings.init_from), f"{settings.init_from}, not fine-tuned")
+    return {k: v for k, v in summary.items() if k not in RUN_FACTS and v is not None}
 
 
 def _settings_of(run_dir: Path) -> dict[str, Any]:
