@@ -140,7 +140,7 @@ def deploy(
         + ["--database", str(folder / "superlink.db"), "--disable-runtime-dependency-installation"],
         {**base, "FLWR_HOME": str(folder / "superlink-home")},
     )
-    wait_for(lambda: "Uvicorn running on https" in machines.log("superlink"), 60, "the SuperLink", machines)
+    wait_for(lambda: "Uvicorn running on https" in machines.log("superlink"), 300, "the SuperLink", machines)
 
     # 2. the user's machine: a TLS connection in $FLWR_HOME/config.toml, the nodes registered
     user = {**base, "FLWR_HOME": str(folder / "user-home")}

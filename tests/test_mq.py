@@ -1,4 +1,4 @@
-"""MQ (eq. 12-13) and the calibrated copy score: exact against a direct loop, chunk-invariant."""
+"""MQ (eq. 12-13) and the calibrated copy score: exact against a direct loop, the same for any chunking."""
 
 from __future__ import annotations
 
@@ -40,7 +40,9 @@ def test_matches_direct_loop_with_planted_copies(planted):
     nb = nearest_neighbours(generated, train, n, gen_chunk=7, train_chunk=33)
     d, ids, ratio = _direct(generated, train, n)
     torch.testing.assert_close(nb.dist.double(), d, rtol=1e-5, atol=1e-6)
-    assert torch.equal(nb.index, ids)
+    # float32 against float64: the nearest and the set of n nearest (all the ratio reads) are the
+    # same; inner ranks closer than float32 rounding (5e-6 relative here) may swap
+    assert torch.equal(nb.index[:, 0], ids[:, 0]) and torch.equal(nb.index.sort(1).values, ids.sort(1).values)
     torch.testing.assert_close(nb.ratio.double(), ratio, rtol=1e-5, atol=1e-7)
     assert torch.equal(nb.nearest[:7], sources)
     assert nb.dist[6, 0] == 0 and nb.ratio[6] == 0  # an exact copy scores exactly 0
@@ -50,12 +52,23 @@ def test_matches_direct_loop_with_planted_copies(planted):
 
 
 @pytest.mark.parametrize(("gen_chunk", "train_chunk"), [(1, 20), (7, 33), (3, 199), (1000, 100000)])
-def test_identical_for_any_chunk_sizes(planted, gen_chunk, train_chunk):
+def test_the_same_neighbours_for_any_chunk_sizes(planted, gen_chunk, train_chunk):
+    """Chunking changes only the shapes in which the winners' distances are recomputed (48-term
+    float32 sums: relative rounding at most 47 u ~ 2.8e-6, u = 2^-24), so distances and ratios
+    agree to that. The ratio needs only the nearest and the set of n nearest, which are the same
+    wherever the 1st/2nd and n-th/(n+1)-th distances differ by more than rounding on both sides,
+    as they do in the planted data (checked in float64); inner ranks may swap at a near-tie."""
     generated, train, _ = planted
     ref = nearest_neighbours(generated, train, 20)
     nb = nearest_neighbours(generated, train, 20, gen_chunk=gen_chunk, train_chunk=train_chunk)
-    assert torch.equal(nb.ratio, ref.ratio)
-    assert torch.equal(nb.index, ref.index)
+    torch.testing.assert_close(nb.dist, ref.dist, rtol=3e-6, atol=0.0)
+    torch.testing.assert_close(nb.ratio, ref.ratio, rtol=6e-6, atol=0.0)
+    assert nb.ratio[6] == 0  # the exact copy: 0 in any chunking
+    d, _, _ = _direct(generated, train, 21)
+    gap = (d[:, 1:] - d[:, :-1]) / d[:, 1:]
+    assert gap[:, 0].min() > 2 * 47 * 2**-24 and gap[:, 19].min() > 2 * 47 * 2**-24
+    assert torch.equal(nb.index[:, 0], ref.index[:, 0])
+    assert torch.equal(nb.index.sort(1).values, ref.index.sort(1).values)
 
 
 def test_uint8_equals_float_in_unit_range():

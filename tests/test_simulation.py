@@ -77,10 +77,11 @@ def test_shard_state_survives_with_several_shards_per_node(two_runs):
 
 
 def test_same_seed_same_results(two_runs):
+    """Two runs of one configuration in one process (same threads, shapes, code): bitwise equal."""
     a, b = (pd.read_csv(r / "rounds.csv").drop(columns="seconds") for r in two_runs)
-    pd.testing.assert_frame_equal(a, b)
+    pd.testing.assert_frame_equal(a, b, check_exact=True)
     sa, sb = (pd.read_csv(r / "assignments.csv") for r in two_runs)
-    pd.testing.assert_frame_equal(sa, sb)
+    pd.testing.assert_frame_equal(sa, sb, check_exact=True)
 
 
 def test_bad_setting_stops_before_training(tmp_path):
