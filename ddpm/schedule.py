@@ -57,8 +57,9 @@ def ddim_sample(
 ) -> torch.Tensor:
     """Generate ``num_images`` images in [0, 1] with DDIM (eta 0), batch by batch.
 
-    The initial noise of image i depends only on (seed, i), so results do not depend on
-    ``batch_size``. A class-conditional model gets ``class_labels`` (one per image) at every step;
+    The initial noise of image i depends only on (seed, i), so another ``batch_size`` gives the
+    same images but for float rounding (other batch shapes run other kernels; README
+    "Determinism"). A class-conditional model gets ``class_labels`` (one per image) at every step;
     without them, ``draw_class_labels`` over its ``num_class_embeds`` classes.
     """
     model = model.to(device).eval()

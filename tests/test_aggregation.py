@@ -99,6 +99,32 @@ def test_an_aggregator_that_waits_for_more_nodes_stops_with_a_clear_error():
         s.configure_train(1, ArrayRecord({"w": torch.zeros(2, 2)}), ConfigRecord(), FakeGrid([1]))
 
 
+@pytest.mark.usefixtures("flower_task")
+@pytest.mark.parametrize("name", AGGREGATIONS)
+def test_flowers_configure_train_asks_the_stand_in_grid_for_nodes_twice(name, monkeypatch):
+    """The coupling to Flower most likely to break on an upgrade, pinned to the installed flwr:
+    ``ShardNodes`` lets ``configure_train`` ask for the nodes twice (flwr 1.41.0: FedAvg's own
+    count, then ``sample_nodes``' wait loop) and takes a third call as waiting for more nodes. If
+    this fails after an upgrade, read ``flwr.serverapp.strategy`` again and change ``ShardNodes``."""
+    import flwr
+
+    from strategies import aggregation
+
+    calls, stand_in = [], aggregation.ShardNodes
+
+    class Counting(stand_in):
+        def get_node_ids(self) -> list[int]:
+            calls.append(1)
+            return stand_in.get_node_ids(self)
+
+    monkeypatch.setattr(aggregation, "ShardNodes", Counting)
+    key, arrays, _ = aggregation.instruction(
+        make_aggregator(Settings(aggregation=name)), 1, ArrayRecord({"w": torch.zeros(2)}), ConfigRecord(), [7, 8]
+    )
+    assert len(calls) == 2, f"flwr {flwr.__version__} asks {len(calls)} times (flwr 1.41.0: 2): revise ShardNodes"
+    assert key and list(arrays) == ["w"]
+
+
 def test_proximal_term_is_fedprox_eq2():
     w = [torch.tensor([1.0, 2.0]), torch.tensor([[3.0]])]
     w0 = [torch.tensor([0.0, 0.0]), torch.tensor([[1.0]])]

@@ -137,7 +137,8 @@ def test_mq_as_a_process(arrays, tmp_path):
 
 
 def test_iet_agc_tool_has_the_subcommands(arrays, capsys):
-    fl_cli = pytest.importorskip("fl_app.cli")
+    from fl_app import cli as fl_cli
+
     paths, *_ = arrays
     code = fl_cli.main(["mq", "--generated", str(paths["generated"]), "--train", str(paths["train"]), "--n", "10"])
     assert code == 0 and _json(capsys)["n"] == 10

@@ -26,8 +26,7 @@ from PIL import Image
 
 from ddpm.schedule import train_scheduler
 from ddpm.unet import build_unet
-
-fl_cli = pytest.importorskip("fl_app.cli")
+from fl_app import cli as fl_cli
 
 RNG = np.random.default_rng(0)
 TRAIN = RNG.integers(0, 256, size=(30, 4, 4, 3), dtype=np.uint8)
