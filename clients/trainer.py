@@ -174,66 +174,91 @@ def train_shard(
     torch.manual_seed(seed)  # timesteps, noise, dropout, flips and RandAugment draws
     gen = torch.Generator().manual_seed(seed)  # batch order
     model.to(device).train()
-    scheduler = train_scheduler()
-    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
     params = [p for p in model.parameters() if p.requires_grad]  # an adapter's tensors only, when frozen
-    optimizer = torch.optim.Adam(params, lr=settings.lr)
-    if state.optimizer is not None:
-        saved = optimizer.state_dict()
-        saved["state"] = state.optimizer
-        optimizer.load_state_dict(saved)
     data = to_model_range(images).to(device)
     targets = _shard_labels(model, labels, images.shape[0])
-    targets = None if targets is None else targets.to(device)
     n = data.shape[0]
     batch = min(settings.batch_size, n)
     steps_per_epoch = max(1, n // batch)  # drop_last, but never zero steps
-    lr_schedule = warmup_schedule(optimizer, settings.warmup_epochs * steps_per_epoch, state.step)
-    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None  # FedProx: the round's weights
-    bank = state.bank.to(device)
-    counts = torch.zeros(n, dtype=torch.long, device=device)
-    loss_sum = torch.zeros((), device=device)
-    n_aug = torch.zeros((), dtype=torch.long, device=device)
-    eta = settings.bank_eta
-
+    targets = None if targets is None else targets.to(device)
+    loop = _Loop(model, params, settings, state, skip_rule, augment, data, targets, steps_per_epoch, proximal_mu)
     with progress(settings.local_epochs * steps_per_epoch, desc, "step") as bar:  # a line every so often
         for _ in range(settings.local_epochs):
             perm = torch.randperm(n, generator=gen).to(device)
             for b in range(steps_per_epoch):
-                pos = perm[b * batch : (b + 1) * batch]
-                x0 = data[pos]
-                if settings.hflip:
-                    flip = torch.rand(x0.shape[0], device=device) < 0.5
-                    x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-                t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (x0.shape[0],), device=device)
-                noise = torch.randn_like(x0)
-                y = None if targets is None else targets[pos]
-                out = agc_taa_loss(model, scheduler, x0, t, noise, bank, skip_rule, augment, settings, y)
-                loss = out.loss if anchor is None else out.loss + proximal_term(params, anchor, proximal_mu)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
-                optimizer.step()
-                lr_schedule.step()
-                state.step += 1
-                bank = update_memory_bank(bank, t, out.losses, eta)
-                counts.index_add_(0, pos, out.skip.long())
-                n_aug += out.aug.sum()
-                loss_sum += kept_mean(out.losses, ~out.skip)
+                loop.step(perm[b * batch : (b + 1) * batch])
                 bar.update()
-
     steps = settings.local_epochs * steps_per_epoch
     seen = steps * batch
-    state.bank = bank.cpu()
-    state.optimizer = optimizer.state_dict()["state"]
+    state.bank = loop.bank.cpu()
+    state.optimizer = loop.optimizer.state_dict()["state"]
     return ShardResult(
-        mean_loss=float(loss_sum / steps),
-        skip_counts=counts.cpu(),
-        skip_rate=float(counts.sum()) / seen,
-        aug_rate=float(n_aug) / seen,
+        mean_loss=float(loop.loss_sum / steps),
+        skip_counts=loop.counts.cpu(),
+        skip_rate=float(loop.counts.sum()) / seen,
+        aug_rate=float(loop.n_aug) / seen,
         steps=steps,
         samples_seen=seen,
     )
+
+
+class _Loop:
+    """One shard's round in progress: what every step reads (model, optimizer, rules, data) and the
+    books it keeps on the device (memory bank, skip counts, sums: no host sync per step)."""
+
+    def __init__(
+        self,
+        model: UNet2DModel,
+        params: list[torch.Tensor],
+        settings: Settings,
+        state: ShardState,
+        skip_rule: SkipRule,
+        augment: AugmentPolicy | None,
+        data: torch.Tensor,
+        targets: torch.Tensor | None,
+        steps_per_epoch: int,
+        proximal_mu: float,
+    ) -> None:
+        device = data.device
+        self.model, self.params, self.settings, self.state = model, params, settings, state
+        self.skip_rule, self.augment, self.data, self.targets = skip_rule, augment, data, targets
+        self.scheduler = train_scheduler()
+        self.scheduler.alphas_cumprod = self.scheduler.alphas_cumprod.to(device)
+        self.optimizer = torch.optim.Adam(params, lr=settings.lr)
+        if state.optimizer is not None:
+            saved = self.optimizer.state_dict()
+            saved["state"] = state.optimizer
+            self.optimizer.load_state_dict(saved)
+        self.lr_schedule = warmup_schedule(self.optimizer, settings.warmup_epochs * steps_per_epoch, state.step)
+        self.mu = proximal_mu
+        self.anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None  # FedProx: the round's weights
+        self.bank = state.bank.to(device)
+        self.counts = torch.zeros(data.shape[0], dtype=torch.long, device=device)
+        self.loss_sum = torch.zeros((), device=device)
+        self.n_aug = torch.zeros((), dtype=torch.long, device=device)
+
+    def step(self, pos: torch.Tensor) -> None:
+        """One optimizer step on the samples at ``pos``: AGC + TAA loss, bank and books updated."""
+        settings, x0 = self.settings, self.data[pos]
+        if settings.hflip:
+            flip = torch.rand(x0.shape[0], device=x0.device) < 0.5
+            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (x0.shape[0],), device=x0.device)
+        noise = torch.randn_like(x0)
+        y = None if self.targets is None else self.targets[pos]
+        rules = self.bank, self.skip_rule, self.augment
+        out = agc_taa_loss(self.model, self.scheduler, x0, t, noise, *rules, settings, y)
+        loss = out.loss if self.anchor is None else out.loss + proximal_term(self.params, self.anchor, self.mu)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, settings.grad_clip)
+        self.optimizer.step()
+        self.lr_schedule.step()
+        self.state.step += 1
+        self.bank = update_memory_bank(self.bank, t, out.losses, settings.bank_eta)
+        self.counts.index_add_(0, pos, out.skip.long())
+        self.n_aug += out.aug.sum()
+        self.loss_sum += kept_mean(out.losses, ~out.skip)
 
 
 def _shard_labels(model: UNet2DModel, labels: torch.Tensor | None, n: int) -> torch.Tensor | None:

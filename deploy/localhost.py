@@ -119,31 +119,48 @@ def deploy(
     if isolation not in ISOLATION_MODES:
         raise ValueError(f"isolation: must be one of {', '.join(ISOLATION_MODES)}, got {isolation!r}")
     port, *node_ports = free_ports(1 + len(nodes) + rogue)
-    certs = folder / "certs"
     base = {**base_env, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     base["PATH"] = f"{BIN}{os.pathsep}{base.get('PATH', '')}"  # Flower starts flower-superexec, flwr-clientapp
+    certs = operator_kit(folder, nodes + ("rogue",) * rogue, port, base)
+    start_superlink(folder, machines, port, certs, base)
+    user, registered = user_connection(folder, nodes, port, certs, base)
+    for node, node_port in zip(nodes + ("rogue",) * rogue, node_ports, strict=True):
+        start_node(folder, machines, node, node_port, port, certs, {**base, **(node_env or {})}, isolation, node_config)
+    return user, registered
 
-    # 0. the operator kit: CA, SuperLink certificate (SAN localhost + 127.0.0.1), node key pairs
+
+def operator_kit(folder: Path, nodes: tuple[str, ...], port: int, env: Mapping[str, str]) -> Path:
+    """README step 0, the operator kit: CA, SuperLink certificate (SAN localhost + 127.0.0.1), one
+    key pair per node; returns the certificates' folder (what it printed is in ``kit.log``)."""
+    certs = folder / "certs"
     kit = [sys.executable, "-m", "deploy.kit", str(certs), "--host", "localhost", "--ip", "127.0.0.1"]
-    kit += [a for n in nodes + ("rogue",) * rogue for a in ("--node", n)] + ["--port", str(port)]
-    made = subprocess.run(kit, cwd=ROOT, env=base, capture_output=True, text=True, timeout=60)
+    kit += [a for n in nodes for a in ("--node", n)] + ["--port", str(port)]
+    made = subprocess.run(kit, cwd=ROOT, env=dict(env), capture_output=True, text=True, timeout=60)
     (folder / "kit.log").write_text(made.stdout + made.stderr)  # which file goes where, as printed
     if made.returncode:
         raise RuntimeError(f"deploy.kit failed: {made.stderr}")
+    return certs
 
-    # 1. the SuperLink machine: TLS, SuperNode authentication, state in a database
+
+def start_superlink(folder: Path, machines: Machines, port: int, certs: Path, env: Mapping[str, str]) -> None:
+    """README step 1, the SuperLink machine: TLS, SuperNode authentication, state in a database."""
     machines.start(
         "superlink",
         [str(BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(port)]
         + ["--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "superlink.crt")]
         + ["--ssl-keyfile", str(certs / "superlink.key"), "--enable-supernode-auth"]
         + ["--database", str(folder / "superlink.db"), "--disable-runtime-dependency-installation"],
-        {**base, "FLWR_HOME": str(folder / "superlink-home")},
+        {**env, "FLWR_HOME": str(folder / "superlink-home")},
     )
     wait_for(lambda: "Uvicorn running on https" in machines.log("superlink"), 300, "the SuperLink", machines)
 
-    # 2. the user's machine: a TLS connection in $FLWR_HOME/config.toml, the nodes registered
-    user = {**base, "FLWR_HOME": str(folder / "user-home")}
+
+def user_connection(
+    folder: Path, nodes: tuple[str, ...], port: int, certs: Path, env: Mapping[str, str]
+) -> tuple[dict[str, str], dict[str, int]]:
+    """README step 2, the user's machine: a TLS connection ``lab`` in ``$FLWR_HOME/config.toml``
+    and the nodes' public keys registered; returns the user's environment and the node ids."""
+    user = {**env, "FLWR_HOME": str(folder / "user-home")}
     Path(user["FLWR_HOME"]).mkdir(exist_ok=True)
     (Path(user["FLWR_HOME"]) / "config.toml").write_text(
         f'[superlink.lab]\naddress = "localhost:{port}"\nroot-certificates = "{certs / "ca.crt"}"\n'
@@ -162,27 +179,38 @@ def deploy(
         if reg.returncode:
             raise RuntimeError(f"flwr supernode register {node} failed: {reg.stdout}{reg.stderr}")
         registered[node] = int(json.loads(reg.stdout[reg.stdout.index("{") :])["node-id"])
+    return user, registered
 
-    # 3. the node machines (each its own runtime API port, node-config and state-dir); "rogue" is unregistered
-    for node, node_port in zip(nodes + ("rogue",) * rogue, node_ports, strict=True):
-        state = folder / node / "state"
-        env = {**base, **(node_env or {}), "FLWR_HOME": str(folder / node / "home")}
+
+def start_node(
+    folder: Path,
+    machines: Machines,
+    node: str,
+    node_port: int,
+    port: int,
+    certs: Path,
+    env: Mapping[str, str],
+    isolation: str,
+    node_config: str,
+) -> None:
+    """README step 3, one node machine: its key, runtime API port, node-config and state-dir
+    (``--isolation process`` adds the node's own SuperExec, which starts its ClientApps)."""
+    env = {**env, "FLWR_HOME": str(folder / node / "home")}
+    machines.start(
+        node,
+        [str(BIN / "flower-supernode"), "--superlink", f"localhost:{port}"]
+        + ["--root-certificates", str(certs / "ca.crt")]
+        + ["--auth-supernode-private-key", str(certs / "nodes" / f"{node}.key")]
+        + ["--port", str(node_port), "--max-retries", "5", "--isolation", isolation]
+        + ["--node-config", f"{node_config} state-dir='{folder / node / 'state'}'"],
+        env,
+    )
+    if isolation == "process":
         machines.start(
-            node,
-            [str(BIN / "flower-supernode"), "--superlink", f"localhost:{port}"]
-            + ["--root-certificates", str(certs / "ca.crt")]
-            + ["--auth-supernode-private-key", str(certs / "nodes" / f"{node}.key")]
-            + ["--port", str(node_port), "--max-retries", "5", "--isolation", isolation]
-            + ["--node-config", f"{node_config} state-dir='{state}'"],
+            f"{node}-superexec",
+            [str(BIN / "flower-superexec"), "--runtime-api-address", f"127.0.0.1:{node_port}", "--insecure"],
             env,
         )
-        if isolation == "process":  # the node's ClientApps are started by its own SuperExec
-            machines.start(
-                f"{node}-superexec",
-                [str(BIN / "flower-superexec"), "--runtime-api-address", f"127.0.0.1:{node_port}", "--insecure"],
-                env,
-            )
-    return user, registered
 
 
 def flwr_json(user: Mapping[str, str], *args: str) -> dict:

@@ -216,8 +216,7 @@ class MemorizationEvaluator:
         pictures: dict[str, str],
     ) -> Path:
         s, data = self.settings, self.data
-        ratio = neighbours.ratio
-        num = ratio.numel()
+        num = neighbours.ratio.numel()
         lines = [
             f"# Evaluation, {title}",
             "",
@@ -225,6 +224,20 @@ class MemorizationEvaluator:
             f"training images of `{data.name}` ({data.fingerprint}); {len(data.holdout)} held-out real images.",
             "",
             *self._label_lines(num),
+            *self._memorization_lines(metrics, neighbours.ratio, holdout_ratio),
+            *self._quality_lines(metrics, num),
+            *self._picture_lines(pictures, neighbours),
+        ]
+        target = self.out_dir / f"eval_{tag}.md"
+        target.write_text("\n".join(lines) + "\n")
+        return target
+
+    def _memorization_lines(
+        self, metrics: dict[str, float | None], ratio: torch.Tensor, holdout_ratio: torch.Tensor | None
+    ) -> list[str]:
+        """The report's MQ table and calibrated copy scores."""
+        s, num = self.settings, ratio.numel()
+        lines = [
             "## Memorization",
             "",
             f"MQ (eq. 12-13): a generated image counts when its squared distance to the nearest training image is "
@@ -254,7 +267,11 @@ class MemorizationEvaluator:
             ]
         else:
             lines += ["No held-out images: `copy_1`/`copy_5` not computed.", ""]
-        lines += ["## Quality", ""]
+        return lines
+
+    def _quality_lines(self, metrics: dict[str, float | None], num: int) -> list[str]:
+        """The report's FID and digit_fd, with their intervals and floors (or why they are missing)."""
+        lines = ["## Quality", ""]
         if "fid" in self.scores:
             lines.append(
                 f"- FID: {_with_interval(self.scores['fid'])} (pytorch-fid Inception pool3, {num} generated vs "
@@ -279,7 +296,12 @@ class MemorizationEvaluator:
                 "many held-out real images (never trained on), what a generator drawing from the data would score; "
                 "Fréchet distances shrink as the count grows, so compare figures at equal counts."
             )
-        lines += [
+        return lines
+
+    def _picture_lines(self, pictures: dict[str, str], neighbours: Neighbours) -> list[str]:
+        """The report's pictures and its table of the closest pairs."""
+        ratio = neighbours.ratio
+        lines = [
             "",
             "## Pictures",
             "",
@@ -298,9 +320,7 @@ class MemorizationEvaluator:
         for rank, i in enumerate(order.tolist(), 1):
             tid, dist = int(neighbours.nearest[i]), float(neighbours.dist[i, 0])
             lines.append(f"| {rank} | {i} | {tid} | {float(ratio[i]):.4f} | {dist:.4g} |")
-        target = self.out_dir / f"eval_{tag}.md"
-        target.write_text("\n".join(lines) + "\n")
-        return target
+        return lines
 
 
 def _with_interval(score: QualityScore) -> str:

@@ -15,10 +15,11 @@ from ddpm.settings import Settings
 from ddpm.unet import num_parameters
 from evaluation.evaluator import Evaluator
 from evaluation.plots import plot_skip_histogram
+from strategies import protocol
 from strategies.checkpoint import Checkpoint, save_checkpoint
 from strategies.iet import IETStrategy, RoundLog, StrategyState
 
-from .run_folder import RunWriter
+from .run_folder import COUNT_COLUMNS, RunWriter
 
 EVAL_PREFIXES = ("mq_", "copy_", "fid", "digit_fd")
 EVAL_SECONDS = "eval-seconds"  # reported by the evaluation function, printed, not kept in rounds.csv
@@ -56,16 +57,9 @@ class RunRecorder:
         w.add_shard_metrics(r, rlog.shard_metrics)
         nodes = meta["node-of-shard"]
         w.add_dropped(r, rlog.dropped + [(s, nodes.get(str(s), -1), why) for s, why in sorted(rlog.timed_out.items())])
-        row: dict[str, Any] = {
-            "round": r,
-            "train_loss": m.get("train-loss"),
-            "skip_rate": m.get("skip-rate"),
-            "aug_rate": m.get("aug-rate"),
-            "moved": int(m.get("moved", 0)),
-            "replies": int(m.get("replies", 0)),
-            "dropped": int(m.get("dropped", 0)),
-            "timed_out": int(m.get("timed_out", 0)),
-        }
+        row: dict[str, Any] = {"round": r}
+        row |= {spec.column: m.get(spec.key) for spec in protocol.reply_metrics() if spec.per_round}
+        row |= {key: int(m.get(key, 0)) for key in COUNT_COLUMNS}
         evaluation = dict(evaluation or {})
         eval_seconds = evaluation.pop(EVAL_SECONDS, 0.0)
         row.update({k: None if v != v else v for k, v in evaluation.items()})

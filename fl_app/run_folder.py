@@ -13,17 +13,31 @@ from diffusers import DDPMPipeline, UNet2DModel
 from ddpm.schedule import train_scheduler
 from ddpm.settings import Settings
 from evaluation.plots import plot_curves, save_sample_grid
+from strategies import protocol
 
 from .config import toml_value
 
-ROUND_COLUMNS = ("round", "train_loss", "skip_rate", "aug_rate", "moved", "replies", "dropped", "timed_out", "seconds")
-SHARD_COLUMNS = ("node", "local_step", "num_examples", "train_loss", "skip_rate", "aug_rate", "steps", "train_seconds")
-TABLES = {  # the per-round tables appended as rounds finish, and their headers
-    "assignments.csv": "round,shard,sample_id",
-    "moved.csv": "round,sample_id,from_shard,to_shard",
-    "shards.csv": "round,shard," + ",".join(SHARD_COLUMNS),
-    "dropped.csv": "round,shard,node,reason",
-}
+COUNT_COLUMNS = ("moved", "replies", "dropped", "timed_out")  # rounds.csv, after the reply metrics' means
+
+
+def round_columns() -> list[str]:
+    """rounds.csv's columns before the evaluation's: the reply metrics' means (the protocol's), counts, time."""
+    return ["round", *protocol.round_columns(), *COUNT_COLUMNS, "seconds"]
+
+
+def shard_columns() -> list[str]:
+    """shards.csv's columns after round and shard: the node, its local step, the reply's metrics."""
+    return ["node", "local_step", *protocol.shard_columns()]
+
+
+def tables() -> dict[str, str]:
+    """The per-round tables appended as rounds finish, and their headers."""
+    return {
+        "assignments.csv": "round,shard,sample_id",
+        "moved.csv": "round,sample_id,from_shard,to_shard",
+        "shards.csv": "round,shard," + ",".join(shard_columns()),
+        "dropped.csv": "round,shard,node,reason",
+    }
 
 
 def new_run_dir(settings: Settings) -> Path:
@@ -49,10 +63,10 @@ class RunWriter:
         self.settings = settings
         self.rows: list[dict] = []
         eval_cols = [f"mq_{t:g}" for t in settings.thresholds] + ["fid"]
-        self.columns = list(ROUND_COLUMNS) + eval_cols
+        self.columns = round_columns() + eval_cols
         text = "".join(f"{k} = {toml_value(v)}\n" for k, v in settings.to_run_config().items())
         (self.path / "settings.toml").write_text(text)
-        for name, header in TABLES.items():
+        for name, header in tables().items():
             table = self.path / name
             if rows is None or not table.is_file():
                 table.write_text(header + "\n")
@@ -95,7 +109,8 @@ class RunWriter:
 
     def add_shard_metrics(self, server_round: int, shard_metrics: dict[int, dict[str, float]]) -> None:
         """One row per shard that replied: what it trained on and how (shards.csv)."""
-        rows = [[server_round, s] + [m.get(c) for c in SHARD_COLUMNS] for s, m in sorted(shard_metrics.items())]
+        columns = shard_columns()
+        rows = [[server_round, s] + [m.get(c) for c in columns] for s, m in sorted(shard_metrics.items())]
         pd.DataFrame(rows).to_csv(self.path / "shards.csv", mode="a", header=False, index=False)
 
     def add_dropped(self, server_round: int, dropped: list[tuple[int, int, str]]) -> None:

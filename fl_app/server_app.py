@@ -24,6 +24,7 @@ from ddpm.data import ImageSet, load_dataset
 from ddpm.device import resolve_device
 from ddpm.settings import Settings
 from evaluation.evaluator import Evaluator, MemorizationEvaluator
+from strategies import protocol
 from strategies.aggregation import Resumable, make_aggregator
 from strategies.checkpoint import checkpoint_settings
 from strategies.dispatch import NodeQueues
@@ -122,9 +123,9 @@ def make_strategy(
         num_samples=len(data),
         train_config={
             **settings.to_run_config(),
-            "fingerprint": data.fingerprint,
-            "base-fingerprint": start.base_fingerprint,
-            "run-key": start.run_key,
+            protocol.FINGERPRINT: data.fingerprint,
+            protocol.BASE_FINGERPRINT: start.base_fingerprint,
+            protocol.RUN_KEY: start.run_key,
         },
         redistribution=redistribution or make_redistribution(settings.msr, settings.msr_proportion),
         seed=settings.seed,

@@ -180,15 +180,7 @@ def load_sweep(
     anything runs; a problem raises SweepError naming the file and the key."""
     path = Path(path)
     where = str(path)
-    try:
-        doc = tomllib.loads(path.read_text())
-    except OSError as err:
-        raise SweepError(f"{where}: cannot read the sweep file ({err.strerror or err})") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise SweepError(f"{where}: invalid TOML ({err})") from None
-    unknown = [k for k in doc if k not in SECTIONS]
-    if unknown:
-        raise SweepError(f"{where}: {unknown[0]}: unknown key; a sweep file has {', '.join(SECTIONS)}")
+    doc = _read_sweep_file(path)
     base = _base(doc.get("base", "default"), path)
     shared = {**_table(doc, "set", where), **dict(extra or {})}
     pretrain = _table(doc, "pretrain", where) if "pretrain" in doc else None
@@ -202,25 +194,9 @@ def load_sweep(
     grid, vary = _lists(doc, "grid", where), _lists(doc, "vary", where)
     if set(grid) & set(vary):
         raise SweepError(f"{where}: {sorted(set(grid) & set(vary))[0]}: in both [grid] and [vary]; pick one")
-    seed_list = list(seeds) if seeds is not None else doc.get("seeds", [0])
-    if (
-        not isinstance(seed_list, list)
-        or not seed_list
-        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seed_list)
-    ):
-        raise SweepError(f"{where}: seeds: must be a non-empty list of integers >= 0, got {seed_list!r}")
-    if len(set(seed_list)) != len(seed_list):
-        raise SweepError(f"{where}: seeds: must not repeat a seed, got {seed_list!r}")
-    # the values of each section are checked where they are written, so an error names that place
+    seed_list = _seed_list(list(seeds) if seeds is not None else doc.get("seeds", [0]), where)
     if pretrain is not None:
-        places = {"set": shared, "pretrain": pretrain, "grid": grid, "vary": vary}
-        places.update({f"rows.{name}": changes for name, changes in rows.items()})
-        for place, values in places.items():
-            if "init-from" in values:
-                raise SweepError(f"{where}: {place}: init-from: set by the sweep itself (the [pretrain] base run)")
-        _check(
-            where, "pretrain", {**base, **shared, **{k: v for k, v in pretrain.items() if k != "seed"}, **(extra or {})}
-        )
+        _check_pretrain_places(where, base, shared, pretrain, rows, grid, vary, extra or {})
     _check(where, "set", {**base, **shared, **fill})
     for name, changes in rows.items():
         _check(where, f"rows.{name}", {**base, **shared, **fill, **changes})
@@ -229,14 +205,7 @@ def load_sweep(
             for value in values:
                 _check(where, f"{section}.{key}", {**base, **shared, **fill, key: value})
     expanded = expand_cells(rows, grid, vary, lambda changes: config_hash({**base, **shared, **fill, **changes}))
-    cells = [Cell(c.name, {**shared, **fill, **c.changes}, c.params, c.row) for c in expanded]
-    if only:
-        missing = [n for n in only if n not in {c.name for c in cells}]
-        if missing:
-            raise SweepError(f"{where}: --cells: no cell {missing[0]!r}; cells: {', '.join(c.name for c in cells)}")
-        cells = [c for c in cells if c.name in only]
-    if len({slug(c.name) for c in cells}) != len(cells):
-        raise SweepError(f"{where}: rows: two cells share the folder name; rename one")
+    cells = _selected([Cell(c.name, {**shared, **fill, **c.changes}, c.params, c.row) for c in expanded], only, where)
     quality = doc.get("quality", "digit_fd" if {**base, **shared}.get("dataset", "digits") == "digits" else "fid")
     if quality not in QUALITY:
         raise SweepError(f"{where}: quality: must be one of {', '.join(QUALITY)}, got {quality!r}")
@@ -245,8 +214,74 @@ def load_sweep(
     )
     if pretrain is not None:
         sweep = _check_pretrain(sweep)
-    for cell in cells:  # the checks against this machine too (out-dir writable, ...), per run
-        for seed in seed_list:
+    _check_every_run(sweep, where)
+    return sweep
+
+
+def _read_sweep_file(path: Path) -> dict[str, Any]:
+    """The sweep file's TOML, with only the known sections; a SweepError names the file."""
+    where = str(path)
+    try:
+        doc = tomllib.loads(path.read_text())
+    except OSError as err:
+        raise SweepError(f"{where}: cannot read the sweep file ({err.strerror or err})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise SweepError(f"{where}: invalid TOML ({err})") from None
+    unknown = [k for k in doc if k not in SECTIONS]
+    if unknown:
+        raise SweepError(f"{where}: {unknown[0]}: unknown key; a sweep file has {', '.join(SECTIONS)}")
+    return doc
+
+
+def _seed_list(seed_list: object, where: str) -> list[int]:
+    """The sweep's seeds: a non-empty list of distinct integers >= 0."""
+    if (
+        not isinstance(seed_list, list)
+        or not seed_list
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seed_list)
+    ):
+        raise SweepError(f"{where}: seeds: must be a non-empty list of integers >= 0, got {seed_list!r}")
+    if len(set(seed_list)) != len(seed_list):
+        raise SweepError(f"{where}: seeds: must not repeat a seed, got {seed_list!r}")
+    return seed_list
+
+
+def _check_pretrain_places(
+    where: str,
+    base: Mapping[str, Any],
+    shared: Mapping[str, Any],
+    pretrain: Mapping[str, Any],
+    rows: Mapping[str, Mapping[str, Any]],
+    grid: Mapping[str, list],
+    vary: Mapping[str, list],
+    extra: Mapping[str, Any],
+) -> None:
+    """With [pretrain], no section sets init-from (the sweep does), and the base run's settings are
+    valid; each section's values are checked where they are written, so an error names that place."""
+    places = {"set": shared, "pretrain": pretrain, "grid": grid, "vary": vary}
+    places.update({f"rows.{name}": changes for name, changes in rows.items()})
+    for place, values in places.items():
+        if "init-from" in values:
+            raise SweepError(f"{where}: {place}: init-from: set by the sweep itself (the [pretrain] base run)")
+    _check(where, "pretrain", {**base, **shared, **{k: v for k, v in pretrain.items() if k != "seed"}, **extra})
+
+
+def _selected(cells: list[Cell], only: Sequence[str] | None, where: str) -> list[Cell]:
+    """The cells ``--cells`` names (all without it), each with a folder name of its own."""
+    if only:
+        missing = [n for n in only if n not in {c.name for c in cells}]
+        if missing:
+            raise SweepError(f"{where}: --cells: no cell {missing[0]!r}; cells: {', '.join(c.name for c in cells)}")
+        cells = [c for c in cells if c.name in only]
+    if len({slug(c.name) for c in cells}) != len(cells):
+        raise SweepError(f"{where}: rows: two cells share the folder name; rename one")
+    return cells
+
+
+def _check_every_run(sweep: Sweep, where: str) -> None:
+    """Every (cell, seed) run's settings, with the checks against this machine (out-dir writable, ...)."""
+    for cell in sweep.cells:
+        for seed in sweep.seeds:
             config = sweep.config(cell, seed)
             if sweep.pretrain is not None and not sweep.init_from:  # no base to compare with yet
                 config = {**config, "init-from": "", "adapter": "none"}
@@ -254,7 +289,6 @@ def load_sweep(
                 settings_from_run_config(config)
             except ValueError as err:
                 raise SweepError(f"{where}: cell {cell.name!r}, seed {seed}: {err}") from None
-    return sweep
 
 
 def _check_pretrain(sweep: Sweep) -> Sweep:

@@ -19,7 +19,9 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx
 
 from ddpm.settings import AGGREGATIONS, Settings
 
-WEIGHTED_BY = "num-examples"  # what every shard reply carries in its MetricRecord
+from .protocol import METRICS, NUM_EXAMPLES
+
+WEIGHTED_BY = NUM_EXAMPLES  # what every shard reply carries in its MetricRecord
 
 
 @runtime_checkable
@@ -150,9 +152,7 @@ def aggregate(
     in records of its own (FedMedian, for one, empties the records it reads).
     """
     stripped = [
-        Message(
-            RecordDict({array_key: ArrayRecord(dict(arrays)), "metrics": MetricRecord(dict(metrics))}), reply_to=msg
-        )
+        Message(RecordDict({array_key: ArrayRecord(dict(arrays)), METRICS: MetricRecord(dict(metrics))}), reply_to=msg)
         for msg, arrays, metrics in replies
     ]
     arrays, _ = aggregator.aggregate_train(server_round, stripped)

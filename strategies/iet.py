@@ -18,17 +18,18 @@ from logging import INFO, WARNING
 from typing import Protocol
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.result import Result
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from .aggregation import WEIGHTED_BY, Resumable, aggregate, fedavg, instruction
+from .aggregation import Resumable, aggregate, fedavg, instruction
 from .dispatch import DEADLINE, LATE, NodeQueues
 from .ledger import ShardLedger
 from .msr import Moves, Redistribution, apply_moves, check_partition, hold_moves_into
+from .protocol import ARRAYS, METRICS, NUM_EXAMPLES, instruction_shard, train_message
 from .replies import BadReply, Sent, ShardReply, check_train_reply
 
 NO_NODES = "no node connected"
@@ -112,7 +113,7 @@ class IETStrategy(Strategy):
         self.outgoing: list[Message] = []  # this round's messages; ids are set when pushed
         self.expected_arrays: dict[str, tuple[str, tuple[int, ...]]] = {}  # key -> (dtype, shape)
         self.confirmed: set[int] = set()  # nodes whose valid reply confirmed the data set's fingerprint
-        self.array_key = "arrays"  # the aggregator's key for the arrays it combines (from its instruction)
+        self.array_key = ARRAYS  # the aggregator's key for the arrays it combines (from its instruction)
 
     # shards and counts live in the ledger; these names keep the strategy readable
     @property
@@ -186,9 +187,9 @@ class IETStrategy(Strategy):
                     len(dispatch.discarded),
                 )
             for msg, reason in dispatch.unsent:
-                rlog.timed_out[int(msg.content["config"]["shard"])] = reason
+                rlog.timed_out[instruction_shard(msg)] = reason
             for msg in dispatch.late:
-                rlog.timed_out[int(msg.content["config"]["shard"])] = LATE
+                rlog.timed_out[instruction_shard(msg)] = LATE
             new_arrays, train_metrics = self.aggregate_train(server_round, dispatch.replies)
             if new_arrays is not None:
                 arrays = result.arrays = new_arrays
@@ -245,14 +246,10 @@ class IETStrategy(Strategy):
         self.array_key, arrays, config = instruction(self.aggregator, server_round, arrays, config, nodes_used)
         self.expected_arrays = {k: (a.dtype, tuple(a.shape)) for k, a in arrays.items()}
         self.outgoing = []
+        common = {**self.train_config, **dict(config)}
         for shard, ids in enumerate(self.shards):
-            cfg = ConfigRecord({**self.train_config, **dict(config)})
-            cfg["server-round"] = server_round
-            cfg["shard"] = shard
-            cfg["ids"] = ids.tolist()
-            content = RecordDict({"arrays": arrays, "config": cfg})
             node = placement.node_of_shard[shard]
-            self.outgoing.append(Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN))
+            self.outgoing.append(train_message(arrays, common, shard, server_round, ids, node))
         return list(self.outgoing)
 
     def _wait_for_nodes(self, grid: Grid, need: int, patience: float | None) -> list[int]:
@@ -275,9 +272,9 @@ class IETStrategy(Strategy):
         max_count = int(self.train_config.get("local-epochs", 2**62))
         return {
             m.metadata.message_id: Sent(
-                int(m.content["config"]["shard"]),
+                instruction_shard(m),
                 m.metadata.dst_node_id,
-                self.shards[int(m.content["config"]["shard"])],
+                self.shards[instruction_shard(m)],
                 max_count,
                 str(self.train_config.get("fingerprint", "")),
             )
@@ -322,7 +319,7 @@ class IETStrategy(Strategy):
                 self.aggregator, server_round, self.array_key, [(r.message, r.arrays, r.metrics) for r in ordered]
             )
             metrics = aggregate_metricrecords(
-                [RecordDict({"metrics": MetricRecord(dict(r.metrics))}) for r in ordered], WEIGHTED_BY
+                [RecordDict({METRICS: MetricRecord(dict(r.metrics))}) for r in ordered], NUM_EXAMPLES
             )
         for shard, reply in accepted.items():
             rlog.shard_metrics[shard] = {

@@ -8,7 +8,6 @@ a one-line reason, and its shard keeps its samples.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,11 +16,24 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 
-REPLY_RECORDS = ("arrays", "metrics", "skips", "info")
-METRIC_KEYS = ("num-examples", "train-loss", "skip-rate", "aug-rate", "steps", "train-seconds")
-INFO_KEYS = ("shard", "local-step", "fingerprint")
+from .protocol import (
+    ARRAYS,
+    FINGERPRINT,
+    INFO,
+    INFO_KEYS,
+    LOCAL_STEP,
+    METRICS,
+    NUM_EXAMPLES,
+    REPLY_RECORDS,
+    SHARD,
+    SKIP_COUNTS,
+    SKIP_IDS,
+    SKIP_KEYS,
+    SKIPS,
+    reply_metrics,
+)
+
 EXCEPTION_LINE = re.compile(r"[\w.]*\w(Error|Exception|Exit|Interrupt): \S")  # "ValueError: what went wrong"
-SKIP_KEYS = ("ids", "counts")
 INT64_MAX = np.iinfo(np.int64).max
 
 
@@ -58,16 +70,6 @@ class ShardReply:
     local_step: int
     message: Message
     fingerprint: str = ""  # the data set the node confirmed (equal to the one sent)
-
-
-def _number(value: object, key: str, *, integer: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise BadReply(f"metric {key} must be a number, got {type(value).__name__}")
-    if integer and not isinstance(value, int):
-        raise BadReply(f"metric {key} must be an integer, got {value!r}")
-    if not math.isfinite(value):
-        raise BadReply(f"metric {key} must be finite, got {value}")
-    return value
 
 
 def _exact_keys(record, expected: tuple[str, ...], what: str) -> None:
@@ -107,7 +109,8 @@ def error_summary(reason: str) -> str:
 def check_train_reply(msg: Message, sent: Sent, expected_arrays: dict[str, tuple[str, tuple[int, ...]]]) -> ShardReply:
     """The checked content of ``msg``, the reply to ``sent``; raises ``BadReply`` with the reason.
 
-    ``expected_arrays`` maps each weight's key to the global model's (dtype, shape).
+    ``expected_arrays`` maps each weight's key to the global model's (dtype, shape). The records
+    are those of ``strategies.protocol``, each checked by its own function below.
     """
     if msg.has_error():
         raise BadReply(f"error reply: {error_summary(msg.error.reason)}")
@@ -118,37 +121,47 @@ def check_train_reply(msg: Message, sent: Sent, expected_arrays: dict[str, tuple
     content = msg.content
     _exact_keys(content, REPLY_RECORDS, "reply record")
     records = {k: content[k] for k in REPLY_RECORDS}
-    for key, kind in (("arrays", ArrayRecord), ("metrics", MetricRecord), ("skips", ArrayRecord)):
+    for key, kind in ((ARRAYS, ArrayRecord), (METRICS, MetricRecord), (SKIPS, ArrayRecord), (INFO, ConfigRecord)):
         if not isinstance(records[key], kind):
             raise BadReply(f"'{key}' must be a {kind.__name__}, got {type(records[key]).__name__}")
-    info = records["info"]
-    if not isinstance(info, ConfigRecord):
-        raise BadReply(f"'info' must be a ConfigRecord, got {type(info).__name__}")
+    local_step = check_info(records[INFO], sent)
+    check_metrics(records[METRICS], sent)
+    check_weights(records[ARRAYS], expected_arrays)
+    counts = check_skips(records[SKIPS], sent)
+    return ShardReply(
+        sent.shard, sent.node, records[ARRAYS], records[METRICS], counts, local_step, msg, sent.fingerprint
+    )
 
+
+def check_info(info: ConfigRecord, sent: Sent) -> int:
+    """The node's confirmation: the shard it answers, its data set; returns its local step."""
     _exact_keys(info, INFO_KEYS, "info")
-    claimed, local_step = info["shard"], info["local-step"]
+    claimed, local_step = info[SHARD], info[LOCAL_STEP]
     if isinstance(claimed, bool) or not isinstance(claimed, int) or claimed != sent.shard:
         raise BadReply(f"claims shard {claimed!r} but answers the message for shard {sent.shard}")
     if isinstance(local_step, bool) or not isinstance(local_step, int) or local_step < 0:
         raise BadReply(f"info local-step must be a non-negative integer, got {local_step!r}")
-    if info["fingerprint"] != sent.fingerprint:  # the node checks before training; a reply must agree
-        raise BadReply(f"confirms data set {info['fingerprint']!r}, the server's is {sent.fingerprint!r}")
+    if info[FINGERPRINT] != sent.fingerprint:  # the node checks before training; a reply must agree
+        raise BadReply(f"confirms data set {info[FINGERPRINT]!r}, the server's is {sent.fingerprint!r}")
+    return local_step
 
-    metrics = records["metrics"]
-    _exact_keys(metrics, METRIC_KEYS, "metric")
-    values = {k: _number(metrics[k], k, integer=k in ("num-examples", "steps")) for k in METRIC_KEYS}
-    if values["num-examples"] != sent.ids.size:
-        raise BadReply(f"num-examples {values['num-examples']} != the {sent.ids.size} samples sent")
-    if values["steps"] < 1:
-        raise BadReply(f"metric steps must be >= 1, got {values['steps']}")
-    for key in ("skip-rate", "aug-rate"):
-        if not 0.0 <= values[key] <= 1.0:
-            raise BadReply(f"metric {key} must be in [0, 1], got {values[key]}")
-    for key in ("train-loss", "train-seconds"):
-        if values[key] < 0:
-            raise BadReply(f"metric {key} must be >= 0, got {values[key]}")
 
-    weights = records["arrays"]
+def check_metrics(metrics: MetricRecord, sent: Sent) -> None:
+    """Exactly the protocol's reply metrics, each a number of its kind in its range."""
+    specs = reply_metrics()
+    _exact_keys(metrics, tuple(m.key for m in specs), "metric")
+    for spec in specs:  # kind and finiteness first, for every metric
+        if (why := spec.kind_error(metrics[spec.key])) is not None:
+            raise BadReply(why)
+    if metrics[NUM_EXAMPLES] != sent.ids.size:
+        raise BadReply(f"num-examples {metrics[NUM_EXAMPLES]} != the {sent.ids.size} samples sent")
+    for spec in specs:
+        if (why := spec.range_error(metrics[spec.key])) is not None:
+            raise BadReply(why)
+
+
+def check_weights(weights: ArrayRecord, expected_arrays: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+    """The global model's keys, dtypes and shapes, every value finite."""
     _exact_keys(weights, tuple(expected_arrays), "weight")
     for key, (dtype, shape) in expected_arrays.items():
         array = weights[key]
@@ -159,10 +172,12 @@ def check_train_reply(msg: Message, sent: Sent, expected_arrays: dict[str, tuple
         if not np.isfinite(array_values(array, f"weight {key}")).all():
             raise BadReply(f"weight {key} holds NaN or infinity")
 
-    skips = records["skips"]
+
+def check_skips(skips: ArrayRecord, sent: Sent) -> np.ndarray:
+    """Integer skip counts for exactly the ids sent, each in [0, one per local epoch]; as int64."""
     _exact_keys(skips, SKIP_KEYS, "skips")
-    ids = array_values(skips["ids"], "skips ids")
-    counts = array_values(skips["counts"], "skips counts")
+    ids = array_values(skips[SKIP_IDS], "skips ids")
+    counts = array_values(skips[SKIP_COUNTS], "skips counts")
     for name, arr in (("ids", ids), ("counts", counts)):
         if not np.issubdtype(arr.dtype, np.integer):
             raise BadReply(f"skips {name} must be integers, got {arr.dtype}")
@@ -172,9 +187,7 @@ def check_train_reply(msg: Message, sent: Sent, expected_arrays: dict[str, tuple
         raise BadReply("skip counts are for other ids than the ones sent")
     if _wraps_int64(counts) or (counts.size and (counts.min() < 0 or counts.max() > sent.max_count)):
         raise BadReply(f"skip counts must be in [0, {sent.max_count}] (one visit per local epoch)")
-    return ShardReply(
-        sent.shard, sent.node, weights, metrics, counts.astype(np.int64), local_step, msg, sent.fingerprint
-    )
+    return counts.astype(np.int64)
 
 
 def _wraps_int64(arr: np.ndarray) -> bool:

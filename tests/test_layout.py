@@ -47,3 +47,31 @@ def test_no_test_helpers_in_the_package():
     for package in [*ALLOWED, "deploy", "scripts", "examples"]:
         for path in (ROOT / package).glob("*.py"):
             assert "unittest" not in _imported_modules(path), f"{path.relative_to(ROOT)} imports unittest"
+
+
+MAX_FUNCTION_LINES = 60
+
+
+@pytest.mark.parametrize("package", [*sorted(ALLOWED), "deploy"])
+def test_no_function_longer_than_60_lines(package):
+    """Package functions stay small enough to read at once (decorators and docstrings included)."""
+    long = []
+    for path in sorted((ROOT / package).glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+                if node.end_lineno - first + 1 > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - first + 1})")
+    assert not long, f"over {MAX_FUNCTION_LINES} lines: {', '.join(long)}"
+
+
+def test_server_and_shard_code_never_import_each_other():
+    """strategies/ (the server's rules) and clients/ (the shard's training) meet only in the
+    message contract (strategies/protocol.py), which imports neither side's rules."""
+    for path in (ROOT / "clients").glob("*.py"):
+        assert "strategies" not in _imported_modules(path), f"{path.relative_to(ROOT)} imports strategies"
+    for path in (ROOT / "strategies").glob("*.py"):
+        assert "clients" not in _imported_modules(path), f"{path.relative_to(ROOT)} imports clients"
+    protocol = ROOT / "strategies" / "protocol.py"
+    inner = {n.module for n in ast.walk(ast.parse(protocol.read_text())) if isinstance(n, ast.ImportFrom) and n.level}
+    assert not inner, f"strategies/protocol.py imports {sorted(inner)} of strategies/"

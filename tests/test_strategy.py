@@ -6,8 +6,9 @@ import uuid
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message
 
+from strategies import protocol
 from strategies.iet import IETStrategy, RunStopped
 from strategies.ledger import ShardLedger, assign_nodes
 from strategies.msr import MemoryRedistribution, check_partition
@@ -62,29 +63,25 @@ def _strategy(shards, n, proportion=0.5, **kwargs):
 
 
 def reply(msg, weight=1.0, counts=None, **overrides):
-    """A well-formed reply to ``msg``; ``overrides`` replace whole records."""
-    cfg = msg.content["config"]
-    ids = np.asarray(cfg["ids"])
+    """A well-formed reply to ``msg``, packed as the ClientApp packs it (``strategies.protocol``);
+    ``overrides`` replace whole records. Metrics the test does not set get their lowest valid value."""
+    cfg = msg.content[protocol.CONFIG]
+    ids = np.asarray(cfg[protocol.IDS])
     counts = np.zeros(len(ids), dtype=np.int64) if counts is None else counts
-    content = {
-        "arrays": ArrayRecord({"w": torch.full((2, 2), float(weight))}),
-        "metrics": MetricRecord(
-            {
-                "num-examples": len(ids),
-                "train-loss": weight,
-                "skip-rate": 0.1,
-                "aug-rate": 0.2,
-                "steps": 3,
-                "train-seconds": 0.5,
-            }
-        ),
-        "skips": ArrayRecord({"ids": torch.from_numpy(ids), "counts": torch.as_tensor(np.asarray(counts))}),
-        "info": ConfigRecord(
-            {"shard": int(cfg["shard"]), "local-step": 3, "fingerprint": str(cfg.get("fingerprint", ""))}
-        ),
-    }
-    content.update(overrides)
-    return Message(content=RecordDict(content), reply_to=msg)
+    given = {protocol.NUM_EXAMPLES: len(ids), "train-loss": weight, "skip-rate": 0.1, "aug-rate": 0.2, "steps": 3}
+    given[protocol.TRAIN_SECONDS] = 0.5
+    metrics = {m.key: given.get(m.key, int(m.low) if m.integer else m.low) for m in protocol.reply_metrics()}
+    out = protocol.pack_reply(
+        msg,
+        {"w": torch.full((2, 2), float(weight))},
+        metrics,
+        torch.as_tensor(np.asarray(counts)),
+        local_step=3,
+        fingerprint=str(cfg.get(protocol.FINGERPRINT, "")),
+    )
+    for key, record in overrides.items():
+        out.content[key] = record
+    return out
 
 
 def _round(s, server_round, nodes):

@@ -1,0 +1,185 @@
+"""The message contract between the server and the shards: instruction keys, reply records, metrics.
+
+Both sides import it, and neither imports the other. A train instruction is a ``RecordDict`` of
+the model's arrays (``ARRAYS``) and a ConfigRecord (``CONFIG``): the run's settings plus the
+shard's own fields (``SHARD``, ``SERVER_ROUND``, ``IDS``). A reply carries the trained arrays,
+the scalar metrics of ``REPLY_METRICS``, the skip counts aligned with the ids (``SKIPS``) and
+what the node confirms (``INFO``). Adding a reply metric is one entry in ``REPLY_METRICS``: the
+ClientApp packs it, the strategy's reply check checks it, and the run folder records it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+
+# records of an instruction and of a reply
+ARRAYS, CONFIG = "arrays", "config"
+METRICS, SKIPS, INFO = "metrics", "skips", "info"
+REPLY_RECORDS = (ARRAYS, METRICS, SKIPS, INFO)
+# keys of the instruction's config (beside the run's settings)
+SHARD, SERVER_ROUND, IDS = "shard", "server-round", "ids"
+FINGERPRINT, BASE_FINGERPRINT, RUN_KEY = "fingerprint", "base-fingerprint", "run-key"
+PROXIMAL_MU = "proximal-mu"  # FedProx's key in the aggregator's train config
+# keys of a reply's info and skips records
+LOCAL_STEP = "local-step"
+INFO_KEYS = (SHARD, LOCAL_STEP, FINGERPRINT)
+SKIP_IDS, SKIP_COUNTS = "ids", "counts"
+SKIP_KEYS = (SKIP_IDS, SKIP_COUNTS)
+NUM_EXAMPLES = "num-examples"  # what FedAvg weights by
+TRAIN_SECONDS = "train-seconds"
+
+
+@dataclass(frozen=True)
+class ReplyMetric:
+    """One scalar in a reply's MetricRecord.
+
+    Parameters
+    ----------
+    key : str
+        The MetricRecord key; its column in ``shards.csv`` (and ``rounds.csv``) has ``_`` for ``-``.
+    source : str | None (default: None)
+        The attribute of the shard's training result that the ClientApp sends; None for the
+        values the ClientApp measures itself (``num-examples``, ``train-seconds``).
+    integer : bool (default: False)
+        Whether the value must be an integer.
+    low, high : float (default: 0, infinity)
+        The closed range a valid value lies in.
+    per_round : bool (default: False)
+        Whether ``rounds.csv`` has it too, as the example-weighted mean over the round's shards.
+    """
+
+    key: str
+    source: str | None = None
+    integer: bool = False
+    low: float = 0.0
+    high: float = math.inf
+    per_round: bool = False
+
+    @property
+    def column(self) -> str:
+        return self.key.replace("-", "_")
+
+    def kind_error(self, value: object) -> str | None:
+        """Why ``value`` is not a finite number of this metric's kind, or None."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"metric {self.key} must be a number, got {type(value).__name__}"
+        if self.integer and not isinstance(value, int):
+            return f"metric {self.key} must be an integer, got {value!r}"
+        if not math.isfinite(value):
+            return f"metric {self.key} must be finite, got {value}"
+        return None
+
+    def range_error(self, value: float) -> str | None:
+        """Why the number ``value`` lies outside this metric's range, or None."""
+        if self.low <= value <= self.high:
+            return None
+        span = f">= {self.low:g}" if self.high == math.inf else f"in [{self.low:g}, {self.high:g}]"
+        return f"metric {self.key} must be {span}, got {value}"
+
+
+REPLY_METRICS: tuple[ReplyMetric, ...] = (
+    ReplyMetric(NUM_EXAMPLES, integer=True),  # and equal to the number of ids sent
+    ReplyMetric("train-loss", "mean_loss", per_round=True),
+    ReplyMetric("skip-rate", "skip_rate", high=1.0, per_round=True),
+    ReplyMetric("aug-rate", "aug_rate", high=1.0, per_round=True),
+    ReplyMetric("steps", "steps", integer=True, low=1.0),
+    ReplyMetric(TRAIN_SECONDS),
+)
+
+
+def reply_metrics() -> tuple[ReplyMetric, ...]:
+    """The reply metrics, read when called (so a test or an extension can add one here)."""
+    return REPLY_METRICS
+
+
+def round_columns() -> list[str]:
+    """The reply metrics' ``rounds.csv`` columns, in order."""
+    return [m.column for m in reply_metrics() if m.per_round]
+
+
+def shard_columns() -> list[str]:
+    """The reply metrics' ``shards.csv`` columns, in order."""
+    return [m.column for m in reply_metrics()]
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """A train instruction as the shard reads it."""
+
+    shard: int
+    server_round: int
+    ids: np.ndarray  # int64: the sample ids to train on
+    config: ConfigRecord  # the whole config: the run's settings and the fields below
+    arrays: ArrayRecord
+    fingerprint: str
+    base_fingerprint: str
+    run_key: str
+    proximal_mu: float
+
+
+def train_instruction(arrays: ArrayRecord, config: Mapping[str, Any], shard: int, server_round: int, ids) -> RecordDict:
+    """The content of the train message for one shard (the server's side)."""
+    cfg = ConfigRecord(dict(config))
+    cfg[SERVER_ROUND], cfg[SHARD], cfg[IDS] = server_round, shard, np.asarray(ids, dtype=np.int64).tolist()
+    return RecordDict({ARRAYS: arrays, CONFIG: cfg})
+
+
+def train_message(arrays: ArrayRecord, config: Mapping[str, Any], shard: int, server_round: int, ids, node: int):
+    """The train message for one shard, addressed to ``node``."""
+    content = train_instruction(arrays, config, shard, server_round, ids)
+    return Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN)
+
+
+def instruction_shard(msg: Message) -> int:
+    """The shard a train message (sent by the server) is for."""
+    return int(msg.content[CONFIG][SHARD])
+
+
+def read_instruction(msg: Message) -> Instruction:
+    """A train message's instruction (the shard's side; the settings are checked by the caller)."""
+    cfg = msg.content[CONFIG]
+    return Instruction(
+        shard=int(cfg[SHARD]),
+        server_round=int(cfg[SERVER_ROUND]),
+        ids=np.asarray(cfg[IDS], dtype=np.int64),
+        config=cfg,
+        arrays=msg.content[ARRAYS],
+        fingerprint=str(cfg[FINGERPRINT]),
+        base_fingerprint=str(cfg.get(BASE_FINGERPRINT, "")),
+        run_key=str(cfg[RUN_KEY]),
+        proximal_mu=float(cfg.get(PROXIMAL_MU, 0.0)),
+    )
+
+
+def pack_reply(
+    msg: Message,
+    arrays: Mapping[str, torch.Tensor],
+    metrics: Mapping[str, int | float],
+    counts: torch.Tensor,
+    *,
+    local_step: int,
+    fingerprint: str,
+) -> Message:
+    """The reply to the instruction ``msg``: the trained ``arrays``, one value per reply metric,
+    the skip ``counts`` aligned with the instruction's ids, and what the node confirms."""
+    expected = [m.key for m in reply_metrics()]
+    if sorted(metrics) != sorted(expected):
+        raise ValueError(f"reply metrics must be {', '.join(expected)}, got {', '.join(metrics)}")
+    cfg = msg.content[CONFIG]
+    ids = torch.from_numpy(np.asarray(cfg[IDS], dtype=np.int64))
+    content = RecordDict(
+        {
+            ARRAYS: ArrayRecord(dict(arrays)),
+            METRICS: MetricRecord({key: metrics[key] for key in expected}),
+            SKIPS: ArrayRecord({SKIP_IDS: ids, SKIP_COUNTS: counts}),
+            INFO: ConfigRecord({SHARD: int(cfg[SHARD]), LOCAL_STEP: local_step, FINGERPRINT: fingerprint}),
+        }
+    )
+    return Message(content=content, reply_to=msg)
