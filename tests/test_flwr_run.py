@@ -47,7 +47,8 @@ def test_superlinks_from_elsewhere_or_without_the_flag_are_stale(tmp_path):
         subprocess.Popen([sys.executable, str(fake), "--simulation"], env=base),
     ]
     try:
-        for _ in range(50):  # wait until both show up in /proc with their command lines
+        deadline = time.monotonic() + 60  # generous: the loop ends as soon as both are seen
+        while time.monotonic() < deadline:  # wait until both show up in /proc with their command lines
             stale = _stale_superlinks()
             if all(p.pid in stale for p in procs):
                 break
