@@ -121,10 +121,11 @@ def deploy(
     port, *node_ports = free_ports(1 + len(nodes) + rogue)
     base = {**base_env, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     base["PATH"] = f"{BIN}{os.pathsep}{base.get('PATH', '')}"  # Flower starts flower-superexec, flwr-clientapp
-    certs = operator_kit(folder, nodes + ("rogue",) * rogue, port, base)
+    started = nodes + ("rogue",) * rogue  # "rogue" gets a key but is never registered
+    certs = operator_kit(folder, started, port, base)
     start_superlink(folder, machines, port, certs, base)
     user, registered = user_connection(folder, nodes, port, certs, base)
-    for node, node_port in zip(nodes + ("rogue",) * rogue, node_ports, strict=True):
+    for node, node_port in zip(started, node_ports, strict=True):
         start_node(folder, machines, node, node_port, port, certs, {**base, **(node_env or {})}, isolation, node_config)
     return user, registered
 

@@ -22,12 +22,12 @@ COUNT_COLUMNS = ("moved", "replies", "dropped", "timed_out")  # rounds.csv, afte
 
 def round_columns() -> list[str]:
     """rounds.csv's columns before the evaluation's: the reply metrics' means (the protocol's), counts, time."""
-    return ["round", *protocol.round_columns(), *COUNT_COLUMNS, "seconds"]
+    return ["round", *(m.column for m in protocol.reply_metrics() if m.per_round), *COUNT_COLUMNS, "seconds"]
 
 
 def shard_columns() -> list[str]:
     """shards.csv's columns after round and shard: the node, its local step, the reply's metrics."""
-    return ["node", "local_step", *protocol.shard_columns()]
+    return ["node", "local_step", *(m.column for m in protocol.reply_metrics())]
 
 
 def tables() -> dict[str, str]:

@@ -21,8 +21,6 @@ from ddpm.settings import AGGREGATIONS, Settings
 
 from .protocol import METRICS, NUM_EXAMPLES
 
-WEIGHTED_BY = NUM_EXAMPLES  # what every shard reply carries in its MetricRecord
-
 
 @runtime_checkable
 class Resumable(Protocol):
@@ -58,7 +56,11 @@ class ResumableFedAdam(FedAdam):
 
 def _takes_any_nodes() -> dict:
     return dict(
-        fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1, weighted_by_key=WEIGHTED_BY
+        fraction_train=1.0,
+        fraction_evaluate=0.0,
+        min_train_nodes=1,
+        min_available_nodes=1,
+        weighted_by_key=NUM_EXAMPLES,
     )
 
 

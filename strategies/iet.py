@@ -29,7 +29,7 @@ from .aggregation import Resumable, aggregate, fedavg, instruction
 from .dispatch import DEADLINE, LATE, NodeQueues
 from .ledger import ShardLedger
 from .msr import Moves, Redistribution, apply_moves, check_partition, hold_moves_into
-from .protocol import ARRAYS, METRICS, NUM_EXAMPLES, instruction_shard, train_message
+from .protocol import ARRAYS, FINGERPRINT, METRICS, NUM_EXAMPLES, instruction_shard, train_message
 from .replies import BadReply, Sent, ShardReply, check_train_reply
 
 NO_NODES = "no node connected"
@@ -270,17 +270,15 @@ class IETStrategy(Strategy):
     def _sent(self) -> dict[str, Sent]:
         """This round's pushed messages by id: the only source of a reply's shard."""
         max_count = int(self.train_config.get("local-epochs", 2**62))
-        return {
-            m.metadata.message_id: Sent(
-                instruction_shard(m),
-                m.metadata.dst_node_id,
-                self.shards[instruction_shard(m)],
-                max_count,
-                str(self.train_config.get("fingerprint", "")),
-            )
-            for m in self.outgoing
-            if m.metadata.message_id
-        }
+        fingerprint = str(self.train_config.get(FINGERPRINT, ""))
+        sent = {}
+        for m in self.outgoing:
+            if m.metadata.message_id:
+                shard = instruction_shard(m)
+                sent[m.metadata.message_id] = Sent(
+                    shard, m.metadata.dst_node_id, self.shards[shard], max_count, fingerprint
+                )
+        return sent
 
     def check_replies(self, server_round: int, replies: Iterable[Message]) -> dict[int, ShardReply]:
         """The valid reply per shard; every other reply is dropped with its reason in the round log."""

@@ -99,16 +99,6 @@ def reply_metrics() -> tuple[ReplyMetric, ...]:
     return REPLY_METRICS
 
 
-def round_columns() -> list[str]:
-    """The reply metrics' ``rounds.csv`` columns, in order."""
-    return [m.column for m in reply_metrics() if m.per_round]
-
-
-def shard_columns() -> list[str]:
-    """The reply metrics' ``shards.csv`` columns, in order."""
-    return [m.column for m in reply_metrics()]
-
-
 @dataclass(frozen=True)
 class Instruction:
     """A train instruction as the shard reads it."""
@@ -124,17 +114,13 @@ class Instruction:
     proximal_mu: float
 
 
-def train_instruction(arrays: ArrayRecord, config: Mapping[str, Any], shard: int, server_round: int, ids) -> RecordDict:
-    """The content of the train message for one shard (the server's side)."""
+def train_message(
+    arrays: ArrayRecord, config: Mapping[str, Any], shard: int, server_round: int, ids, node: int
+) -> Message:
+    """The train message for one shard, addressed to ``node`` (the server's side)."""
     cfg = ConfigRecord(dict(config))
     cfg[SERVER_ROUND], cfg[SHARD], cfg[IDS] = server_round, shard, np.asarray(ids, dtype=np.int64).tolist()
-    return RecordDict({ARRAYS: arrays, CONFIG: cfg})
-
-
-def train_message(arrays: ArrayRecord, config: Mapping[str, Any], shard: int, server_round: int, ids, node: int):
-    """The train message for one shard, addressed to ``node``."""
-    content = train_instruction(arrays, config, shard, server_round, ids)
-    return Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN)
+    return Message(content=RecordDict({ARRAYS: arrays, CONFIG: cfg}), dst_node_id=node, message_type=MessageType.TRAIN)
 
 
 def instruction_shard(msg: Message) -> int:
