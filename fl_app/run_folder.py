@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import tomllib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -14,6 +16,8 @@ from ddpm.schedule import train_scheduler
 from ddpm.settings import Settings
 from evaluation.plots import plot_curves, save_sample_grid
 from strategies import protocol
+from strategies.checkpoint import CheckpointError, load_checkpoint
+from strategies.replies import record_bytes
 
 from .config import toml_value
 
@@ -196,3 +200,43 @@ class RunWriter:
         target = self.path / "report.md"
         target.write_text("\n".join(lines))
         return target
+
+
+# ---- reading a run folder back (the sweep, evaluate) ---------------------------------------
+def run_folders(folder: Path) -> tuple[Path | None, Path | None]:
+    """(the finished run, the stopped run with a checkpoint) among the run folders under ``folder``."""
+    runs = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    finished = [p for p in runs if (p / "report.md").is_file() and (p / "rounds.csv").is_file()]
+    stopped = [p for p in runs if (p / "checkpoint").is_dir() and p not in finished]
+    return (finished[-1] if finished else None), (stopped[-1] if stopped else None)
+
+
+def run_result(run_dir: Path) -> dict[str, Any]:
+    """The row of a finished run: the last round's evaluation and the run's mean skip/aug rates."""
+    rounds = pd.read_csv(run_dir / "rounds.csv")
+    last = rounds.iloc[-1]
+    row = {k: last[k] for k in rounds.columns if k.startswith(("mq_", "copy_", "fid", "digit_fd"))}
+    row["skip_rate"] = rounds["skip_rate"].mean()
+    row["aug_rate"] = rounds["aug_rate"].mean()
+    row["moved"] = rounds["moved"].mean()
+    row["minutes"] = rounds["seconds"].sum() / 60
+    row.update(traffic(run_dir))
+    return row
+
+
+def traffic(run_dir: Path) -> dict[str, int]:
+    """``reply_bytes``: the weights record one message carries (the final checkpoint's weights are
+    exactly what travels: all of them, or an adapter's); ``round_bytes``: a round's K records out
+    and K back (the skip counts and metrics add a few KB). Empty without a checkpoint."""
+    try:
+        ckpt = load_checkpoint(run_dir)
+    except CheckpointError:
+        return {}
+    reply = record_bytes(ckpt.weights)
+    return {"reply_bytes": reply, "round_bytes": 2 * int(ckpt.settings["num-shards"]) * reply}
+
+
+def settings_of(run_dir: Path) -> dict[str, Any]:
+    """The run config a run folder was made with (its settings.toml), without where it wrote."""
+    saved = tomllib.loads((run_dir / "settings.toml").read_text())
+    return {k: v for k, v in saved.items() if k not in ("out-dir", "resume")}

@@ -267,7 +267,7 @@ def test_class_conditional_cannot_change_on_resume():
 
 
 def test_iet_agc_evaluate_samples_a_conditional_pipeline_with_labels(tmp_path, capsys):
-    from evaluation.cli import main
+    from iet_agc.cli import main
 
     run = tmp_path / "run"
     run.mkdir()

@@ -16,8 +16,8 @@ from PIL import Image
 
 from ddpm.schedule import train_scheduler
 from ddpm.unet import build_unet
-from evaluation.cli import main
 from evaluation.mq import copy_scores, mq_counts, nearest_neighbours
+from iet_agc.cli import main
 
 
 @pytest.fixture
@@ -128,7 +128,7 @@ def test_mq_bad_inputs_exit_2(arrays, tmp_path, capsys, case, match):
 
 def test_mq_as_a_process(arrays, tmp_path):
     paths, *_ = arrays
-    cmd = [sys.executable, "-m", "evaluation.cli", "mq", "--generated", str(paths["generated"]), "--n", "10"]
+    cmd = [sys.executable, "-m", "iet_agc.cli", "mq", "--generated", str(paths["generated"]), "--n", "10"]
     ok = subprocess.run([*cmd, "--train", str(paths["train"])], capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["n_generated"] == 20
@@ -137,10 +137,8 @@ def test_mq_as_a_process(arrays, tmp_path):
 
 
 def test_iet_agc_tool_has_the_subcommands(arrays, capsys):
-    from fl_app import cli as fl_cli
-
     paths, *_ = arrays
-    code = fl_cli.main(["mq", "--generated", str(paths["generated"]), "--train", str(paths["train"]), "--n", "10"])
+    code = main(["mq", "--generated", str(paths["generated"]), "--train", str(paths["train"]), "--n", "10"])
     assert code == 0 and _json(capsys)["n"] == 10
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from conftest import TINY_RUN, iet_agc_run
 
-from fl_app.cli import ENV_FLAG
+from iet_agc.run import ENV_FLAG
 
 ROOT = Path(__file__).resolve().parents[1]
 FAULTY_CLIENT = '''

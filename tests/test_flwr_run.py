@@ -36,7 +36,7 @@ def test_invalid_setting_exits_2_naming_the_key(fresh_shell):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_superlinks_from_elsewhere_or_without_the_flag_are_stale(tmp_path):
-    from fl_app.cli import ENV_FLAG, _stale_superlinks
+    from iet_agc.run import ENV_FLAG, _stale_superlinks
 
     fake = tmp_path / "bin" / "flower-superlink"  # a stand-in SuperLink from another environment
     fake.parent.mkdir()

@@ -1,4 +1,5 @@
-"""Imports run one way: fl_app -> strategies, clients, evaluation -> ddpm (the shared core)."""
+"""Imports run one way: iet_agc (the command) -> fl_app (the Flower app) -> strategies, clients,
+evaluation -> ddpm (the shared core)."""
 
 import ast
 from pathlib import Path
@@ -12,6 +13,7 @@ ALLOWED = {
     "clients": {"ddpm"},
     "evaluation": {"ddpm"},
     "fl_app": {"ddpm", "strategies", "clients", "evaluation"},
+    "iet_agc": {"ddpm", "strategies", "clients", "evaluation", "fl_app"},
 }
 
 
@@ -36,9 +38,10 @@ def _imported_modules(path: Path) -> set[str]:
     return found
 
 
-@pytest.mark.parametrize("package", ["ddpm", "clients", "evaluation"])
+@pytest.mark.parametrize("package", ["ddpm", "clients", "evaluation", "iet_agc"])
 def test_flower_stays_in_the_glue(package):
-    """Flower is imported only by fl_app/ and strategies/: the method and the metric run without it."""
+    """Flower is imported only by fl_app/ and strategies/: the method and the metric run without it,
+    and the command reaches Flower through the app (fl_app.simulation) or flwr's own CLI."""
     for path in (ROOT / package).glob("*.py"):
         assert "flwr" not in _imported_modules(path), f"{path.relative_to(ROOT)} imports flwr"
 
@@ -75,3 +78,14 @@ def test_server_and_shard_code_never_import_each_other():
     protocol = ROOT / "strategies" / "protocol.py"
     inner = {n.module for n in ast.walk(ast.parse(protocol.read_text())) if isinstance(n, ast.ImportFrom) and n.level}
     assert not inner, f"strategies/protocol.py imports {sorted(inner)} of strategies/"
+
+
+def test_readme_layout_describes_this_house():
+    """README's "Layout" lists every package folder, names only folders that exist, and states the
+    import direction this file holds."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    listed = {line.split("/")[0] for line in block.splitlines() if line and not line.startswith(" ")}
+    assert set(ALLOWED) <= listed, f"README Layout lacks {sorted(set(ALLOWED) - listed)}"
+    assert all((ROOT / name).is_dir() for name in listed), f"README Layout names missing folders: {listed}"
+    assert "`iet_agc -> fl_app -> strategies, clients, evaluation -> ddpm`" in readme

@@ -23,8 +23,8 @@ from conftest import newcomer_env, stop_local_superlinks, superlink_pids
 from safetensors.numpy import load_file
 
 from ddpm.settings import Settings
-from fl_app.cli import main as cli_main
 from fl_app.resume import resumed_settings, run_folder_lock
+from iet_agc.cli import main as cli_main
 from strategies.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,7 +123,7 @@ def test_a_run_folder_has_one_writer(tmp_path):
     ],
 )
 def test_bad_resume_inputs_exit_2_with_one_line(tmp_path, capsys, monkeypatch, setup, args, message):
-    monkeypatch.setattr("fl_app.cli.subprocess.Popen", lambda *a, **k: pytest.fail("a run was submitted"))
+    monkeypatch.setattr("iet_agc.run.subprocess.Popen", lambda *a, **k: pytest.fail("a run was submitted"))
     if setup:
         setup(tmp_path)
     code = cli_main(["run", str(ROOT), *[a.format(tmp=tmp_path) for a in args]])

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fl_app.cli import build_parser, prepare_run
+from iet_agc.cli import build_parser
+from iet_agc.run import prepare_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,8 +33,10 @@ def test_one_toml_file_or_pairs_never_both(tmp_path, monkeypatch):
         _command(["run", "--run-config", "configs/cifar10.toml", "--run-config", "num-rounds=3"])
     with pytest.raises(ValueError, match=r"--run-config: expected key=value pairs .*'num-rounds = 5'"):
         _command(["run", "--run-config", "num-rounds = 5"])  # flwr would silently skip it
-    with pytest.raises(ValueError, match=r"--run-config: lr: invalid TOML value"):
-        _command(["run", "--run-config", "lr=fast"])
+    with pytest.raises(ValueError, match=r"--run-config: lr: invalid TOML value '\[0.1'"):
+        _command(["run", "--run-config", "lr=[0.1"])  # begun as an array: TOML's error
+    with pytest.raises(ValueError, match=r"^lr: must be a finite number in \(0, 1\], got '1e-3x'"):
+        _command(["run", "--run-config", "lr=1e-3x"])  # not TOML: text, which the settings refuse
 
 
 def test_relative_paths_are_taken_from_where_the_user_runs(tmp_path, monkeypatch):

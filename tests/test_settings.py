@@ -350,8 +350,9 @@ def test_every_key_has_a_documented_range():
 
 
 def test_run_config_syntax_error_names_the_key(tmp_path, capsys, monkeypatch):
-    from fl_app import cli
-    from fl_app.cli import main, parse_run_config
+    from iet_agc import run as cli
+    from iet_agc.cli import main
+    from iet_agc.inputs import parse_run_config
 
     def never(*args, **kwargs):
         raise AssertionError("iet-agc run went past the settings check")
@@ -360,8 +361,9 @@ def test_run_config_syntax_error_names_the_key(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cli, "_stop", never, raising=False)  # nor touch a running SuperLink
 
     with pytest.raises(ValueError) as err:
-        parse_run_config(["num-shards=3 lr=1e-3x"])
-    assert str(err.value).startswith("--run-config: lr: invalid TOML value '1e-3x' (")
+        parse_run_config(['num-shards=3 lr="1e-3'])
+    assert str(err.value).startswith("--run-config: lr: invalid TOML value '\"1e-3' (")
+    assert parse_run_config(["num-shards=3 lr=1e-3x"]) == {"num-shards": 3, "lr": "1e-3x"}  # text, for the check
     with pytest.raises(ValueError, match="^--run-config: lr: given twice"):
         parse_run_config(["lr=0.1 lr=0.2"])
     with pytest.raises(ValueError, match="^--run-config: expected key=value"):
@@ -379,6 +381,6 @@ def test_run_config_syntax_error_names_the_key(tmp_path, capsys, monkeypatch):
     assert str(err.value).startswith(f"--run-config: {preset}: line 2 (num-shards): invalid TOML")
     # iet-agc run stops before submitting (exit 2), naming the key
     assert main(["run", "--run-config", "lr=1e-3x", str(ROOT)]) == 2
-    assert "lr: invalid TOML value" in capsys.readouterr().err
+    assert "iet-agc run: error: lr: must be a finite number in (0, 1], got '1e-3x'" in capsys.readouterr().err
     assert main(["run", "--run-config", "lr=nan", str(ROOT)]) == 2
     assert "lr:" in capsys.readouterr().err

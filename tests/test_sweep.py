@@ -10,8 +10,11 @@ import pandas as pd
 import pytest
 from conftest import TINY_RUN
 
-from fl_app import sweep as sw
-from fl_app.cli import main
+from fl_app.simulation import run_in_process
+from iet_agc import sweep as sw
+from iet_agc import sweep_file as sf
+from iet_agc import sweep_report as sr
+from iet_agc.cli import main
 
 
 def _write(tmp_path, text: str, name: str = "s.toml"):
@@ -21,26 +24,26 @@ def _write(tmp_path, text: str, name: str = "s.toml"):
 
 
 def test_cells_rows_times_grid_then_one_at_a_time_without_duplicates():
-    cells = sw.expand_cells({"a": {"agc": False}, "b": {}}, {"num-shards": [2, 4]}, {})
+    cells = sf.expand_cells({"a": {"agc": False}, "b": {}}, {"num-shards": [2, 4]}, {})
     assert [c.name for c in cells] == ["a num-shards=2", "a num-shards=4", "b num-shards=2", "b num-shards=4"]
     assert cells[1].changes == {"agc": False, "num-shards": 4} and cells[1].params == {"num-shards": 4}
     assert [c.row for c in cells] == ["a", "a", "b", "b"]
-    vary = sw.expand_cells({}, {}, {"lr": [0.1, 0.2], "seedless": [1]})
+    vary = sf.expand_cells({}, {}, {"lr": [0.1, 0.2], "seedless": [1]})
     assert [(c.name, c.changes) for c in vary] == [
         ("base", {}),
         ("lr=0.1", {"lr": 0.1}),
         ("lr=0.2", {"lr": 0.2}),
         ("seedless=1", {"seedless": 1}),
     ]
-    grid = sw.expand_cells({}, {"agc": [True, False], "taa": [False]}, {})
+    grid = sf.expand_cells({}, {"agc": [True, False], "taa": [False]}, {})
     assert [c.name for c in grid] == ["agc=true,taa=false", "agc=false,taa=false"]
     # one-at-a-time values equal to the base collapse onto the base cell (the sweep compares settings)
-    same = sw.expand_cells({}, {}, {"skip-threshold": [0.4, 0.5]}, lambda ch: ch.get("skip-threshold", 0.5))
+    same = sf.expand_cells({}, {}, {"skip-threshold": [0.4, 0.5]}, lambda ch: ch.get("skip-threshold", 0.5))
     assert [c.name for c in same] == ["base", "skip-threshold=0.4"]
 
 
 def test_shipped_sweeps_load_with_the_papers_rows():
-    table3 = sw.load_sweep("configs/sweeps/table3.toml")
+    table3 = sf.load_sweep("configs/sweeps/table3.toml")
     assert [c.name for c in table3.cells] == [
         "default-ddpm",
         "agc",
@@ -53,7 +56,7 @@ def test_shipped_sweeps_load_with_the_papers_rows():
     ddpm = table3.config(table3.cells[0], 1)
     assert ddpm["num-shards"] == 1 and ddpm["agc"] is False and ddpm["taa"] is False and ddpm["msr"] == "none"
     assert ddpm["seed"] == 1 and ddpm["out-dir"].endswith("cells/default-ddpm/seed1")
-    sens = sw.load_sweep("configs/sweeps/sensitivity.toml")
+    sens = sf.load_sweep("configs/sweeps/sensitivity.toml")
     assert len(sens.cells) == 7 and sens.swept == ["skip-threshold", "msr-proportion", "num-shards"]
 
 
@@ -66,13 +69,13 @@ def test_summary_mean_and_sd_are_exact():
             "digit_fd": [10.0, 1.0, 10.0, 13.0, 3.0, math.nan],
         }
     )
-    s = sw.summarize(frame, ["copy_5", "digit_fd", "absent"], order=["a", "b", "c"])
+    s = sr.summarize(frame, ["copy_5", "digit_fd", "absent"], order=["a", "b", "c"])
     assert list(s.index) == ["a", "b", "c"] and s["n"].tolist() == [2, 3, 1]
     assert s["copy_5_mean"].tolist() == [6.0, 2.0, 0.5]
     assert s["copy_5_sd"].tolist()[:2] == pytest.approx([math.sqrt(8.0), 1.0])  # ddof 1
     assert math.isnan(s.loc["c", "copy_5_sd"]) and "absent_mean" not in s
     assert s["digit_fd_mean"].tolist()[:2] == [2.0, 11.0] and s.loc["b", "digit_fd_sd"] == pytest.approx(math.sqrt(3))
-    table = sw.markdown_table(s, ["copy_5", "digit_fd"])
+    table = sr.markdown_table(s, ["copy_5", "digit_fd"])
     assert "| a      |       2 | 6 ± 2.8  | 2 ± 1.4    |" in table
     assert "| c      |       1 | 0.5      | n/a        |" in table
 
@@ -87,8 +90,8 @@ def test_tradeoff_plot_names_every_cell_in_its_legend_with_distinct_markers():
             "digit_fd_floor": [2.9, 2.9, 3.0, 3.0, 2.9],
         }
     )
-    s = sw.summarize(frame, ["copy_5", "digit_fd", "digit_fd_floor"], order=["full", "lora", "difffit"])
-    fig = sw.tradeoff_figure(s, "digit_fd")
+    s = sr.summarize(frame, ["copy_5", "digit_fd", "digit_fd_floor"], order=["full", "lora", "difffit"])
+    fig = sr.tradeoff_figure(s, "digit_fd")
     ax = fig.axes[0]
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert labels == ["digit_fd floor (real)", "full", "lora", "difffit"]
@@ -125,8 +128,8 @@ def test_tradeoff_plot_names_every_cell_in_its_legend_with_distinct_markers():
     ],
 )
 def test_bad_sweep_files_name_the_file_and_the_key(tmp_path, text, message):
-    with pytest.raises(sw.SweepError, match=message.replace("[", r"\[")):
-        sw.load_sweep(_write(tmp_path, text), out=tmp_path / "out")
+    with pytest.raises(sf.SweepError, match=message.replace("[", r"\[")):
+        sf.load_sweep(_write(tmp_path, text), out=tmp_path / "out")
 
 
 def test_cli_refuses_a_bad_file_before_anything_runs(tmp_path, capsys, monkeypatch):
@@ -134,23 +137,23 @@ def test_cli_refuses_a_bad_file_before_anything_runs(tmp_path, capsys, monkeypat
     bad = _write(tmp_path, "[rows.ok]\n[rows.bad]\nnum-shard = 2\n")
     assert main(["sweep", str(bad), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert f"iet-agc sweep: {bad}: rows.bad: num-shard: unknown setting" in err
+    assert f"iet-agc sweep: error: {bad}: rows.bad: num-shard: unknown setting" in err
     assert not (tmp_path / "out").exists()
     assert main(["sweep", str(_write(tmp_path, "[rows.ok]\n", "ok.toml")), "--cells", "nope"]) == 2
     assert "--cells: no cell 'nope'" in capsys.readouterr().err
     assert main(["sweep", str(bad.with_name("ok.toml")), "--set", "train-size=0"]) == 2
-    assert "set: train-size: must be" in capsys.readouterr().err
+    assert "iet-agc sweep: error: train-size: must be" in capsys.readouterr().err
 
 
 def test_config_hash_follows_the_settings_not_the_spelling():
-    assert sw.config_hash({"lr": 0.001}) == sw.config_hash({}) == sw.config_hash({"out-dir": "elsewhere"})
-    assert sw.config_hash({"skip-threshold": 0.4}) != sw.config_hash({})
+    assert sf.config_hash({"lr": 0.001}) == sf.config_hash({}) == sf.config_hash({"out-dir": "elsewhere"})
+    assert sf.config_hash({"skip-threshold": 0.4}) != sf.config_hash({})
 
 
 def test_sweep_runs_tiny_cells_resumes_and_writes_tables_and_plots(tmp_path):
     tiny = "\n".join(f"{k} = {str(v).lower() if isinstance(v, bool) else v}" for k, v in TINY_RUN.items())
     path = _write(tmp_path, f"seeds = [0]\n[set]\n{tiny}\n[vary]\nnum-shards = [2, 4]\n")
-    sweep = sw.load_sweep(path, out=tmp_path / "out")
+    sweep = sf.load_sweep(path, out=tmp_path / "out")
     assert [c.name for c in sweep.cells] == ["base", "num-shards=2"]  # K = 4 is TINY_RUN's own
     calls = []
 
@@ -158,7 +161,7 @@ def test_sweep_runs_tiny_cells_resumes_and_writes_tables_and_plots(tmp_path):
         if calls:
             raise KeyboardInterrupt  # Ctrl-C as the second run starts
         calls.append(config["num-shards"])
-        sw.run_cell(config)
+        run_in_process(config)
 
     with pytest.raises(KeyboardInterrupt):
         sw.run_sweep(sweep, interrupted, progress=False)
@@ -167,7 +170,7 @@ def test_sweep_runs_tiny_cells_resumes_and_writes_tables_and_plots(tmp_path):
 
     def counting(config):
         calls.append(config["num-shards"])
-        sw.run_cell(config)
+        run_in_process(config)
 
     results = sw.run_sweep(sweep, counting, progress=False)
     assert calls == [4, 2]  # the finished cell was not run again
@@ -177,9 +180,9 @@ def test_sweep_runs_tiny_cells_resumes_and_writes_tables_and_plots(tmp_path):
     assert (results["digit_fd_lo"] <= results["digit_fd"]).all() and (
         results["digit_fd"] <= results["digit_fd_hi"]
     ).all()
-    summary = (tmp_path / "out" / sw.SUMMARY).read_text()
+    summary = (tmp_path / "out" / sr.SUMMARY).read_text()
     assert "| num-shards=2 |" in summary and "digit_fd_width" in summary and "digit_fd_floor" in summary
-    for name in (sw.TRADEOFF, sw.METRICS_PLOT):
+    for name in (sr.TRADEOFF, sr.METRICS_PLOT):
         assert (tmp_path / "out" / name).stat().st_size > 5000
 
     # a run that finished but whose row was lost (killed in between) is recorded, not rerun
@@ -217,24 +220,24 @@ def test_base_preset_file_is_read_relative_to_the_sweep_file(tmp_path):
     (tmp_path / "presets").mkdir()
     (tmp_path / "presets" / "small.toml").write_text('train-size = 100\nseed = 7\nout-dir = "x"\nlr = 0.002\n')
     path = _write(tmp_path, 'base = "presets/small.toml"\nseeds = [3]\n[rows.a]\nlr = 0.003\n[rows.b]\n')
-    sweep = sw.load_sweep(path, out=tmp_path / "out")
+    sweep = sf.load_sweep(path, out=tmp_path / "out")
     a, b = (sweep.config(c, 3) for c in sweep.cells)
     assert a["train-size"] == b["train-size"] == 100 and (a["lr"], b["lr"]) == (0.003, 0.002)
     assert a["seed"] == 3 and a["out-dir"] == str(tmp_path / "out" / "cells" / "a" / "seed3")  # the sweep's own
     (tmp_path / "presets" / "small.toml").write_text("train-size = 100\nbogus = 1\n")
-    with pytest.raises(sw.SweepError, match=r"s.toml: base \(.*small.toml\): bogus: unknown setting"):
-        sw.load_sweep(path, out=tmp_path / "out")
+    with pytest.raises(sf.SweepError, match=r"s.toml: base \(.*small.toml\): bogus: unknown setting"):
+        sf.load_sweep(path, out=tmp_path / "out")
 
 
 def test_a_run_that_finishes_nothing_stops_the_sweep(tmp_path):
-    sweep = sw.load_sweep(_write(tmp_path, "[rows.a]\n"), out=tmp_path / "out")
+    sweep = sf.load_sweep(_write(tmp_path, "[rows.a]\n"), out=tmp_path / "out")
     with pytest.raises(RuntimeError, match="cell 'a', seed 0: the run left no finished run folder"):
         sw.run_sweep(sweep, lambda config: None, progress=False)
     assert not (tmp_path / "out" / sw.RESULTS).exists()
 
 
 def test_shipped_finetune_sweep_shares_one_split_and_fine_tunes_one_base(tmp_path):
-    sweep = sw.load_sweep("configs/sweeps/finetune.toml", out=tmp_path / "out")
+    sweep = sf.load_sweep("configs/sweeps/finetune.toml", out=tmp_path / "out")
     assert [c.name for c in sweep.cells] == [
         "full ddpm",
         "full iet-agc+",
@@ -247,11 +250,11 @@ def test_shipped_finetune_sweep_shares_one_split_and_fine_tunes_one_base(tmp_pat
     base = sweep.base_config()
     assert base["data-split"] == "spare" and base["out-dir"] == str(tmp_path / "out" / "base")
     configs = [sweep.config(c, s) for c in sweep.cells for s in sweep.seeds]
-    assert {c["init-from"] for c in configs} == {sw.pending_base(tmp_path / "out")}
+    assert {c["init-from"] for c in configs} == {sf.pending_base(tmp_path / "out")}
     for key in ("data-seed", "train-size", "holdout-size"):
         assert {c[key] for c in configs} == {base[key]}, key
     assert {c["adapter"] for c in configs} == {"none", "lora", "difffit"}
-    short = sw.load_sweep("configs/sweeps/finetune.toml", out=tmp_path / "out", extra={"num-rounds": 2})
+    short = sf.load_sweep("configs/sweeps/finetune.toml", out=tmp_path / "out", extra={"num-rounds": 2})
     assert short.base_config()["num-rounds"] == 2  # --set reaches the base run too
 
 
@@ -273,9 +276,9 @@ def test_sweep_pretrains_the_base_once_and_fine_tunes_it_in_every_cell(tmp_path)
 
     def counting(config):
         calls.append(dict(config))
-        sw.run_cell(config)
+        run_in_process(config)
 
-    results = sw.run_sweep(sw.load_sweep(path, out=tmp_path / "out"), counting, progress=False)
+    results = sw.run_sweep(sf.load_sweep(path, out=tmp_path / "out"), counting, progress=False)
     base, *cells = calls
     assert base["out-dir"] == str(tmp_path / "out" / "base") and base["data-split"] == "spare"
     (base_run,) = (tmp_path / "out" / "base").iterdir()
@@ -288,16 +291,16 @@ def test_sweep_pretrains_the_base_once_and_fine_tunes_it_in_every_cell(tmp_path)
     assert (full[1], lora[1]) == (8 * full[0], 8 * lora[0]) and lora[0] * 50 < full[0]
     lora_settings = Settings.from_run_config({**cells[1], "out-dir": str(tmp_path)})
     assert lora[0] == record_bytes(trainable_state(initial_model(lora_settings, 1)))
-    summary = (tmp_path / "out" / sw.SUMMARY).read_text()
+    summary = (tmp_path / "out" / sr.SUMMARY).read_text()
     assert "round_MB" in summary and f"fine-tunes the base run `{base_run}`" in summary
     # the base itself is the reference row: evaluated as a cell is, on the cells' training digits
-    ref = results.set_index("cell").loc[sw.REFERENCE]
+    ref = results.set_index("cell").loc[sf.REFERENCE]
     assert ref["run"] == str(tmp_path / "out" / "reference" / "seed0")
     assert 0 <= ref["copy_5"] <= 1 and ref["digit_fd"] > 0 and math.isnan(ref["reply_bytes"])
     saved = json.loads((Path(ref["run"]) / "metrics.json").read_text())
     assert saved["copy_5"] == ref["copy_5"] and saved["digit_fd"] == pytest.approx(ref["digit_fd"])
-    assert summary.index(f"| {sw.REFERENCE}") < summary.index("| full ")
-    done = sw.run_base(sw.load_sweep(path, out=tmp_path / "out"), lambda c: pytest.fail("base ran again"), False)
+    assert summary.index(f"| {sf.REFERENCE}") < summary.index("| full ")
+    done = sw.run_base(sf.load_sweep(path, out=tmp_path / "out"), lambda c: pytest.fail("base ran again"), False)
     reference_config = done.reference_config(0)
     assert Settings.from_run_config(reference_config).data_split == "train" and reference_config["adapter"] == "none"
     assert reference_config["init-from"] == str(base_run / "pipeline")
@@ -308,7 +311,7 @@ def test_sweep_pretrains_the_base_once_and_fine_tunes_it_in_every_cell(tmp_path)
         assert same[key] == results.set_index("cell").loc["full", key], key
 
     # the same command again: neither the base nor a cell runs again
-    again = sw.load_sweep(path, out=tmp_path / "out")
+    again = sf.load_sweep(path, out=tmp_path / "out")
     assert again.init_from == str(base_run / "pipeline")
     sw.run_sweep(
         again,
@@ -318,5 +321,5 @@ def test_sweep_pretrains_the_base_once_and_fine_tunes_it_in_every_cell(tmp_path)
     )
     # another base (its settings changed): the cells' init-from waits for it, so they run again too
     path.write_text(text.replace("local-epochs = 1\n", "local-epochs = 2\n"))
-    changed = sw.load_sweep(path, out=tmp_path / "out")
+    changed = sf.load_sweep(path, out=tmp_path / "out")
     assert changed.init_from == "" and changed.config(changed.cells[0], 0)["init-from"] != str(base_run / "pipeline")

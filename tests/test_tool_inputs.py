@@ -1,6 +1,6 @@
 """Every bad input to ``iet-agc mq`` and ``iet-agc evaluate`` exits 2 with one line naming it, no traceback.
 
-Each case builds its bad input in a fresh folder, calls the tool in-process (``fl_app.cli.main``,
+Each case builds its bad input in a fresh folder, calls the tool in-process (``iet_agc.cli.main``,
 the ``iet-agc`` entry point) and checks: exit code 2, nothing on stdout, exactly one line on
 stderr that starts ``iet-agc <tool>: error:`` and names the option or file, and no traceback.
 Two cases also run as real processes.
@@ -26,7 +26,7 @@ from PIL import Image
 
 from ddpm.schedule import train_scheduler
 from ddpm.unet import build_unet
-from fl_app import cli as fl_cli
+from iet_agc import cli as iet_cli
 
 RNG = np.random.default_rng(0)
 TRAIN = RNG.integers(0, 256, size=(30, 4, 4, 3), dtype=np.uint8)
@@ -332,7 +332,7 @@ CASES = [
     ("ev-device-cuda-999", _ev("run", "--device", "cuda:999"), "--device: cuda:999"),
     ("ev-out-under-file", _ev("run", "--out", "{base}/afile/sub"), "--out: cannot write"),
     ("ev-out-is-file", _ev("run", "--out", "{base}/afile"), "--out: "),
-    ("ev-set-no-equals", _ev("run", "--set", "sample-steps"), "--set: expected KEY=VALUE"),
+    ("ev-set-no-equals", _ev("run", "--set", "sample-steps"), "--set: expected key=value pairs"),
     ("ev-set-unknown-key", _ev("run", "--set", "no-such-key=1"), "no-such-key: unknown setting"),
     ("ev-sample-steps-zero", _ev("run", "--set", "sample-steps=0"), "sample-steps: must be"),
     ("ev-batch-size-zero", _ev("run", "--set", "eval-batch-size=0"), "eval-batch-size: must be"),
@@ -360,7 +360,7 @@ def _bad_root(base):
 
 def _call(argv: list[str]) -> int:
     try:
-        return fl_cli.main(argv)
+        return iet_cli.main(argv)
     except SystemExit as exc:  # argparse ends bad arguments with SystemExit(2)
         return exc.code
 
@@ -403,7 +403,7 @@ def test_the_good_inputs_pass(base, tmp_path, capsys):
 
 def _tool() -> list[str]:
     script = Path(sys.executable).with_name("iet-agc")
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "fl_app.cli"]
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "iet_agc.cli"]
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,9 @@
-"""``iet-agc``: ``run`` wraps ``flwr run . --stream`` so it works as typed in a fresh shell.
+"""``iet-agc run`` wraps ``flwr run . --stream`` so it works as typed in a fresh shell.
 
 Flower 1.41's local SuperLink builds a fresh per-run environment with ``uv`` (gigabytes for
-torch) unless FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 is set when it starts. This tool
-sets it, restarts a local SuperLink started without it (or from another environment), checks the settings before
-submitting, streams the logs, and exits non-zero when the run fails (``flwr run`` exits 0).
+torch) unless FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 is set when it starts. This command
+sets it, restarts a local SuperLink started without it (or from another environment), checks
+the settings before submitting, streams the logs, and exits non-zero when the run fails (``flwr run`` exits 0).
 """
 
 from __future__ import annotations
@@ -19,84 +19,27 @@ import sys
 import time
 import tomllib
 from dataclasses import fields
-from logging import INFO
 from pathlib import Path
 
-from flwr.common.logger import log
-
 from ddpm.settings import Settings
-from evaluation.cli import register as register_evaluation
+from fl_app.config import settings_from_run_config, toml_value
+from fl_app.resume import resumed_settings, run_folder_lock
 from strategies.checkpoint import CheckpointError, load_checkpoint
 
-from .config import settings_from_run_config, toml_value
-from .resume import resumed_settings, run_folder_lock
-from .sweep import register as register_sweep
+from .inputs import InputError, fail, parse_pairs, parse_run_config
 
 ENV_FLAG = "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"
 GPUS = "client-resources-num-gpus"
 
 
+def say(message: str) -> None:
+    """A line of the command's own on stderr, beside the run's streamed logs."""
+    print(f"[iet-agc] {message}", file=sys.stderr, flush=True)
+
+
 def _project_defaults(app_dir: Path) -> dict:
     with open(app_dir / "pyproject.toml", "rb") as fh:
         return tomllib.load(fh)["tool"]["flwr"]["app"]["config"]
-
-
-PAIR = re.compile(r"(\S+?)=('[^']*'|\"[^\"]*\"|\S+)")  # flwr 1.41's pattern for one key=value pair
-
-
-def parse_run_config(values: list[str]) -> dict:
-    """``--run-config`` as ``flwr run`` reads it: one TOML file, or ``key=value`` pairs (repeatable,
-    later wins); never both. A syntax error names its key (or the file and line)."""
-    files = [v for v in values if v.endswith(".toml")]  # flwr's test for a file
-    if files and len(values) > 1:
-        raise ValueError(
-            f"--run-config: a TOML file ({files[0]}) cannot be combined with other --run-config values "
-            "(flwr run refuses both): put your changes into a copy of the file, or give key=value pairs only"
-        )
-    if files:
-        return _read_toml(files[0])
-    merged: dict = {}
-    for item in values:
-        merged.update(parse_pairs(item, "--run-config"))
-    return merged
-
-
-def _read_toml(item: str) -> dict:
-    path = Path(item).expanduser()
-    if not path.is_file():
-        raise ValueError(f"--run-config: file {item} does not exist")
-    try:
-        text = path.read_bytes().decode()
-        return tomllib.loads(text)
-    except UnicodeDecodeError as err:
-        raise ValueError(f"--run-config: {item}: not UTF-8 text ({err})") from None
-    except tomllib.TOMLDecodeError as err:
-        line = re.search(r"at line (\d+)", str(err))
-        where = ""
-        if line and 0 < int(line.group(1)) <= len(text.splitlines()):
-            key = text.splitlines()[int(line.group(1)) - 1].partition("=")[0].strip()
-            where = f"line {line.group(1)}" + (f" ({key})" if key else "") + ": "
-        raise ValueError(f"--run-config: {item}: {where}invalid TOML ({err})") from None
-
-
-def parse_pairs(text: str, option: str) -> dict:
-    """``'a=1 b="x y"'`` -> ``{'a': 1, 'b': 'x y'}`` with flwr's pattern; each value is TOML. What
-    flwr would silently skip (``a = 1``, a stray word) is refused here, naming the text."""
-    pairs: dict = {}
-    leftover = PAIR.sub(" ", text).strip()
-    if leftover:
-        raise ValueError(f"{option}: expected key=value pairs (no spaces around =), cannot read {leftover!r}")
-    for key, value in PAIR.findall(text):
-        try:
-            parsed = tomllib.loads(f"{key} = {value}")
-        except tomllib.TOMLDecodeError as err:
-            reason = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(err))  # our one-line document
-            raise ValueError(f"{option}: {key}: invalid TOML value {value!r} ({reason})") from None
-        for name, parsed_value in parsed.items():  # one entry (a dotted key makes a table)
-            if name in pairs:
-                raise ValueError(f"{option}: {name}: given twice in {text!r}")
-            pairs[name] = parsed_value
-    return pairs
 
 
 def _absolute_paths(overrides: dict) -> dict:
@@ -134,7 +77,7 @@ def _stale_superlinks() -> dict[int, str]:
 
 def _stop(stale: dict[int, str]) -> None:
     for pid, reason in stale.items():
-        log(INFO, "stopping local SuperLink %d: %s", pid, reason)
+        say(f"stopping local SuperLink {pid}: {reason}")
         os.kill(pid, signal.SIGTERM)
     pids, deadline = list(stale), time.monotonic() + 20
     while pids and time.monotonic() < deadline:
@@ -157,11 +100,10 @@ def federation_config(args: argparse.Namespace) -> dict:
     """``--federation-config`` pairs (repeatable, later wins) with ``--supernodes`` as ``num-supernodes``
     (default 2) and ``--gpus`` as ``client-resources-num-gpus`` (default: 1 with CUDA, else unset)."""
     federation: dict = {}
-    for item in args.federation_config:
-        federation.update(parse_pairs(item, "--federation-config"))
+    federation.update(parse_pairs(args.federation_config, "--federation-config"))
     for flag, key, value in (("--supernodes", "num-supernodes", args.supernodes), ("--gpus", GPUS, args.gpus)):
         if value is not None and key in federation and federation[key] != value:
-            raise ValueError(f"--federation-config: {key}={federation[key]} contradicts {flag} {value:g}")
+            raise InputError(f"--federation-config: {key}={federation[key]} contradicts {flag} {value:g}")
         if value is not None:
             federation[key] = value
     federation.setdefault("num-supernodes", 2)
@@ -169,7 +111,7 @@ def federation_config(args: argparse.Namespace) -> dict:
         federation[GPUS] = gpus
     nodes = federation["num-supernodes"]
     if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
-        raise ValueError(f"--federation-config: num-supernodes: must be an integer >= 1, got {nodes!r}")
+        raise InputError(f"--federation-config: num-supernodes: must be an integer >= 1, got {nodes!r}")
     return federation
 
 
@@ -180,14 +122,17 @@ def prepare_run(args: argparse.Namespace) -> list[str]:
     overrides = _absolute_paths(parse_run_config(args.run_config))
     defaults = _project_defaults(app_dir)
     federation = federation_config(args)
+    resumed = None
     if args.resume is not None:
-        overrides = _resume_overrides(Path(args.resume), overrides)
+        overrides, resumed = _resume_overrides(Path(args.resume), overrides)
     elif "out-dir" not in overrides:  # runs land beside the user, not in the SuperLink's cwd
         overrides["out-dir"] = _absolute_paths({"out-dir": defaults.get("out-dir", "runs")})["out-dir"]
     settings = settings_from_run_config(defaults, overrides)
     nodes = federation["num-supernodes"]
     if settings.min_nodes > nodes:  # the run would wait for nodes forever
         raise ValueError(f"min-nodes: must be <= num-supernodes ({nodes}), got {settings.min_nodes}")
+    if resumed is not None:
+        say(f"resuming {args.resume} after round {resumed} of {settings.num_rounds}")
     config = " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())
     nodes_config = " ".join(f"{k}={toml_value(v)}" for k, v in federation.items())
     cmd = ["flwr", "run", str(app_dir), *([args.superlink] if args.superlink else []), "--stream"]
@@ -199,22 +144,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         cmd = prepare_run(args) + args.flwr_args
     except CheckpointError as err:
-        print(f"iet-agc run: --resume: {err}", file=sys.stderr)
-        return 2
+        return fail("run", InputError(f"--resume: {err}"))
     except (ValueError, OSError, RuntimeError) as err:
-        print(f"iet-agc run: invalid settings: {err}", file=sys.stderr)
-        return 2
+        return fail("run", err)
     env = {**os.environ, ENV_FLAG: "1"}
     if sys.platform.startswith("linux"):
         _stop(_stale_superlinks())
     else:
-        log(
-            INFO,
-            "note: a local SuperLink started earlier without %s=1 keeps building a per-run environment; "
-            "stop it once if so (it restarts on the next run)",
-            ENV_FLAG,
+        say(
+            f"note: a local SuperLink started earlier without {ENV_FLAG}=1 keeps building a per-run environment; "
+            "stop it once if so (it restarts on the next run)"
         )
-    log(INFO, "%s", shlex.join(cmd))
+    say(shlex.join(cmd))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     run_id = None
     for line in proc.stdout:
@@ -227,13 +168,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         return code or 1
     status, details = _run_status(run_id, Path(args.app).resolve(), env)
     if status != "finished:completed":
-        print(f"iet-agc run: run {run_id} ended as {status}: {details}", file=sys.stderr)
+        print(f"iet-agc run: run {run_id} ended as {status}: {details}", file=sys.stderr, flush=True)
         return 1
     return 0
 
 
-def _resume_overrides(run_dir: Path, given: dict) -> dict:
-    """The run's own settings from its checkpoint, with the user's changes where a resume allows them."""
+def _resume_overrides(run_dir: Path, given: dict) -> tuple[dict, int]:
+    """The run's own settings from its checkpoint, with the user's changes where a resume allows
+    them, and the round it completed."""
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir}: not a run folder (no such directory)")
     ckpt = load_checkpoint(run_dir)
@@ -241,8 +183,7 @@ def _resume_overrides(run_dir: Path, given: dict) -> dict:
         pass
     merged = resumed_settings(ckpt.settings, given, defaults={})
     merged["resume"] = str(run_dir.resolve())
-    log(INFO, "resuming %s after round %d of %d", run_dir, ckpt.server_round, merged["num-rounds"])
-    return merged
+    return merged, ckpt.server_round
 
 
 def _default_gpus() -> float:
@@ -252,9 +193,8 @@ def _default_gpus() -> float:
     return 1.0 if torch.cuda.is_available() else 0.0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="iet-agc", description="IET-AGC+ on Flower: run and evaluate.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``run`` subcommand (options it does not know pass on to ``flwr run``) to ``iet-agc``."""
     run = sub.add_parser("run", help="run the Flower app in local simulation (flwr run . --stream, done right)")
     run.add_argument("app", nargs="?", default=".", help="app folder holding pyproject.toml (default: .)")
     run.add_argument("superlink", nargs="?", help="as flwr run: a SuperLink connection (default: the local one)")
@@ -290,19 +230,3 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: 1 if CUDA is available, else 0; 0.5 = two share one)",
     )
     run.set_defaults(func=cmd_run)  # options it does not know are passed on to flwr run
-    register_evaluation(sub)
-    register_sweep(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    if unknown and args.command != "run":
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    args.flwr_args = unknown  # `iet-agc run` passes options of flwr run's own through, in any position
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

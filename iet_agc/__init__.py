@@ -1,0 +1,1 @@
+"""The ``iet-agc`` command: run, evaluate, sweep (``iet_agc.cli.main``)."""
