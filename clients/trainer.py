@@ -1,4 +1,4 @@
-"""Local training of one shard for E epochs: DDPM epsilon loss with AGC, TAA and skip counting.
+"""Local training of one shard for E epochs: the model family's loss with AGC, TAA and skip counting.
 
 Per-shard state (Adam moments, LR warm-up position, memory bank) outlives a round; the Flower
 glue stores it between messages. Every step is vectorised: the only host synchronisation is
@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from diffusers import UNet2DModel
 from diffusers.optimization import get_constant_schedule_with_warmup
 
 from ddpm.data import to_model_range
+from ddpm.family import PIXEL_DDPM, DiffusionFamily
 from ddpm.progress import progress
-from ddpm.schedule import NUM_TRAIN_TIMESTEPS, train_scheduler
+from ddpm.schedule import NUM_TRAIN_TIMESTEPS
 from ddpm.settings import Settings
 
 from .agc import NeverSkip, RatioSkip, SkipRule, kept_mean, loss_ratio, update_memory_bank
@@ -43,24 +43,6 @@ class ShardResult:
     samples_seen: int
 
 
-def per_sample_loss(
-    model: UNet2DModel,
-    x0: torch.Tensor,
-    t: torch.Tensor,
-    noise: torch.Tensor,
-    scheduler,
-    class_labels: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Mean over pixels of the squared error of the predicted noise, one value per sample.
-
-    ``class_labels`` (int64, one per sample) condition a class-conditional UNet; None otherwise.
-    """
-    noisy = scheduler.add_noise(x0, noise, t)
-    extra = {} if class_labels is None else {"class_labels": class_labels}  # unconditional: the plain call
-    pred = model(noisy, t, **extra).sample
-    return (pred - noise).pow(2).flatten(1).mean(1)
-
-
 @dataclass
 class StepLoss:
     """One batch's eq. 8 loss and what happened to each sample."""
@@ -72,19 +54,20 @@ class StepLoss:
 
 
 def plain_loss(
-    model: UNet2DModel,
+    model: torch.nn.Module,
     scheduler,
     x0: torch.Tensor,
     t: torch.Tensor,
     noise: torch.Tensor,
     class_labels: torch.Tensor | None = None,
+    family: DiffusionFamily = PIXEL_DDPM,
 ) -> torch.Tensor:
-    """The default DDPM objective (the baseline AGC and TAA are measured against)."""
-    return per_sample_loss(model, x0, t, noise, scheduler, class_labels).mean()
+    """The family's default objective (the baseline AGC and TAA are measured against)."""
+    return family.per_sample_loss(model, scheduler, family.encode(x0), t, noise, class_labels).mean()
 
 
 def agc_taa_loss(
-    model: UNet2DModel,
+    model: torch.nn.Module,
     scheduler,
     x0: torch.Tensor,
     t: torch.Tensor,
@@ -94,6 +77,7 @@ def agc_taa_loss(
     augment: AugmentPolicy | None,
     settings: Settings,
     class_labels: torch.Tensor | None = None,
+    family: DiffusionFamily = PIXEL_DDPM,
 ) -> StepLoss:
     """Eq. 8 over a batch: skipped samples add 0, samples in TAA's range add the loss of their
     augmented copy (same t and noise), the rest their plain loss; mean over the kept samples.
@@ -103,14 +87,17 @@ def agc_taa_loss(
     bank), then one forward/backward runs on the kept samples, augmented ones replaced by their
     copies: a step costs about one no-grad forward more than a plain step, whatever the fraction.
     ``class_labels`` go with their samples into every forward (an augmented copy keeps its label).
+    ``x0`` are pixels in [-1, 1] and ``noise`` is in the space ``family`` denoises; TAA augments the
+    pixels and the family encodes the copies.
     """
+    z0 = family.encode(x0)
     if augment is None:
-        losses = per_sample_loss(model, x0, t, noise, scheduler, class_labels)
+        losses = family.per_sample_loss(model, scheduler, z0, t, noise, class_labels)
         skip = skip_rule(loss_ratio(losses.detach(), bank[t]))
         keep = ~skip
         return StepLoss((losses * keep).sum() / keep.sum().clamp_min(1), losses.detach(), skip, torch.zeros_like(keep))
     with torch.no_grad():
-        losses = per_sample_loss(model, x0, t, noise, scheduler, class_labels)
+        losses = family.per_sample_loss(model, scheduler, z0, t, noise, class_labels)
     ratio = loss_ratio(losses, bank[t])
     skip = skip_rule(ratio)
     keep = ~skip
@@ -128,14 +115,16 @@ def agc_taa_loss(
     size = min(x0.shape[0], -(-n_kept // quantum) * quantum)
     rows = torch.cat([kept, kept[:1].expand(size - n_kept)])
     weight = (torch.arange(size, device=x0.device) < n_kept).to(losses.dtype)
-    x_train = x0[rows]
+    x_train = z0[rows]
     is_aug = aug[rows] & (weight > 0)
     idx = is_aug.nonzero().squeeze(1)
     if idx.numel():
         rho = strength(ratio[rows[idx]], threshold, settings.aug_sharpness)
-        x_train = x_train.index_copy(0, idx, augment((x_train[idx] + 1) / 2, rho) * 2 - 1)
+        copies = augment((x0[rows[idx]] + 1) / 2, rho) * 2 - 1
+        x_train = x_train.index_copy(0, idx, family.encode(copies))
     y_train = None if class_labels is None else class_labels[rows]
-    loss = (per_sample_loss(model, x_train, t[rows], noise[rows], scheduler, y_train) * weight).sum() / n_kept
+    losses_train = family.per_sample_loss(model, scheduler, x_train, t[rows], noise[rows], y_train)
+    loss = (losses_train * weight).sum() / n_kept
     return StepLoss(loss, losses, skip, aug)
 
 
@@ -148,7 +137,7 @@ def default_augment(settings: Settings) -> AugmentPolicy | None:
 
 
 def train_shard(
-    model: UNet2DModel,
+    model: torch.nn.Module,
     images: torch.Tensor,
     settings: Settings,
     state: ShardState,
@@ -160,6 +149,7 @@ def train_shard(
     labels: torch.Tensor | None = None,
     desc: str = "local training",
     proximal_mu: float = 0.0,
+    family: DiffusionFamily = PIXEL_DDPM,
 ) -> ShardResult:
     """Train ``model`` in place on one shard's uint8 images for ``settings.local_epochs`` epochs.
 
@@ -176,12 +166,13 @@ def train_shard(
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]  # an adapter's tensors only, when frozen
     data = to_model_range(images).to(device)
-    targets = _shard_labels(model, labels, images.shape[0])
+    targets = family.check_condition(model, labels, images.shape[0])
     n = data.shape[0]
     batch = min(settings.batch_size, n)
     steps_per_epoch = max(1, n // batch)  # drop_last, but never zero steps
     targets = None if targets is None else targets.to(device)
-    loop = _Loop(model, params, settings, state, skip_rule, augment, data, targets, steps_per_epoch, proximal_mu)
+    rules = skip_rule, augment, family
+    loop = _Loop(model, params, settings, state, rules, data, targets, steps_per_epoch, proximal_mu)
     with progress(settings.local_epochs * steps_per_epoch, desc, "step") as bar:  # a line every so often
         for _ in range(settings.local_epochs):
             perm = torch.randperm(n, generator=gen).to(device)
@@ -208,12 +199,11 @@ class _Loop:
 
     def __init__(
         self,
-        model: UNet2DModel,
+        model: torch.nn.Module,
         params: list[torch.Tensor],
         settings: Settings,
         state: ShardState,
-        skip_rule: SkipRule,
-        augment: AugmentPolicy | None,
+        rules: tuple[SkipRule, AugmentPolicy | None, DiffusionFamily],
         data: torch.Tensor,
         targets: torch.Tensor | None,
         steps_per_epoch: int,
@@ -221,8 +211,9 @@ class _Loop:
     ) -> None:
         device = data.device
         self.model, self.params, self.settings, self.state = model, params, settings, state
-        self.skip_rule, self.augment, self.data, self.targets = skip_rule, augment, data, targets
-        self.scheduler = train_scheduler()
+        self.skip_rule, self.augment, self.family = rules
+        self.data, self.targets = data, targets
+        self.scheduler = self.family.train_scheduler()
         self.scheduler.alphas_cumprod = self.scheduler.alphas_cumprod.to(device)
         self.optimizer = torch.optim.Adam(params, lr=settings.lr)
         if state.optimizer is not None:
@@ -243,11 +234,11 @@ class _Loop:
         if settings.hflip:
             flip = torch.rand(x0.shape[0], device=x0.device) < 0.5
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (x0.shape[0],), device=x0.device)
-        noise = torch.randn_like(x0)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
+        noise = self.family.noise_like(x0)
         y = None if self.targets is None else self.targets[pos]
         rules = self.bank, self.skip_rule, self.augment
-        out = agc_taa_loss(self.model, self.scheduler, x0, t, noise, *rules, settings, y)
+        out = agc_taa_loss(self.model, self.scheduler, x0, t, noise, *rules, settings, y, self.family)
         loss = out.loss if self.anchor is None else out.loss + proximal_term(self.params, self.anchor, self.mu)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -259,25 +250,6 @@ class _Loop:
         self.counts.index_add_(0, pos, out.skip.long())
         self.n_aug += out.aug.sum()
         self.loss_sum += kept_mean(out.losses, ~out.skip)
-
-
-def _shard_labels(model: UNet2DModel, labels: torch.Tensor | None, n: int) -> torch.Tensor | None:
-    """The shard's labels, checked once per shard (not per step): given exactly when the model has a
-    class embedding, one per image, each a valid class index."""
-    classes = getattr(getattr(model, "config", None), "num_class_embeds", None)  # stand-in models: none
-    if classes is None:
-        if labels is not None:
-            raise ValueError("class-conditional: labels were given but the model has no class embedding")
-        return None
-    if labels is None:
-        raise ValueError(f"class-conditional: the model is conditioned on {classes} classes but got no labels")
-    labels = torch.as_tensor(labels, dtype=torch.long)
-    if labels.shape != (n,):
-        raise ValueError(f"class-conditional: expected {n} labels (one per image), got shape {tuple(labels.shape)}")
-    low, high = (int(labels.min()), int(labels.max())) if n else (0, 0)
-    if not 0 <= low <= high < classes:
-        raise ValueError(f"class-conditional: labels must be in [0, {classes - 1}], got {low}..{high}")
-    return labels
 
 
 def warmup_schedule(

@@ -19,6 +19,8 @@ import torch
 from ddpm.data import to_unit_range
 from ddpm.progress import progress
 
+from .columns import mq_column
+
 
 @dataclass(frozen=True)
 class Neighbours:
@@ -135,7 +137,7 @@ def _exact_distances(g: torch.Tensor, ref: torch.Tensor, ids: torch.Tensor, rows
 
 def mq_counts(ratio: torch.Tensor, thresholds: tuple[float, ...] = (0.4, 0.5, 0.6)) -> dict[str, int]:
     """Eq. 13: MQ_delta = number of generated images with ratio strictly below delta."""
-    return {f"mq_{t:g}": int((ratio < t).sum()) for t in thresholds}
+    return {mq_column(t): int((ratio < t).sum()) for t in thresholds}
 
 
 COPY_LEVELS: tuple[float, ...] = (0.01, 0.05)

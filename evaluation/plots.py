@@ -20,6 +20,7 @@ from torchvision.utils import make_grid, save_image
 
 from ddpm.data import to_unit_range
 
+from .columns import QUALITY_FIGURES
 from .mq import Neighbours
 
 
@@ -134,7 +135,7 @@ def curve_panels(rounds: pd.DataFrame) -> list[tuple[str, dict[str, pd.Series]]]
     """
     if rounds.empty or "round" not in rounds:
         raise ValueError("rounds: no rounds to plot")
-    quality = next((c for c in ("fid", "digit_fd") if c in rounds and rounds[c].notna().any()), "fid")
+    quality = next((c for c in QUALITY_FIGURES if c in rounds and rounds[c].notna().any()), "fid")
     groups = [
         ("train loss (kept samples, eq. 8)", ["train_loss"]),
         ("share of drawn samples", ["skip_rate", "aug_rate"]),

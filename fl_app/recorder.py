@@ -13,15 +13,15 @@ from flwr.common.logger import log
 from ddpm.adapters import adapter_state, merged_unet
 from ddpm.settings import Settings
 from ddpm.unet import num_parameters
+from evaluation.columns import evaluation_columns
 from evaluation.evaluator import Evaluator
 from evaluation.plots import plot_skip_histogram
 from strategies import protocol
-from strategies.checkpoint import Checkpoint, save_checkpoint
 from strategies.iet import IETStrategy, RoundLog, StrategyState
 
+from .checkpoint import Checkpoint, save_checkpoint
 from .run_folder import COUNT_COLUMNS, RunWriter
 
-EVAL_PREFIXES = ("mq_", "copy_", "fid", "digit_fd")
 EVAL_SECONDS = "eval-seconds"  # reported by the evaluation function, printed, not kept in rounds.csv
 
 
@@ -52,11 +52,10 @@ class RunRecorder:
         self, rlog: RoundLog, arrays: ArrayRecord, evaluation: MetricRecord | None, state: StrategyState
     ) -> None:
         r, m, w = rlog.server_round, rlog.metrics, self.writer
-        meta = state.ledger_meta
         w.add_assignment(r, rlog.assignment, rlog.moved)
         w.add_shard_metrics(r, rlog.shard_metrics)
-        nodes = meta["node-of-shard"]
-        w.add_dropped(r, rlog.dropped + [(s, nodes.get(str(s), -1), why) for s, why in sorted(rlog.timed_out.items())])
+        unanswered = [(s, rlog.placed.get(s, -1), why) for s, why in sorted(rlog.timed_out.items())]
+        w.add_dropped(r, rlog.dropped + unanswered)
         row: dict[str, Any] = {"round": r}
         row |= {spec.column: m.get(spec.key) for spec in protocol.reply_metrics() if spec.per_round}
         row |= {key: int(m.get(key, 0)) for key in COUNT_COLUMNS}
@@ -73,7 +72,7 @@ class RunRecorder:
             Checkpoint(
                 server_round=r,
                 weights={k: a.numpy() for k, a in arrays.items()},
-                ledger_meta=meta,
+                ledger_meta=state.ledger_meta,
                 ledger_arrays=state.ledger_arrays,
                 aggregator=state.aggregator,
                 rows=w.rows,
@@ -100,7 +99,7 @@ class RunRecorder:
             row["seconds"],
             problems,
             f", evaluation {eval_seconds:.1f}s" if eval_seconds else "",
-            "".join(f" {k} {fmt(v)}" for k, v in row.items() if k.startswith(EVAL_PREFIXES)),
+            "".join(f" {k} {fmt(row[k])}" for k in evaluation_columns(row)),
         )
         for node, why in rlog.set_aside.items():
             log(WARNING, "node %d set aside: %s", node, why)
@@ -145,7 +144,7 @@ def finish_run(
     log(
         INFO,
         f"done in {time.monotonic() - started:.0f}s: "
-        + ", ".join(f"{k} {fmt(final.get(k))}" for k in writer.columns if k.startswith(("mq_", "copy_", "digit_fd")))
+        + ", ".join(f"{k} {fmt(final.get(k))}" for k in evaluation_columns(writer.columns) if not k.startswith("fid"))
         + (f", FID unavailable ({fid_reason})" if fid_reason else f", FID {fmt(final.get('fid'))}")
         + (f"; set aside: {'; '.join(set_aside)}" if set_aside else "")
         + (f"; failed rounds: {', '.join(failed)}" if failed else "")

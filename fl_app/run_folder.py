@@ -10,15 +10,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from diffusers import DDPMPipeline, UNet2DModel
 
-from ddpm.schedule import train_scheduler
+from ddpm.family import PIXEL_DDPM, DiffusionFamily
 from ddpm.settings import Settings
+from evaluation.columns import evaluation_columns, mq_column
 from evaluation.plots import plot_curves, save_sample_grid
 from strategies import protocol
-from strategies.checkpoint import CheckpointError, load_checkpoint
 from strategies.replies import record_bytes
 
+from .checkpoint import CheckpointError, load_checkpoint
 from .config import toml_value
 
 COUNT_COLUMNS = ("moved", "replies", "dropped", "timed_out")  # rounds.csv, after the reply metrics' means
@@ -66,7 +66,7 @@ class RunWriter:
         self.path = Path(path)
         self.settings = settings
         self.rows: list[dict] = []
-        eval_cols = [f"mq_{t:g}" for t in settings.thresholds] + ["fid"]
+        eval_cols = [mq_column(t) for t in settings.thresholds] + ["fid"]
         self.columns = round_columns() + eval_cols
         text = "".join(f"{k} = {toml_value(v)}\n" for k, v in settings.to_run_config().items())
         (self.path / "settings.toml").write_text(text)
@@ -128,10 +128,11 @@ class RunWriter:
         pd.DataFrame({"sample_id": np.arange(len(counts)), "skips": counts}).to_csv(target, index=False)
         return target
 
-    def save_model(self, model: UNet2DModel) -> Path:
-        """The final weights as a diffusers DDPMPipeline folder (``DDPMPipeline.from_pretrained``)."""
+    def save_model(self, model: torch.nn.Module, family: DiffusionFamily = PIXEL_DDPM) -> Path:
+        """The final weights as the family's diffusers pipeline folder (pixel DDPM: a
+        ``DDPMPipeline``, loaded with ``DDPMPipeline.from_pretrained``)."""
         target = self.path / "pipeline"
-        DDPMPipeline(unet=model.cpu(), scheduler=train_scheduler()).save_pretrained(target)
+        family.pipeline(model.cpu()).save_pretrained(target)
         return target
 
     def save_adapter(self, tensors: dict[str, torch.Tensor], settings: Settings) -> Path:
@@ -215,7 +216,7 @@ def run_result(run_dir: Path) -> dict[str, Any]:
     """The row of a finished run: the last round's evaluation and the run's mean skip/aug rates."""
     rounds = pd.read_csv(run_dir / "rounds.csv")
     last = rounds.iloc[-1]
-    row = {k: last[k] for k in rounds.columns if k.startswith(("mq_", "copy_", "fid", "digit_fd"))}
+    row = {k: last[k] for k in evaluation_columns(rounds.columns)}
     row["skip_rate"] = rounds["skip_rate"].mean()
     row["aug_rate"] = rounds["aug_rate"].mean()
     row["moved"] = rounds["moved"].mean()

@@ -26,11 +26,11 @@ from ddpm.settings import Settings
 from evaluation.evaluator import Evaluator, MemorizationEvaluator
 from strategies import protocol
 from strategies.aggregation import Resumable, make_aggregator
-from strategies.checkpoint import checkpoint_settings
 from strategies.dispatch import NodeQueues
 from strategies.iet import IETStrategy, RunStopped
 from strategies.msr import Redistribution, make_redistribution
 
+from .checkpoint import checkpoint_settings
 from .config import settings_from_run_config
 from .parent import parent_gone
 from .recorder import EVAL_SECONDS, RunRecorder, finish_run, model_line

@@ -16,9 +16,9 @@ from ddpm.data import ImageSet
 from ddpm.model import initial_model
 from ddpm.settings import Settings
 from ddpm.shards import make_shards
-from strategies.checkpoint import Checkpoint, load_checkpoint
 from strategies.ledger import ShardLedger
 
+from .checkpoint import Checkpoint, load_checkpoint
 from .run_folder import RunWriter
 
 

@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from ddpm.settings import Settings
+from evaluation.columns import QUALITY_FIGURES
 from fl_app.config import settings_from_run_config
 from fl_app.run_folder import run_folders, settings_of
 
 SECTIONS = ("base", "seeds", "quality", "out", "set", "pretrain", "rows", "grid", "vary")
 RESERVED = ("seed", "out-dir", "resume")  # the sweep sets these itself
-QUALITY = ("digit_fd", "fid")
+QUALITY = QUALITY_FIGURES  # the figure a sweep plots copying against
 BASE_FOLDER = "base"  # <out>/base/: the run [pretrain] makes before the cells
 REFERENCE = "base (not fine-tuned)"  # the results row of the base itself, evaluated as a cell is
 # what makes the split and the base's shape: the base and every cell must agree on them

@@ -49,6 +49,7 @@ class RoundLog:
     moved: list[np.ndarray] = field(default_factory=list)
     dropped: list[tuple[int, int, str]] = field(default_factory=list)  # (shard or -1, node, reason)
     timed_out: dict[int, str] = field(default_factory=dict)  # shard -> why it was not sent / answered
+    placed: dict[int, int] = field(default_factory=dict)  # shard -> the node it was sent to this round
     shard_metrics: dict[int, dict[str, float]] = field(default_factory=dict)  # per shard: its reply
     set_aside: dict[int, str] = field(default_factory=dict)  # nodes set aside after this round
 
@@ -241,7 +242,9 @@ class IETStrategy(Strategy):
                 why,
                 new,
             )
-        self.log[server_round] = RoundLog(server_round, [s.copy() for s in self.shards])
+        self.log[server_round] = RoundLog(
+            server_round, [s.copy() for s in self.shards], placed=dict(placement.node_of_shard)
+        )
         nodes_used = sorted(set(placement.node_of_shard.values()))
         self.array_key, arrays, config = instruction(self.aggregator, server_round, arrays, config, nodes_used)
         self.expected_arrays = {k: (a.dtype, tuple(a.shape)) for k, a in arrays.items()}

@@ -16,10 +16,10 @@ from clients.trainer import ShardState, proximal_term, train_shard, warmup_sched
 from ddpm.settings import AGGREGATIONS, Settings
 from ddpm.unet import build_unet
 from examples.custom_aggregation import ClippedFedAvg, aggregator
+from fl_app.checkpoint import load_checkpoint
 from fl_app.client_app import app as client_app
 from fl_app.server_app import make_server_app
 from strategies.aggregation import AggregatorWaits, Resumable, make_aggregator
-from strategies.checkpoint import load_checkpoint
 
 SHARDS = [[0, 1], [2, 3], [4, 5], [6, 7]]
 

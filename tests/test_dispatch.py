@@ -156,6 +156,7 @@ def test_no_late_reply_is_merged_into_a_later_round(clock):
     assert 99.0 not in seen and np.allclose(result.arrays["w"].numpy(), 5.0)
     log = s.log
     assert log[1].timed_out == {1: LATE, 3: DEADLINE} and sorted(log[1].shard_metrics) == [0, 2]
+    assert {s: log[1].placed[s] for s in log[1].timed_out} == {1: 2, 3: 2}  # the round log names their node
     for r in (2, 3, 4):  # node 2 is still on its late message (ready at t = 25)
         assert set(log[r].timed_out.values()) == {BUSY} and sorted(log[r].shard_metrics) == [0, 2]
     assert sorted(log[5].shard_metrics) == [0, 1, 2, 3]  # everything trains again once it is back

@@ -23,9 +23,9 @@ from conftest import newcomer_env, stop_local_superlinks, superlink_pids
 from safetensors.numpy import load_file
 
 from ddpm.settings import Settings
+from fl_app.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from fl_app.resume import resumed_settings, run_folder_lock
 from iet_agc.cli import main as cli_main
-from strategies.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = (

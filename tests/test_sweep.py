@@ -112,7 +112,7 @@ def test_tradeoff_plot_names_every_cell_in_its_legend_with_distinct_markers():
         ("seeds = [0, 0]\n", "s.toml: seeds: must not repeat"),
         ("seeds = [-1]\n", "s.toml: seeds: must be a non-empty list of integers >= 0"),
         ('base = "nope.toml"\n', "s.toml: base: cannot read preset"),
-        ('quality = "inception"\n', "s.toml: quality: must be one of digit_fd, fid"),
+        ('quality = "inception"\n', "s.toml: quality: must be one of fid, digit_fd"),
         ("[grid]\nlr = [0.1]\n[vary]\nlr = [0.2]\n", "s.toml: lr: in both"),
         ("[set\n", "s.toml: invalid TOML"),
         ('[set]\nholdout-size = 900\n[pretrain]\ndata-split = "spare"\n', "s.toml: set: data-seed: must be fixed"),
@@ -262,7 +262,7 @@ def test_sweep_pretrains_the_base_once_and_fine_tunes_it_in_every_cell(tmp_path)
     from ddpm.adapters import trainable_state
     from ddpm.model import initial_model
     from ddpm.settings import Settings
-    from strategies.checkpoint import load_checkpoint
+    from fl_app.checkpoint import load_checkpoint
     from strategies.replies import record_bytes
 
     tiny = "\n".join(f"{k} = {str(v).lower() if isinstance(v, bool) else v}" for k, v in TINY_RUN.items())

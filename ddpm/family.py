@@ -1,0 +1,167 @@
+"""The model seam: what the trainer, AGC/TAA, the sampler, the evaluator and the export ask of a
+family of diffusion models, and today's pixel-space DDPM as its first family.
+
+A family says how an image becomes the network's input (the pixels themselves, or a VAE's
+latent), what conditions the network (nothing, a class, a caption's embedding), what it predicts
+(diffusers' ``prediction_type``: epsilon, v_prediction, sample) and the per-sample loss against
+that (eq. 8 reads one loss per sample), how to sample (DDIM, with or without guidance) and what
+pipeline it exports. Images always travel as pixels in [-1, 1], so TAA augments pixels and AGC
+reads the family's per-sample loss whatever the family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, UNet2DModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from .schedule import ddim_sample, model_classes, train_scheduler
+
+
+@runtime_checkable
+class DiffusionFamily(Protocol):
+    """One family of diffusion models, as training, sampling and export see it.
+
+    Attributes
+    ----------
+    name : str
+        The family's name in logs and errors.
+    prediction_type : str
+        What the network predicts, in diffusers' words: ``epsilon``, ``v_prediction`` or ``sample``.
+    """
+
+    name: str
+    prediction_type: str
+
+    def train_scheduler(self) -> SchedulerMixin:
+        """The noise schedule training draws timesteps from and noises inputs with."""
+        ...
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1], (B, C, H, W) -> what the network denoises (the same, or a latent)."""
+        ...
+
+    def noise_like(self, images: torch.Tensor) -> torch.Tensor:
+        """Standard normal noise in the space the network denoises, for a batch of pixels."""
+        ...
+
+    def check_condition(self, model: torch.nn.Module, condition: torch.Tensor | None, n: int) -> torch.Tensor | None:
+        """The condition of ``n`` training images (labels, token ids), checked once per shard;
+        a ValueError says what the model expects."""
+        ...
+
+    def per_sample_loss(
+        self,
+        model: torch.nn.Module,
+        scheduler: SchedulerMixin,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        condition: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One loss per sample (B,) of the network on encoded ``x0`` noised to ``t`` with ``noise``."""
+        ...
+
+    def sample(
+        self,
+        model: torch.nn.Module,
+        num_images: int,
+        *,
+        steps: int,
+        batch_size: int,
+        seed: int,
+        device: torch.device | str,
+        condition: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``num_images`` images in [0, 1] as pixels, image i a function of (seed, i) alone."""
+        ...
+
+    def pipeline(self, model: torch.nn.Module) -> DiffusionPipeline:
+        """The diffusers pipeline a finished run saves (``save_pretrained``) for users to load."""
+        ...
+
+
+@dataclass(frozen=True)
+class PixelDDPM:
+    """DDPM in pixel space (Ho et al.): a ``UNet2DModel`` predicting the noise, unconditional or
+    conditioned on a class (``num_class_embeds``), sampled with DDIM, saved as a ``DDPMPipeline``.
+
+    The loss is eq. 1 per sample: the mean over pixels of ``(eps_theta(x_t, t[, y]) - eps)^2``.
+    """
+
+    name: str = "pixel-ddpm"
+    prediction_type: str = "epsilon"
+
+    def train_scheduler(self) -> DDPMScheduler:
+        return train_scheduler()
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return images  # the network denoises the pixels themselves
+
+    def noise_like(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.randn_like(images)
+
+    def check_condition(self, model: torch.nn.Module, condition: torch.Tensor | None, n: int) -> torch.Tensor | None:
+        """Class labels: given exactly when the model has a class embedding, one per image, each
+        a valid class index."""
+        classes = getattr(getattr(model, "config", None), "num_class_embeds", None)  # stand-in models: none
+        if classes is None:
+            if condition is not None:
+                raise ValueError("class-conditional: labels were given but the model has no class embedding")
+            return None
+        if condition is None:
+            raise ValueError(f"class-conditional: the model is conditioned on {classes} classes but got no labels")
+        labels = torch.as_tensor(condition, dtype=torch.long)
+        if labels.shape != (n,):
+            raise ValueError(f"class-conditional: expected {n} labels (one per image), got shape {tuple(labels.shape)}")
+        low, high = (int(labels.min()), int(labels.max())) if n else (0, 0)
+        if not 0 <= low <= high < classes:
+            raise ValueError(f"class-conditional: labels must be in [0, {classes - 1}], got {low}..{high}")
+        return labels
+
+    def per_sample_loss(
+        self,
+        model: torch.nn.Module,
+        scheduler: SchedulerMixin,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        condition: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Mean over pixels of the squared error of the predicted noise, one value per sample."""
+        noisy = scheduler.add_noise(x0, noise, t)
+        extra = {} if condition is None else {"class_labels": condition}  # unconditional: the plain call
+        pred = model(noisy, t, **extra).sample
+        return (pred - noise).pow(2).flatten(1).mean(1)
+
+    def sample(
+        self,
+        model: torch.nn.Module,
+        num_images: int,
+        *,
+        steps: int,
+        batch_size: int,
+        seed: int,
+        device: torch.device | str,
+        condition: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """DDIM (eta 0, ``ddpm.schedule.ddim_sample``); a class-conditional model without labels
+        gets them drawn from the seed."""
+        return ddim_sample(
+            model, num_images, steps=steps, batch_size=batch_size, seed=seed, device=device, class_labels=condition
+        )
+
+    def classes(self, model: torch.nn.Module) -> int | None:
+        """The number of classes the model is conditioned on, or None."""
+        return model_classes(model)
+
+    def pipeline(self, model: torch.nn.Module) -> DDPMPipeline:
+        if not isinstance(model, UNet2DModel):
+            raise TypeError(f"pixel-ddpm exports a UNet2DModel, got {type(model).__name__}")
+        return DDPMPipeline(unet=model, scheduler=train_scheduler())
+
+
+PIXEL_DDPM = PixelDDPM()
