@@ -16,9 +16,9 @@ from ddpm.data import to_model_range
 from ddpm.family import PIXEL_DDPM, DiffusionFamily
 from ddpm.progress import progress
 from ddpm.schedule import NUM_TRAIN_TIMESTEPS
-from ddpm.settings import Settings
 
 from .agc import NeverSkip, RatioSkip, SkipRule, kept_mean, loss_ratio, update_memory_bank
+from .config import TrainConfig
 from .taa import AugmentPolicy, RandAugmentPolicy, in_augment_range, strength
 
 
@@ -75,7 +75,7 @@ def agc_taa_loss(
     bank: torch.Tensor,
     skip_rule: SkipRule,
     augment: AugmentPolicy | None,
-    settings: Settings,
+    config: TrainConfig,
     class_labels: torch.Tensor | None = None,
     family: DiffusionFamily = PIXEL_DDPM,
 ) -> StepLoss:
@@ -101,8 +101,8 @@ def agc_taa_loss(
     ratio = loss_ratio(losses, bank[t])
     skip = skip_rule(ratio)
     keep = ~skip
-    threshold = settings.skip_threshold
-    aug = in_augment_range(ratio, keep, threshold, settings.aug_range)
+    threshold = config.skip_threshold
+    aug = in_augment_range(ratio, keep, threshold, config.aug_range)
     kept = keep.nonzero().squeeze(1)  # TAA's host sync: the subset to train on
     n_kept = kept.numel()
     if n_kept == 0:  # all skipped: a zero loss, zero gradients
@@ -119,7 +119,7 @@ def agc_taa_loss(
     is_aug = aug[rows] & (weight > 0)
     idx = is_aug.nonzero().squeeze(1)
     if idx.numel():
-        rho = strength(ratio[rows[idx]], threshold, settings.aug_sharpness)
+        rho = strength(ratio[rows[idx]], threshold, config.aug_sharpness)
         copies = augment((x0[rows[idx]] + 1) / 2, rho) * 2 - 1
         x_train = x_train.index_copy(0, idx, family.encode(copies))
     y_train = None if class_labels is None else class_labels[rows]
@@ -128,18 +128,18 @@ def agc_taa_loss(
     return StepLoss(loss, losses, skip, aug)
 
 
-def default_skip_rule(settings: Settings) -> SkipRule:
-    return RatioSkip(settings.skip_threshold) if settings.agc else NeverSkip()
+def default_skip_rule(config: TrainConfig) -> SkipRule:
+    return RatioSkip(config.skip_threshold) if config.agc else NeverSkip()
 
 
-def default_augment(settings: Settings) -> AugmentPolicy | None:
-    return RandAugmentPolicy(settings.randaugment_magnitude, settings.randaugment_ops) if settings.taa else None
+def default_augment(config: TrainConfig) -> AugmentPolicy | None:
+    return RandAugmentPolicy(config.randaugment_magnitude, config.randaugment_ops) if config.taa else None
 
 
 def train_shard(
     model: torch.nn.Module,
     images: torch.Tensor,
-    settings: Settings,
+    config: TrainConfig,
     state: ShardState,
     *,
     device: torch.device,
@@ -151,16 +151,41 @@ def train_shard(
     proximal_mu: float = 0.0,
     family: DiffusionFamily = PIXEL_DDPM,
 ) -> ShardResult:
-    """Train ``model`` in place on one shard's uint8 images for ``settings.local_epochs`` epochs.
+    """Train ``model`` in place on one shard's images for ``config.local_epochs`` epochs with AGC
+    and TAA (eq. 8); returns the round's loss, skip counts (for MSR) and rates.
 
-    ``state`` is updated in place. ``augment=True`` means the settings' policy (None if TAA is off).
-    ``labels`` (int64, aligned with ``images``) are required exactly when the model is class-conditional.
-    ``desc`` names the work in its progress line (long rounds only). ``proximal_mu`` > 0 adds
-    FedProx's proximal term to every step's loss (the server's FedProx sends it as ``proximal-mu``).
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The shard's copy of the global model (only tensors with ``requires_grad`` train).
+    images : torch.Tensor
+        The shard's images, uint8 (N, C, H, W).
+    config : TrainConfig
+        The local training's settings (``Settings.train_config()`` in the app).
+    state : ShardState
+        What the shard keeps across rounds (Adam moments, warm-up position, memory bank); updated
+        in place.
+    device : torch.device
+        Where to train.
+    seed : int
+        Seeds the batch order, timesteps, noise, flips and augmentations (``shard_seed``).
+    skip_rule : SkipRule | None (default: None)
+        AGC's rule; None: the config's (eq. 4 with ``skip_threshold``, or never with AGC off).
+    augment : AugmentPolicy | None | bool (default: True)
+        TAA's augmentation; True: the config's (RandAugment, None with TAA off); None: no TAA.
+    labels : torch.Tensor | None (default: None)
+        The images' conditions (int64 class labels, aligned with ``images``), exactly when the
+        model is conditional (``family.check_condition``).
+    desc : str (default: "local training")
+        Names the work in its progress line (long rounds only).
+    proximal_mu : float (default: 0.0)
+        > 0 adds FedProx's proximal term to every step's loss (FedProx sends it as ``proximal-mu``).
+    family : DiffusionFamily (default: PIXEL_DDPM)
+        The model family: its encoding, conditioning and per-sample loss.
     """
-    skip_rule = skip_rule or default_skip_rule(settings)
+    skip_rule = skip_rule or default_skip_rule(config)
     if augment is True:
-        augment = default_augment(settings)
+        augment = default_augment(config)
     torch.manual_seed(seed)  # timesteps, noise, dropout, flips and RandAugment draws
     gen = torch.Generator().manual_seed(seed)  # batch order
     model.to(device).train()
@@ -168,18 +193,18 @@ def train_shard(
     data = to_model_range(images).to(device)
     targets = family.check_condition(model, labels, images.shape[0])
     n = data.shape[0]
-    batch = min(settings.batch_size, n)
+    batch = min(config.batch_size, n)
     steps_per_epoch = max(1, n // batch)  # drop_last, but never zero steps
     targets = None if targets is None else targets.to(device)
     rules = skip_rule, augment, family
-    loop = _Loop(model, params, settings, state, rules, data, targets, steps_per_epoch, proximal_mu)
-    with progress(settings.local_epochs * steps_per_epoch, desc, "step") as bar:  # a line every so often
-        for _ in range(settings.local_epochs):
+    loop = _Loop(model, params, config, state, rules, data, targets, steps_per_epoch, proximal_mu)
+    with progress(config.local_epochs * steps_per_epoch, desc, "step") as bar:  # a line every so often
+        for _ in range(config.local_epochs):
             perm = torch.randperm(n, generator=gen).to(device)
             for b in range(steps_per_epoch):
                 loop.step(perm[b * batch : (b + 1) * batch])
                 bar.update()
-    steps = settings.local_epochs * steps_per_epoch
+    steps = config.local_epochs * steps_per_epoch
     seen = steps * batch
     state.bank = loop.bank.cpu()
     state.optimizer = loop.optimizer.state_dict()["state"]
@@ -201,7 +226,7 @@ class _Loop:
         self,
         model: torch.nn.Module,
         params: list[torch.Tensor],
-        settings: Settings,
+        config: TrainConfig,
         state: ShardState,
         rules: tuple[SkipRule, AugmentPolicy | None, DiffusionFamily],
         data: torch.Tensor,
@@ -210,17 +235,17 @@ class _Loop:
         proximal_mu: float,
     ) -> None:
         device = data.device
-        self.model, self.params, self.settings, self.state = model, params, settings, state
+        self.model, self.params, self.config, self.state = model, params, config, state
         self.skip_rule, self.augment, self.family = rules
         self.data, self.targets = data, targets
         self.scheduler = self.family.train_scheduler()
         self.scheduler.alphas_cumprod = self.scheduler.alphas_cumprod.to(device)
-        self.optimizer = torch.optim.Adam(params, lr=settings.lr)
+        self.optimizer = torch.optim.Adam(params, lr=config.lr)
         if state.optimizer is not None:
             saved = self.optimizer.state_dict()
             saved["state"] = state.optimizer
             self.optimizer.load_state_dict(saved)
-        self.lr_schedule = warmup_schedule(self.optimizer, settings.warmup_epochs * steps_per_epoch, state.step)
+        self.lr_schedule = warmup_schedule(self.optimizer, config.warmup_epochs * steps_per_epoch, state.step)
         self.mu = proximal_mu
         self.anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None  # FedProx: the round's weights
         self.bank = state.bank.to(device)
@@ -230,23 +255,23 @@ class _Loop:
 
     def step(self, pos: torch.Tensor) -> None:
         """One optimizer step on the samples at ``pos``: AGC + TAA loss, bank and books updated."""
-        settings, x0 = self.settings, self.data[pos]
-        if settings.hflip:
+        config, x0 = self.config, self.data[pos]
+        if config.hflip:
             flip = torch.rand(x0.shape[0], device=x0.device) < 0.5
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
         noise = self.family.noise_like(x0)
         y = None if self.targets is None else self.targets[pos]
         rules = self.bank, self.skip_rule, self.augment
-        out = agc_taa_loss(self.model, self.scheduler, x0, t, noise, *rules, settings, y, self.family)
+        out = agc_taa_loss(self.model, self.scheduler, x0, t, noise, *rules, config, y, self.family)
         loss = out.loss if self.anchor is None else out.loss + proximal_term(self.params, self.anchor, self.mu)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, settings.grad_clip)
+        torch.nn.utils.clip_grad_norm_(self.params, config.grad_clip)
         self.optimizer.step()
         self.lr_schedule.step()
         self.state.step += 1
-        self.bank = update_memory_bank(self.bank, t, out.losses, settings.bank_eta)
+        self.bank = update_memory_bank(self.bank, t, out.losses, config.bank_eta)
         self.counts.index_add_(0, pos, out.skip.long())
         self.n_aug += out.aug.sum()
         self.loss_sum += kept_mean(out.losses, ~out.skip)

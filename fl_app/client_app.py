@@ -21,7 +21,7 @@ from ddpm.model import initial_model
 from ddpm.settings import Settings
 from strategies.protocol import NUM_EXAMPLES, TRAIN_SECONDS, Instruction, pack_reply, read_instruction, reply_metrics
 
-from .config import settings_from_message
+from .config import settings_from_message, train_config
 
 
 def train(msg: Message, context: Context, **train_kwargs) -> Message:
@@ -57,7 +57,7 @@ def train(msg: Message, context: Context, **train_kwargs) -> Message:
     result = train_shard(
         model,
         data.images[rows],
-        settings,
+        train_config(settings),
         state,
         device=resolve_device(settings.device),
         seed=shard_seed(settings.seed, ins.server_round, ins.shard),

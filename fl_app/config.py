@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import fields
 from typing import Any
 
+from clients.config import TrainConfig
 from ddpm.settings import Settings
+from strategies.aggregation import AggregationConfig
 
 
 def settings_from_run_config(run_config: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> Settings:
@@ -49,3 +52,13 @@ def toml_value(value: Any) -> str:
     if isinstance(value, float) and value in (float("inf"), float("-inf")):
         return "inf" if value > 0 else "-inf"
     return repr(value)
+
+
+def train_config(settings: Settings) -> TrainConfig:
+    """The few settings a shard's local training reads, as ``clients``' own config."""
+    return TrainConfig(**{f.name: getattr(settings, f.name) for f in fields(TrainConfig)})
+
+
+def aggregation_config(settings: Settings) -> AggregationConfig:
+    """The aggregation settings, as the strategies' own config."""
+    return AggregationConfig(**{f.name: getattr(settings, f.name) for f in fields(AggregationConfig)})

@@ -31,7 +31,7 @@ from strategies.iet import IETStrategy, RunStopped
 from strategies.msr import Redistribution, make_redistribution
 
 from .checkpoint import checkpoint_settings
-from .config import settings_from_run_config
+from .config import aggregation_config, settings_from_run_config
 from .parent import parent_gone
 from .recorder import EVAL_SECONDS, RunRecorder, finish_run, model_line
 from .resume import resumed_settings, run_folder_lock
@@ -82,7 +82,7 @@ def run(
         start = start_point(settings, data, run_dir)
         device = resolve_device(settings.device)
         named = aggregator is None  # the aggregation setting's, else the caller's own strategy
-        aggregator = make_aggregator(settings) if named else aggregator
+        aggregator = make_aggregator(aggregation_config(settings)) if named else aggregator
         log(
             INFO,
             _first_line(settings, data, start, device, settings.aggregation if named else type(aggregator).__name__),

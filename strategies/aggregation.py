@@ -11,13 +11,14 @@ Server optimizers (FedAvgM's momentum, FedAdam's moments) keep state across roun
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, Strategy
 
-from ddpm.settings import AGGREGATIONS, Settings
+from ddpm.settings import AGGREGATIONS
 
 from .protocol import METRICS, NUM_EXAMPLES
 
@@ -69,25 +70,57 @@ def fedavg() -> FedAvg:
     return FedAvg(**_takes_any_nodes())
 
 
-def make_aggregator(settings: Settings) -> Strategy:
-    """The Flower strategy named by ``aggregation``, with its parameters from the settings.
+@dataclass(frozen=True)
+class AggregationConfig:
+    """Which Flower strategy combines the shard models, and its parameters (the app's
+    ``aggregation`` settings; defaults: IET's FedAvg and Flower's usual values).
+
+    Parameters
+    ----------
+    aggregation : str (default: "fedavg")
+        One of ``AGGREGATIONS``: fedavg, fedprox, fedavgm, fedadam, fedtrimmedavg, fedmedian.
+    fedprox_mu : float (default: 0.01)
+        FedProx's proximal weight mu, sent to the shards as ``proximal-mu``.
+    fedavgm_lr : float (default: 1.0)
+        FedAvgM's server learning rate.
+    fedavgm_momentum : float (default: 0.9)
+        FedAvgM's server momentum.
+    fedadam_eta : float (default: 1e-3)
+        FedAdam's server learning rate.
+    fedadam_tau : float (default: 1e-3)
+        FedAdam's adaptivity (tau).
+    fedtrimmedavg_beta : float (default: 0.25)
+        FedTrimmedAvg's fraction cut from each end.
+    """
+
+    aggregation: str = "fedavg"
+    fedprox_mu: float = 0.01
+    fedavgm_lr: float = 1.0
+    fedavgm_momentum: float = 0.9
+    fedadam_eta: float = 1e-3
+    fedadam_tau: float = 1e-3
+    fedtrimmedavg_beta: float = 0.25
+
+
+def make_aggregator(config: AggregationConfig) -> Strategy:
+    """The Flower strategy named by ``config.aggregation``, with its parameters from ``config``.
 
     Node sampling is the shard layer's, so each is built to take whatever nodes it is shown.
     """
     common = _takes_any_nodes()
-    name = settings.aggregation
+    name = config.aggregation
     if name == "fedavg":
         return fedavg()
     if name == "fedprox":
-        return FedProx(**common, proximal_mu=settings.fedprox_mu)
+        return FedProx(**common, proximal_mu=config.fedprox_mu)
     if name == "fedavgm":
         return ResumableFedAvgM(
-            **common, server_learning_rate=settings.fedavgm_lr, server_momentum=settings.fedavgm_momentum
+            **common, server_learning_rate=config.fedavgm_lr, server_momentum=config.fedavgm_momentum
         )
     if name == "fedadam":
-        return ResumableFedAdam(**common, eta=settings.fedadam_eta, tau=settings.fedadam_tau)
+        return ResumableFedAdam(**common, eta=config.fedadam_eta, tau=config.fedadam_tau)
     if name == "fedtrimmedavg":
-        return FedTrimmedAvg(**common, beta=settings.fedtrimmedavg_beta)
+        return FedTrimmedAvg(**common, beta=config.fedtrimmedavg_beta)
     if name == "fedmedian":
         return FedMedian(**common)
     raise ValueError(f"aggregation: one of {', '.join(AGGREGATIONS)}, got {name!r}")

@@ -12,6 +12,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.simulation import run_simulation
 from test_strategy import FakeGrid, _strategy, push, reply
 
+from clients.config import TrainConfig
 from clients.trainer import ShardState, proximal_term, train_shard, warmup_schedule
 from ddpm.settings import AGGREGATIONS, Settings
 from ddpm.unet import build_unet
@@ -19,7 +20,7 @@ from examples.custom_aggregation import ClippedFedAvg, aggregator
 from fl_app.checkpoint import load_checkpoint
 from fl_app.client_app import app as client_app
 from fl_app.server_app import make_server_app
-from strategies.aggregation import AggregatorWaits, Resumable, make_aggregator
+from strategies.aggregation import AggregationConfig, AggregatorWaits, Resumable, make_aggregator
 
 SHARDS = [[0, 1], [2, 3], [4, 5], [6, 7]]
 
@@ -36,26 +37,26 @@ def _aggregate(aggregator, weights):
 @pytest.mark.usefixtures("flower_task")
 def test_fedtrimmedavg_ignores_one_shard_scaled_by_1e3_where_fedavg_does_not():
     weights = [1.0, 1.1, 0.9, 1e3]
-    _, trimmed, _ = _aggregate(make_aggregator(Settings(aggregation="fedtrimmedavg")), weights)
-    _, mean, metrics = _aggregate(make_aggregator(Settings(aggregation="fedavg")), weights)
+    _, trimmed, _ = _aggregate(make_aggregator(AggregationConfig(aggregation="fedtrimmedavg")), weights)
+    _, mean, metrics = _aggregate(make_aggregator(AggregationConfig(aggregation="fedavg")), weights)
     assert np.allclose(trimmed, (1.0 + 1.1) / 2)  # beta 0.25 of 4: the largest and smallest cut
     assert np.allclose(mean, sum(weights) / 4)  # equal shard sizes
     assert metrics["train-loss"] == pytest.approx(sum(weights) / 4)  # the round's books: every reply
-    _, median, _ = _aggregate(make_aggregator(Settings(aggregation="fedmedian")), weights)
+    _, median, _ = _aggregate(make_aggregator(AggregationConfig(aggregation="fedmedian")), weights)
     assert np.allclose(median, (1.0 + 1.1) / 2)
 
 
 @pytest.mark.usefixtures("flower_task")
 def test_fedprox_sends_its_mu_to_every_shard_and_the_strategies_take_their_settings():
-    s = _strategy(SHARDS, 8, aggregator=make_aggregator(Settings(aggregation="fedprox", fedprox_mu=0.3)))
+    s = _strategy(SHARDS, 8, aggregator=make_aggregator(AggregationConfig(aggregation="fedprox", fedprox_mu=0.3)))
     msgs = s.configure_train(1, ArrayRecord({"w": torch.zeros(2, 2)}), ConfigRecord(), FakeGrid([1]))
     assert [m.content["config"]["proximal-mu"] for m in msgs] == [0.3] * 4
-    assert all("proximal-mu" not in m.content["config"] for m in _round_messages(make_aggregator(Settings())))
-    avgm = make_aggregator(Settings(aggregation="fedavgm", fedavgm_lr=0.5, fedavgm_momentum=0.8))
+    assert all("proximal-mu" not in m.content["config"] for m in _round_messages(make_aggregator(AggregationConfig())))
+    avgm = make_aggregator(AggregationConfig(aggregation="fedavgm", fedavgm_lr=0.5, fedavgm_momentum=0.8))
     assert (avgm.server_learning_rate, avgm.server_momentum) == (0.5, 0.8)
-    adam = make_aggregator(Settings(aggregation="fedadam", fedadam_eta=0.02, fedadam_tau=0.1))
+    adam = make_aggregator(AggregationConfig(aggregation="fedadam", fedadam_eta=0.02, fedadam_tau=0.1))
     assert (adam.eta, adam.tau) == (0.02, 0.1)
-    assert make_aggregator(Settings(aggregation="fedtrimmedavg", fedtrimmedavg_beta=0.4)).beta == 0.4
+    assert make_aggregator(AggregationConfig(aggregation="fedtrimmedavg", fedtrimmedavg_beta=0.4)).beta == 0.4
 
 
 def _round_messages(aggregator):
@@ -65,12 +66,12 @@ def _round_messages(aggregator):
 
 @pytest.mark.usefixtures("flower_task")
 def test_fedavgm_moves_by_its_momentum_and_its_state_survives_a_checkpoint():
-    agg = make_aggregator(Settings(aggregation="fedavgm", fedavgm_lr=1.0, fedavgm_momentum=0.5))
+    agg = make_aggregator(AggregationConfig(aggregation="fedavgm", fedavgm_lr=1.0, fedavgm_momentum=0.5))
     s, first, _ = _aggregate(agg, [1.0] * 4)
     assert np.allclose(first, 1.0)  # round 1: momentum is the first pseudo-gradient, lr 1
     state = s.state().aggregator
     assert isinstance(agg, Resumable) and list(state) == ["momentum.00000"]
-    again = make_aggregator(Settings(aggregation="fedavgm", fedavgm_lr=1.0, fedavgm_momentum=0.5))
+    again = make_aggregator(AggregationConfig(aggregation="fedavgm", fedavgm_lr=1.0, fedavgm_momentum=0.5))
     again.load_state_dict(state)
     # round 2 from w = 1 with the same replies (w = 2): pseudo-gradient -1, momentum 0.5 * -1 + -1
     for a in (agg, again):
@@ -83,11 +84,11 @@ def test_fedavgm_moves_by_its_momentum_and_its_state_survives_a_checkpoint():
 
 @pytest.mark.usefixtures("flower_task")
 def test_fedadam_state_round_trips():
-    agg = make_aggregator(Settings(aggregation="fedadam"))
+    agg = make_aggregator(AggregationConfig(aggregation="fedadam"))
     s, _, _ = _aggregate(agg, [1.0] * 4)
     state = s.state().aggregator
     assert sorted(state) == ["m_t.w", "v_t.w"]
-    other = make_aggregator(Settings(aggregation="fedadam"))
+    other = make_aggregator(AggregationConfig(aggregation="fedadam"))
     other.load_state_dict(state)
     assert np.array_equal(other.m_t["w"], agg.m_t["w"]) and np.array_equal(other.v_t["w"], agg.v_t["w"])
 
@@ -119,7 +120,11 @@ def test_flowers_configure_train_asks_the_stand_in_grid_for_nodes_twice(name, mo
 
     monkeypatch.setattr(aggregation, "ShardNodes", Counting)
     key, arrays, _ = aggregation.instruction(
-        make_aggregator(Settings(aggregation=name)), 1, ArrayRecord({"w": torch.zeros(2)}), ConfigRecord(), [7, 8]
+        make_aggregator(AggregationConfig(aggregation=name)),
+        1,
+        ArrayRecord({"w": torch.zeros(2)}),
+        ConfigRecord(),
+        [7, 8],
     )
     assert len(calls) == 2, f"flwr {flwr.__version__} asks {len(calls)} times (flwr 1.41.0: 2): revise ShardNodes"
     assert key and list(arrays) == ["w"]
@@ -132,7 +137,7 @@ def test_proximal_term_is_fedprox_eq2():
 
 
 def test_a_large_mu_keeps_the_shard_near_the_round_weights():
-    settings = Settings(train_size=60, local_epochs=2, batch_size=16, lr=0.01, warmup_epochs=0, taa=False)
+    settings = TrainConfig(local_epochs=2, batch_size=16, lr=0.01, warmup_epochs=0, taa=False)
     images = torch.randint(0, 256, (32, 1, 8, 8), dtype=torch.uint8)
 
     def drift(mu):
@@ -198,3 +203,11 @@ def test_the_readme_shows_the_example_file_as_it_is():
     block = readme.split("(`examples/custom_aggregation.py`)", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     code = (root / "examples" / "custom_aggregation.py").read_text().split('"""\n\n', 1)[1]
     assert block == code
+
+
+def test_the_app_settings_give_the_aggregation_config_and_its_defaults_are_the_settings():
+    from fl_app.config import aggregation_config
+
+    assert aggregation_config(Settings()) == AggregationConfig()
+    got = aggregation_config(Settings(aggregation="fedadam", fedadam_eta=0.05))
+    assert (got.aggregation, got.fedadam_eta) == ("fedadam", 0.05)

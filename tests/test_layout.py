@@ -57,14 +57,17 @@ MAX_FUNCTION_LINES = 60
 
 @pytest.mark.parametrize("package", [*sorted(ALLOWED), "deploy"])
 def test_no_function_longer_than_60_lines(package):
-    """Package functions stay small enough to read at once (decorators and docstrings included)."""
+    """Package functions stay small enough to read at once: decorators, signature and code count;
+    the docstring does not (public entry points document every parameter, as Flower's do)."""
     long = []
     for path in sorted((ROOT / package).glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
-                if node.end_lineno - first + 1 > MAX_FUNCTION_LINES:
-                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - first + 1})")
+                doc = node.body[0] if ast.get_docstring(node) is not None else None
+                size = node.end_lineno - first + 1 - (doc.end_lineno - doc.lineno + 1 if doc else 0)
+                if size > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({size})")
     assert not long, f"over {MAX_FUNCTION_LINES} lines: {', '.join(long)}"
 
 

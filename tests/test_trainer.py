@@ -1,5 +1,6 @@
 import torch
 
+from clients.config import TrainConfig
 from clients.state import ShardStateStore
 from clients.trainer import ShardState, train_shard
 from ddpm.data import load_dataset
@@ -11,7 +12,7 @@ CPU = torch.device("cpu")
 
 def _setup(**kw):
     data = load_dataset("digits", train_size=60)
-    settings = Settings(train_size=60, local_epochs=2, batch_size=16, warmup_epochs=1, **kw)
+    settings = TrainConfig(local_epochs=2, batch_size=16, warmup_epochs=1, **kw)
     torch.manual_seed(0)
     return data.images[:40], settings, build_unet("tiny", 8, 1)
 
@@ -95,7 +96,7 @@ def test_eq8_loss_on_a_tiny_batch():
     # bank so that ratios are: sample 0 -> 0.2 (skip), 1 -> 0.6 (augment), 2 -> 3.0 (plain), 3 -> bank 0 (plain)
     bank = torch.zeros(1000)
     bank[10], bank[500], bank[999] = plain[0] / 0.2, plain[1] / 0.6, plain[2] / 3.0
-    settings = Settings(skip_threshold=0.5, aug_range=1.7)
+    settings = TrainConfig(skip_threshold=0.5, aug_range=1.7)
     invert = lambda images, rho: 1 - images  # noqa: E731 - a deterministic augmentation for the check
     out = agc_taa_loss(_Echo(), sched, x0, t, noise, bank, RatioSkip(0.5), invert, settings)
     x_aug = -x0[1:2]  # 1 - (x+1)/2 mapped back to [-1, 1]
@@ -105,3 +106,11 @@ def test_eq8_loss_on_a_tiny_batch():
     assert out.aug.tolist() == [False, True, False, False]
     torch.testing.assert_close(out.loss, expect)
     torch.testing.assert_close(out.losses, plain)
+
+
+def test_the_app_settings_give_the_trainers_config_and_its_defaults_are_the_settings():
+    from fl_app.config import train_config
+
+    assert train_config(Settings()) == TrainConfig()  # one set of defaults: the CPU preset's
+    got = train_config(Settings(lr=0.02, taa=False, local_epochs=3))
+    assert (got.lr, got.taa, got.local_epochs) == (0.02, False, 3)

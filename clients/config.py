@@ -1,0 +1,58 @@
+"""What a shard's local training reads: the few settings of the trainer, AGC and TAA, as plain
+values (the app's ``Settings.train_config()`` makes one; a notebook can write one by hand)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The local training of one shard for a round (the paper's defaults for the CPU preset).
+
+    Parameters
+    ----------
+    local_epochs : int (default: 10)
+        Passes over the shard per round (E).
+    batch_size : int (default: 32)
+        Samples per step (a shard smaller than this trains in one batch of all of it).
+    lr : float (default: 1e-3)
+        Adam's learning rate after the warm-up.
+    warmup_epochs : int (default: 5)
+        Linear warm-up, in epochs of this shard, counted over all rounds.
+    hflip : bool (default: False)
+        Random horizontal flips of the training images.
+    grad_clip : float (default: 1.0)
+        Largest gradient norm per step.
+    bank_eta : float (default: 0.8)
+        The memory bank's momentum (eq. 3).
+    agc : bool (default: True)
+        Skip samples whose loss ratio falls below ``skip_threshold`` (eq. 4).
+    skip_threshold : float (default: 0.5)
+        lambda: the skip line of eq. 4, a ratio of a sample's loss to its timestep's running mean.
+    taa : bool (default: True)
+        Train samples just above the skip line on an augmented copy (eq. 5-8).
+    aug_range : float (default: 1.7)
+        R: samples with ratio in [lambda, R * lambda) are augmented (inf: all kept samples).
+    aug_sharpness : float (default: 5.0)
+        A: how fast the augmentation strength grows toward the skip line (eq. 6-7).
+    randaugment_magnitude : int (default: 3)
+        M: RandAugment's magnitude at full strength (rho = 1).
+    randaugment_ops : int (default: 2)
+        RandAugment's operations per image.
+    """
+
+    local_epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_epochs: int = 5
+    hflip: bool = False
+    grad_clip: float = 1.0
+    bank_eta: float = 0.8
+    agc: bool = True
+    skip_threshold: float = 0.5
+    taa: bool = True
+    aug_range: float = 1.7
+    aug_sharpness: float = 5.0
+    randaugment_magnitude: int = 3
+    randaugment_ops: int = 2
