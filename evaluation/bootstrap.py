@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .frechet import frechet_distance_stats, in_memory_statistics
+
 DEFAULT_RESAMPLES = 200
 DEFAULT_LEVEL = 0.95
 MEMORY_BUDGET = 256 * 2**20  # bytes of (F, F) float64 matrices held per chunk of resamples
@@ -53,12 +55,6 @@ class QualityScore:
         return {name: self.value, f"{name}_lo": self.lo, f"{name}_hi": self.hi, f"{name}_floor": self.floor}
 
 
-def feature_stats(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and covariance (ddof 1) of (N, F) features, in float64."""
-    x = features.double()
-    return x.mean(0).numpy(), torch.cov(x.T).reshape(x.shape[1], x.shape[1]).numpy()
-
-
 def score_features(
     features: torch.Tensor,
     mu_ref: np.ndarray,
@@ -71,14 +67,12 @@ def score_features(
 ) -> QualityScore:
     """The Fréchet distance of generated ``features`` to the reference, its bootstrap interval and the
     floor: the first N rows of ``floor_features`` (held-out real images) scored the same way."""
-    from .fid import frechet_distance_stats  # pytorch-fid's distance for the point values
-
-    value = frechet_distance_stats(*feature_stats(features.cpu()), mu_ref, sigma_ref)
+    value = frechet_distance_stats(*in_memory_statistics(features.cpu()), mu_ref, sigma_ref)
     interval = frechet_interval(features, mu_ref, sigma_ref, resamples=resamples, seed=seed, device=device)
     floor, floor_n = None, 0
     if floor_features is not None and floor_features.shape[0] >= 2:
         floor_n = min(features.shape[0], floor_features.shape[0])
-        floor = frechet_distance_stats(*feature_stats(floor_features[:floor_n].cpu()), mu_ref, sigma_ref)
+        floor = frechet_distance_stats(*in_memory_statistics(floor_features[:floor_n].cpu()), mu_ref, sigma_ref)
     return QualityScore(value, interval.lo, interval.hi, floor, floor_n)
 
 

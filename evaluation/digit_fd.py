@@ -25,7 +25,7 @@ from ddpm.data import to_unit_range
 from ddpm.files import atomic_write
 
 from .bootstrap import DEFAULT_RESAMPLES, QualityScore, score_features
-from .fid import feature_statistics, frechet_distance_stats
+from .frechet import frechet_distance_stats, streamed_statistics
 
 log = logging.getLogger("flwr.iet_agc.evaluation")  # a child of Flower's logger (flwr run --stream, flwr log)
 
@@ -104,7 +104,7 @@ class DigitFD:
     def __call__(self, generated01: torch.Tensor) -> float:
         """digit_fd of generated images (uint8 or [0, 1]) against the training images."""
         return frechet_distance_stats(
-            *feature_statistics(generated01, self.net, batch_size=4096, desc="digit_fd features"), self.mu, self.sigma
+            *streamed_statistics(generated01, self.net, batch_size=4096, desc="digit_fd features"), self.mu, self.sigma
         )
 
     @torch.no_grad()
@@ -154,5 +154,5 @@ def load_digit_fd(
         except OSError as err:
             log.warning("could not cache the digit classifier at %s: %s", path, err)
     acc = accuracy(net, train, train_labels) if train_labels is not None else float("nan")
-    mu, sigma = feature_statistics(train, net, batch_size=4096, desc="digit_fd features")
+    mu, sigma = streamed_statistics(train, net, batch_size=4096, desc="digit_fd features")
     return DigitFD(net, mu, sigma, acc, floor_images if len(floor_images) >= 2 else None)

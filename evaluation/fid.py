@@ -16,7 +16,6 @@ import functools
 import hashlib
 import logging
 import pickle
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,11 +24,10 @@ import pytorch_fid.inception as pf
 import torch
 import torchvision
 
-from ddpm.data import to_unit_range
 from ddpm.files import atomic_write
-from ddpm.progress import progress
 
 from .bootstrap import DEFAULT_RESAMPLES, QualityScore, score_features
+from .frechet import model_features, rgb01, streamed_statistics
 
 log = logging.getLogger("flwr.iet_agc.evaluation")  # a child of Flower's logger (flwr run --stream, flwr log)
 
@@ -218,17 +216,6 @@ def _file_hash(path: str, size: int, mtime_ns: int) -> str:
     return "w" + sha256_file(path)[:16]
 
 
-def _to01(batch: torch.Tensor) -> torch.Tensor:
-    x = to_unit_range(batch)
-    return x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x
-
-
-def _features(model: Callable[[torch.Tensor], object], x: torch.Tensor) -> torch.Tensor:
-    out = model(x)
-    out = out[0] if isinstance(out, (list, tuple)) else out
-    return out.flatten(1)
-
-
 @torch.no_grad()
 def inception_features(
     images01: torch.Tensor, model: torch.nn.Module, batch_size: int = 200, device: torch.device | str = "cpu"
@@ -238,54 +225,10 @@ def inception_features(
     pytorch-fid's network resizes to 299x299 and rescales to [-1, 1] itself.
     """
     feats = [
-        _features(model, _to01(images01[s : s + batch_size]).to(device)).double().cpu()
+        model_features(model, rgb01(images01[s : s + batch_size]).to(device)).double().cpu()
         for s in range(0, images01.shape[0], batch_size)
     ]
     return torch.cat(feats).numpy() if feats else np.empty((0, 0))
-
-
-@torch.no_grad()
-def feature_statistics(
-    images: torch.Tensor,
-    model: Callable[[torch.Tensor], object],
-    batch_size: int = 50,
-    device: torch.device | str = "cpu",
-    desc: str = "FID features",
-) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and covariance (ddof 1) of ``model``'s features, accumulated batch by batch in float64.
-
-    Only a (F, F) accumulator lives in memory, however many images; images are uint8 or [0, 1].
-    ``desc`` names the pass in its progress line.
-    """
-    if images.shape[0] < 2:
-        raise ValueError(f"need at least 2 images for a covariance, got {images.shape[0]}")
-    shift = total = outer = None
-    count = 0
-    with progress(images.shape[0], desc, "img") as bar:
-        for s in range(0, images.shape[0], batch_size):
-            f = _features(model, _to01(images[s : s + batch_size]).to(device)).double()
-            if shift is None:  # shifting by a first estimate of the mean keeps the sums well conditioned
-                shift = f.mean(0)
-                total = torch.zeros_like(shift)
-                outer = torch.zeros((f.shape[1], f.shape[1]), dtype=torch.float64, device=f.device)
-            f = f - shift
-            total += f.sum(0)
-            outer += f.T @ f
-            count += f.shape[0]
-            bar.update(f.shape[0])
-    mean = total / count
-    cov = (outer - count * torch.outer(mean, mean)) / (count - 1)
-    return (shift + mean).cpu().numpy(), cov.cpu().numpy()
-
-
-def frechet_distance_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), pytorch-fid's implementation."""
-    from pytorch_fid.fid_score import calculate_frechet_distance
-
-    with warnings.catch_warnings():  # pytorch-fid 0.3 passes scipy's deprecated `disp` to sqrtm
-        warnings.filterwarnings("ignore", message=".*disp.*", category=DeprecationWarning)
-        value = float(calculate_frechet_distance(mu1, sigma1, mu2, sigma2))
-    return max(0.0, value)  # a distance: negative only by rounding
 
 
 def cached_statistics(
@@ -296,7 +239,7 @@ def cached_statistics(
     batch_size: int = 50,
     device: torch.device | str = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``feature_statistics`` of a reference set, read from ``directory/<key>.npz`` when present.
+    """``streamed_statistics`` of a reference set, read from ``directory/<key>.npz`` when present.
 
     The key must name everything the statistics depend on (data-set fingerprint, weights).
     """
@@ -308,47 +251,12 @@ def cached_statistics(
                     return stored["mu"], stored["sigma"]
         except (OSError, ValueError, KeyError) as err:
             log.warning("ignoring unreadable FID statistics cache %s: %s", path, err)
-    mu, sigma = feature_statistics(images, model, batch_size, device, "FID features of the training set")
+    mu, sigma = streamed_statistics(images, model, batch_size, device, "FID features of the training set")
     try:
         atomic_write(path, lambda tmp: np.savez(tmp, mu=mu, sigma=sigma, count=images.shape[0]), suffix=".npz")
     except OSError as err:  # a read-only cache is not worth failing an evaluation for
         log.warning("could not write FID statistics cache %s: %s", path, err)
     return mu, sigma
-
-
-def fid(
-    generated01: torch.Tensor,
-    reference01: torch.Tensor,
-    weights: str = "",
-    device: torch.device | str = "cpu",
-    *,
-    batch_size: int = 50,
-    num_images: int | None = None,
-    reference_key: str = "",
-    cache: str = "",
-    model: Callable[[torch.Tensor], object] | None = None,
-    expected_sha256: str = FID_WEIGHTS_SHA256,
-) -> float:
-    """FID of the first ``num_images`` generated images (all by default) against reference images.
-
-    Images are uint8 or float in [0, 1]. With ``reference_key`` (e.g. the data-set fingerprint) the
-    reference statistics are cached under ``cache``/fid. Raises FIDUnavailable when no weights can
-    be had or they differ from ``expected_sha256`` (see ``inception``); ``model`` replaces the
-    Inception network (tests, other feature extractors).
-    """
-    if model is None:
-        model = inception(weights, str(device), expected_sha256)
-        tag = weights_tag(weights)
-    else:
-        tag = f"custom-{type(model).__name__}"
-    gen = generated01[:num_images] if num_images else generated01
-    mu_g, sigma_g = feature_statistics(gen, model, batch_size, device, "FID features of the generated images")
-    if reference_key:
-        directory = cache_dir(cache) / "fid"
-        mu_r, sigma_r = cached_statistics(reference01, f"{reference_key}-{tag}", model, directory, batch_size, device)
-    else:
-        mu_r, sigma_r = feature_statistics(reference01, model, batch_size, device, "FID features of the reference")
-    return frechet_distance_stats(mu_g, sigma_g, mu_r, sigma_r)
 
 
 def fid_score(
@@ -366,10 +274,35 @@ def fid_score(
     resamples: int = DEFAULT_RESAMPLES,
     seed: int = 0,
 ) -> QualityScore:
-    """FID (as ``fid``) with its bootstrap interval over the generated images and its floor: the
-    FID of the first N images of ``floor01`` (held-out real images; None: no floor).
+    """FID of generated images against reference images, its bootstrap interval over the generated
+    images and its floor (the FID of as many held-out real images): the one FID entry point.
 
-    The interval's resamples run on ``device`` (2048-d covariances: a GPU makes them cheap).
+    Parameters
+    ----------
+    generated01 : torch.Tensor
+        Generated images (N, C, H, W), uint8 or float in [0, 1]; grey is repeated to RGB.
+    reference01 : torch.Tensor
+        Reference images (the training set), same forms; their statistics are streamed batch by batch.
+    weights : str (default: "")
+        A pytorch-fid Inception weights file; "" takes torch.hub's cache (downloading into it).
+    device : torch.device | str (default: "cpu")
+        Where the network and the interval's resamples run (2048-d covariances: a GPU makes them cheap).
+    floor01 : torch.Tensor | None (default: None)
+        Held-out real images; the first N give the floor. None (or fewer than 2): no floor.
+    batch_size : int (default: 50)
+        Images per pass of the network.
+    reference_key : str (default: "")
+        Names the reference set (data set, fingerprint): its statistics are cached under ``cache``/fid.
+    cache : str (default: "")
+        The ``fid-cache-dir`` setting ("" is ``~/.cache/iet-agc``).
+    model : Callable[[torch.Tensor], object] | None (default: None)
+        A feature extractor that replaces the Inception network (tests, other features).
+    expected_sha256 : str (default: FID_WEIGHTS_SHA256)
+        The weights file's sha256 (a prefix will do); FIDUnavailable when no such file can be had.
+    resamples : int (default: DEFAULT_RESAMPLES)
+        Bootstrap resamples of the interval (>= 2; a test that only wants ``.value`` passes 2).
+    seed : int (default: 0)
+        Seeds the resampling.
     """
     if model is None:
         model = inception(weights, str(device), expected_sha256)
@@ -381,7 +314,7 @@ def fid_score(
         directory = cache_dir(cache) / "fid"
         mu_r, sigma_r = cached_statistics(reference01, f"{reference_key}-{tag}", model, directory, batch_size, device)
     else:
-        mu_r, sigma_r = feature_statistics(reference01, model, batch_size, device)
+        mu_r, sigma_r = streamed_statistics(reference01, model, batch_size, device)
     floor = None
     if floor01 is not None and floor01.shape[0] >= 2:
         floor = torch.from_numpy(inception_features(floor01[: feats.shape[0]], model, batch_size, device))

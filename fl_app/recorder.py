@@ -14,7 +14,7 @@ from ddpm.adapters import adapter_state, merged_unet
 from ddpm.settings import Settings
 from ddpm.unet import num_parameters
 from evaluation.columns import evaluation_columns
-from evaluation.evaluator import Evaluator
+from evaluation.evaluator import Evaluation
 from evaluation.plots import plot_skip_histogram
 from strategies import protocol
 from strategies.iet import IETStrategy, RoundLog, StrategyState
@@ -110,10 +110,12 @@ def finish_run(
     settings: Settings,
     model: torch.nn.Module,
     strategy: IETStrategy,
-    evaluator: Evaluator,
+    evaluation: Evaluation | None,
+    fid_reason: str,
     started: float,
 ) -> None:
-    """The final pipeline, skip counts, samples and report; the summary line."""
+    """The final pipeline, skip counts, samples (the last ``evaluation``'s images) and report; the
+    summary line (``fid_reason``: why FID is unavailable, "" when it is not)."""
     counts = strategy.total_counts
     pipeline = writer.save_model(merged_unet(model))  # a plain DDPMPipeline, adapters folded in
     if settings.adapter != "none" and settings.save_adapter:
@@ -128,9 +130,8 @@ def finish_run(
             "sample with `ddpm.schedule.ddim_sample(pipe.unet, n, class_labels=labels)` "
             "or the UNet's `class_labels` argument"
         )
-    if evaluator.last_images is not None:
-        writer.save_samples(evaluator.last_images)
-    fid_reason = evaluator.fid_reason
+    if evaluation is not None:
+        writer.save_samples(evaluation.images)
     if fid_reason:
         notes.append(f"FID unavailable: {fid_reason}")
     set_aside = [f"node {n} ({why})" for n, why in strategy.ledger.set_aside.items()]

@@ -23,7 +23,7 @@ from ddpm.adapters import load_trainable, trainable_state
 from ddpm.data import ImageSet, load_dataset
 from ddpm.device import resolve_device
 from ddpm.settings import Settings
-from evaluation.evaluator import Evaluator, MemorizationEvaluator
+from evaluation.evaluator import Evaluation, Evaluator, MemorizationEvaluator
 from strategies import protocol
 from strategies.aggregation import Resumable, make_aggregator
 from strategies.dispatch import NodeQueues
@@ -45,21 +45,22 @@ def eval_rounds(settings: Settings) -> set[int]:
     return {settings.num_rounds} | (set(range(every, settings.num_rounds + 1, every)) if every else set())
 
 
-def evaluation_fn(
-    evaluator: Evaluator, model: torch.nn.Module, rounds: set[int]
-) -> Callable[[int, ArrayRecord], MetricRecord | None]:
-    """Flower's ``evaluate_fn``: the evaluator's metrics for the rounds in ``rounds``, else None."""
+class EvaluateFn:
+    """Flower's ``evaluate_fn``: the evaluator's metrics for the rounds in ``rounds``, else None; keeps
+    the latest ``Evaluation`` in ``latest`` (``finish_run`` saves its images as the run's samples)."""
 
-    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if server_round not in rounds:
+    def __init__(self, evaluator: Evaluator, model: torch.nn.Module, rounds: set[int]) -> None:
+        self.evaluator, self.model, self.rounds = evaluator, model, rounds
+        self.latest: Evaluation | None = None
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round not in self.rounds:
             return None
-        load_trainable(model, arrays.to_torch_state_dict())
+        load_trainable(self.model, arrays.to_torch_state_dict())
         started = time.monotonic()
-        metrics = evaluator(server_round, model)
-        values = {k: float("nan") if v is None else float(v) for k, v in metrics.items()}
+        self.latest = self.evaluator(server_round, self.model)
+        values = {k: float("nan") if v is None else float(v) for k, v in self.latest.metrics.items()}
         return MetricRecord({**values, EVAL_SECONDS: time.monotonic() - started})
-
-    return evaluate
 
 
 def run(
@@ -89,13 +90,14 @@ def run(
         )
         evaluator = evaluator_factory(settings, data, start.writer.path, device)
         strategy = make_strategy(settings, data, start, redistribution, aggregator)
+        evaluate_fn = EvaluateFn(evaluator, start.model, eval_rounds(settings))
         try:
             result = strategy.start(
                 grid=grid,
                 initial_arrays=ArrayRecord(trainable_state(start.model)),  # after the base, only what trains travels
                 num_rounds=settings.num_rounds,
                 timeout=settings.round_timeout,
-                evaluate_fn=evaluation_fn(evaluator, start.model, eval_rounds(settings)),
+                evaluate_fn=evaluate_fn,
                 first_round=start.first_round,
             )
         except RunStopped as err:
@@ -103,7 +105,7 @@ def run(
             log(ERROR, "stopped: %s. The checkpoint is kept; to continue: iet-agc run --resume %s", err, run_dir)
             raise
         load_trainable(start.model, result.arrays.to_torch_state_dict())
-        finish_run(start.writer, settings, start.model, strategy, evaluator, started)
+        finish_run(start.writer, settings, start.model, strategy, evaluate_fn.latest, evaluator.fid_reason, started)
     return start.writer
 
 

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from fl_app.simulation import run_in_process
 
 from ddpm.files import atomic_write
 from fl_app.config import settings_from_run_config
 from fl_app.run_folder import run_folders, run_result, settings_of
+from fl_app.simulation import run_in_process
 
 from .inputs import InputError, fail, parse_pairs
 from .sweep_file import REFERENCE, Sweep, SweepError, config_hash, finished_run, load_sweep

@@ -55,8 +55,8 @@ def main() -> None:
             torch.set_num_threads(threads)
             mode = settings.replace(eval_batch_size=batch_size)
             ev = MemorizationEvaluator(mode, data, Path(tmp), torch.device("cpu"))
-            images = ev.generate(unet)
-            metrics = ev.evaluate_images(images, f"b{batch_size}t{threads}")
+            images, labels = ev.generate(unet)
+            metrics = ev.evaluate_images(images, f"b{batch_size}t{threads}", labels=labels).metrics
             first = images if first is None else first
             diff = (images - first).abs()
             rows.append(

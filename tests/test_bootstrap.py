@@ -9,8 +9,9 @@ from pytorch_fid.fid_score import calculate_frechet_distance
 
 from ddpm.data import load_dataset
 from evaluation import digit_fd as dfd
-from evaluation.bootstrap import feature_stats, frechet_distance_batch, frechet_interval, score_features
-from evaluation.fid import fid, fid_score
+from evaluation.bootstrap import frechet_distance_batch, frechet_interval, score_features
+from evaluation.fid import fid_score
+from evaluation.frechet import frechet_distance_stats, in_memory_statistics, streamed_statistics
 
 pytestmark = pytest.mark.filterwarnings("ignore:The `disp` argument:DeprecationWarning")  # pytorch-fid 0.3 on scipy
 
@@ -23,8 +24,8 @@ def _gaussian(n: int, f: int, seed: int, shift: float = 0.0) -> torch.Tensor:
 
 def test_batched_distance_equals_pytorch_fid():
     ref = _gaussian(400, 6, 0)
-    mu_r, s_r = feature_stats(ref)
-    others = [feature_stats(_gaussian(300, 6, s, shift=0.1 * s)) for s in range(1, 5)]
+    mu_r, s_r = in_memory_statistics(ref)
+    others = [in_memory_statistics(_gaussian(300, 6, s, shift=0.1 * s)) for s in range(1, 5)]
     got = frechet_distance_batch(
         torch.tensor(np.stack([m for m, _ in others])),
         torch.tensor(np.stack([s for _, s in others])),
@@ -37,12 +38,12 @@ def test_batched_distance_equals_pytorch_fid():
 
 def test_interval_is_the_shifted_percentile_of_resampled_distances():
     x, ref = _gaussian(60, 4, 1, shift=0.3), _gaussian(500, 4, 2)
-    mu_r, s_r = feature_stats(ref)
+    mu_r, s_r = in_memory_statistics(ref)
     got = frechet_interval(x, mu_r, s_r, resamples=50, seed=7)
     # the same resamples, one at a time, with pytorch-fid's distance
     idx = torch.randint(0, 60, (50, 60), generator=torch.Generator().manual_seed(7))
-    dist = np.array([calculate_frechet_distance(*feature_stats(x[i]), mu_r, s_r) for i in idx])
-    own = calculate_frechet_distance(*feature_stats(x), mu_r, s_r)
+    dist = np.array([calculate_frechet_distance(*in_memory_statistics(x[i]), mu_r, s_r) for i in idx])
+    own = calculate_frechet_distance(*in_memory_statistics(x), mu_r, s_r)
     bias = dist.mean() - own
     assert got.bias == pytest.approx(bias, rel=1e-6) and bias > 0  # repeated rows look farther away
     lo, hi = np.quantile(dist, [0.025, 0.975])
@@ -52,7 +53,7 @@ def test_interval_is_the_shifted_percentile_of_resampled_distances():
 
 
 def test_interval_narrows_with_more_samples():
-    mu_r, s_r = feature_stats(_gaussian(4000, 4, 3))
+    mu_r, s_r = in_memory_statistics(_gaussian(4000, 4, 3))
     small = frechet_interval(_gaussian(100, 4, 4, 0.2), mu_r, s_r, resamples=200)
     large = frechet_interval(_gaussian(1600, 4, 4, 0.2), mu_r, s_r, resamples=200)
     assert large.width < small.width / 2  # ~1/sqrt(16)
@@ -70,10 +71,10 @@ def test_interval_refuses_bad_arguments(kwargs, message):
 
 def test_floor_scores_as_many_held_out_rows():
     gen, floor = _gaussian(30, 3, 5, 1.0), _gaussian(80, 3, 6)
-    mu_r, s_r = feature_stats(_gaussian(500, 3, 7))
+    mu_r, s_r = in_memory_statistics(_gaussian(500, 3, 7))
     score = score_features(gen, mu_r, s_r, floor, resamples=20)
     assert score.floor_n == 30
-    assert score.floor == pytest.approx(calculate_frechet_distance(*feature_stats(floor[:30]), mu_r, s_r))
+    assert score.floor == pytest.approx(calculate_frechet_distance(*in_memory_statistics(floor[:30]), mu_r, s_r))
     assert score.floor < score.value  # the shifted sample is farther than real rows
     assert set(score.columns("q")) == {"q", "q_lo", "q_hi", "q_floor"}
     assert score_features(gen, mu_r, s_r, floor[:10], resamples=20).floor_n == 10  # fewer held out than generated
@@ -100,6 +101,8 @@ def test_fid_score_has_the_fid_its_interval_and_floor():
     digits = load_dataset("digits", image_size=8, train_size=300, seed=0)
     generated = torch.rand(80, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     score = fid_score(generated, digits.images, model=net, floor01=digits.holdout, resamples=30)
-    assert score.value == pytest.approx(fid(generated, digits.images, model=net))
-    assert score.floor == pytest.approx(fid(digits.holdout[:80], digits.images, model=net)) and score.floor_n == 80
+    ref = streamed_statistics(digits.images, net)
+    point = lambda x: frechet_distance_stats(*streamed_statistics(x, net), *ref)  # noqa: E731
+    assert score.value == pytest.approx(point(generated))
+    assert score.floor == pytest.approx(point(digits.holdout[:80])) and score.floor_n == 80
     assert score.lo <= score.value <= score.hi and score.floor < score.lo

@@ -215,9 +215,9 @@ class _RecordingEvaluator(MemorizationEvaluator):
     labels: list[torch.Tensor] = []
 
     def generate(self, model):
-        images = super().generate(model)
-        _RecordingEvaluator.labels.append(self.last_labels)
-        return images
+        images, labels = super().generate(model)
+        _RecordingEvaluator.labels.append(labels)
+        return images, labels
 
 
 def test_a_conditional_federated_run_trains_and_samples_with_labels(tmp_path, caplog):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -34,14 +36,17 @@ def test_planted_copies_raise_mq_and_copy_scores(tmp_path, cache, digits):
     copies = digits.images[:30].float() / 255
     images = torch.cat([copies, torch.rand(70, 1, 8, 8, generator=gen)])
     ev = MemorizationEvaluator(_settings(cache), digits, tmp_path, torch.device("cpu"))
-    m = ev.evaluate_images(images, "round004", "round 4")
+    result = ev.evaluate_images(images, "round004", "round 4")
+    m = result.metrics
     quality = {f"{q}{c}" for q in ("fid", "digit_fd") for c in ("", "_lo", "_hi", "_floor")}
     assert set(m) == {"mq_0.4", "mq_0.5", "mq_0.6", "copy_1", "copy_5"} | quality
     assert m["digit_fd_lo"] <= m["digit_fd"] <= m["digit_fd_hi"] and m["digit_fd_floor"] < m["digit_fd"]
     assert m["mq_0.4"] == 30  # exact copies have ratio 0; uniform noise is far from every digit
     assert m["copy_1"] == pytest.approx(0.30) and m["copy_5"] == pytest.approx(0.30)
     assert m["fid"] is None and ev.fid_reason == "disabled by setting fid = false"
-    assert ev.last_images is images and torch.equal(ev.last_neighbours.nearest[:30], torch.arange(30))
+    assert result.images is images and torch.equal(result.neighbours.nearest[:30], torch.arange(30))
+    assert result.labels is None and set(result.scores) == {"digit_fd"}  # FID is off
+    assert result.report == tmp_path / "eval_round004.md"
     for name in ("samples_round004.png", "pairs_round004.png", "ratios_round004.png", "eval_round004.md"):
         assert (tmp_path / name).is_file(), name
     report = (tmp_path / "eval_round004.md").read_text()
@@ -49,7 +54,7 @@ def test_planted_copies_raise_mq_and_copy_scores(tmp_path, cache, digits):
     for text in (*texts, "95% interval", "with 100 held-out images", "bootstrap over the generated images"):
         assert text in report, text
     assert "![pairs](pairs_round004.png)" in report and "| 1 | 0 | 0 | 0.0000 | 0 |" in report
-    assert m["digit_fd"] > ev.evaluate_images(digits.images[200:].float() / 255, "real")["digit_fd"]
+    assert m["digit_fd"] > ev.evaluate_images(digits.images[200:].float() / 255, "real").metrics["digit_fd"]
 
 
 def test_call_samples_the_model_and_reports_fid_reason(tmp_path, cache, digits):
@@ -58,10 +63,14 @@ def test_call_samples_the_model_and_reports_fid_reason(tmp_path, cache, digits):
     settings = _settings(cache, fid=True, fid_weights=str(bad))
     torch.manual_seed(0)
     ev = MemorizationEvaluator(settings, digits, tmp_path, torch.device("cpu"))
-    m = ev(3, build_unet("tiny", 8, 1))
-    assert ev.last_images.shape == (24, 1, 8, 8) and 0 <= ev.last_images.min() <= ev.last_images.max() <= 1
+    result = ev(3, build_unet("tiny", 8, 1))
+    m, images = result.metrics, result.images
+    assert images.shape == (24, 1, 8, 8) and 0 <= images.min() <= images.max() <= 1 and result.labels is None
     assert m["fid"] is None and "fid-weights file" in ev.fid_reason
     assert f"FID: unavailable ({ev.fid_reason})" in (tmp_path / "eval_round003.md").read_text()
+    with pytest.raises(dataclasses.FrozenInstanceError):  # a value, not state of the evaluator
+        result.images = None
+    assert not any(name.startswith("last_") for name in vars(ev))
     assert 0 <= m["copy_1"] <= m["copy_5"] <= 1 and isinstance(m["digit_fd"], float)
 
 
@@ -74,7 +83,7 @@ def test_without_holdout_no_copy_scores(tmp_path, cache):
         torch.empty((0, 3, 4, 4), dtype=torch.uint8),
     )
     ev = MemorizationEvaluator(_settings(cache, mq_thresholds="0.3,0.9"), data, tmp_path, torch.device("cpu"))
-    m = ev.evaluate_images(torch.rand(12, 3, 4, 4, generator=gen), "final")
+    m = ev.evaluate_images(torch.rand(12, 3, 4, 4, generator=gen), "final").metrics
     assert set(m) == {"mq_0.3", "mq_0.9", "fid", "fid_lo", "fid_hi", "fid_floor"}
     assert "copy_1" not in (tmp_path / "eval_final.md").read_text().split("No held-out")[0]
 

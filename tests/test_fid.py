@@ -17,13 +17,12 @@ from evaluation.fid import (
     FID_WEIGHTS_SHA256,
     FIDUnavailable,
     cached_statistics,
-    feature_statistics,
-    fid,
-    frechet_distance_stats,
+    fid_score,
     inception,
     inception_features,
     sha256_file,
 )
+from evaluation.frechet import frechet_distance_stats, in_memory_statistics, streamed_statistics
 
 
 class Flatten(torch.nn.Module):
@@ -61,7 +60,7 @@ def test_fid_of_gaussian_samples_approaches_closed_form():
     x = rng.multivariate_normal(mu1, s1, size=40_000)
     y = rng.multivariate_normal(mu2, s2, size=40_000)
     as_images = lambda f: torch.from_numpy(f).float().view(len(f), 4, 1, 1)  # noqa: E731
-    got = fid(as_images(x), as_images(y), model=Flatten(), batch_size=8192)
+    got = fid_score(as_images(x), as_images(y), model=Flatten(), batch_size=8192, resamples=2).value
     assert got == pytest.approx(frechet_distance_stats(mu1, s1, mu2, s2), rel=0.03)
 
 
@@ -69,24 +68,35 @@ def test_streaming_statistics_equal_numpy_for_any_batch_size():
     feats = torch.from_numpy(np.random.default_rng(2).normal(3.0, 2.0, size=(101, 6))).float()
     images = feats.view(101, 6, 1, 1)
     for batch in (1, 7, 1000):
-        mu, sigma = feature_statistics(images, Flatten(), batch_size=batch)
+        mu, sigma = streamed_statistics(images, Flatten(), batch_size=batch)
         np.testing.assert_allclose(mu, feats.double().numpy().mean(0), rtol=1e-10)
         np.testing.assert_allclose(sigma, np.cov(feats.double().numpy(), rowvar=False), rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="at least 2"):
-        feature_statistics(images[:1], Flatten())
+        streamed_statistics(images[:1], Flatten())
+
+
+def test_streamed_and_in_memory_statistics_agree():
+    """The two fits of a Gaussian (streamed for reference sets, in memory for generated features)
+    give the same mean and covariance to float64 rounding, for any batch size."""
+    feats = torch.from_numpy(np.random.default_rng(7).normal(-1.0, 3.0, size=(257, 9))).float()  # as a model gives
+    mu, sigma = in_memory_statistics(feats)
+    for batch in (1, 50, 1000):
+        mu_s, sigma_s = streamed_statistics(feats.view(257, 9, 1, 1), Flatten(), batch_size=batch)
+        np.testing.assert_allclose(mu_s, mu, rtol=1e-13, atol=1e-13)
+        np.testing.assert_allclose(sigma_s, sigma, rtol=1e-12, atol=1e-12)
 
 
 def test_reference_statistics_cached_under_key(tmp_path):
     gen = torch.rand(50, 3, 1, 1, generator=torch.Generator().manual_seed(3))
     ref = torch.randint(0, 256, (80, 3, 1, 1), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
     model = Flatten()
-    first = fid(gen, ref, model=model, reference_key="digits-80-abc", cache=str(tmp_path))
+    first = fid_score(gen, ref, model=model, reference_key="digits-80-abc", cache=str(tmp_path), resamples=2).value
     files = list((tmp_path / "fid").glob("digits-80-abc-*.npz"))
     assert len(files) == 1
     calls = model.calls
-    second = fid(gen, ref, model=model, reference_key="digits-80-abc", cache=str(tmp_path))
+    second = fid_score(gen, ref, model=model, reference_key="digits-80-abc", cache=str(tmp_path), resamples=2).value
     assert second == first and model.calls - calls == 1  # only the generated batch was run again
-    assert first == pytest.approx(fid(gen, ref, model=Flatten()), rel=1e-9)  # same as uncached
+    assert first == pytest.approx(fid_score(gen, ref, model=Flatten(), resamples=2).value, rel=1e-9)  # same as uncached
     # a cache entry for another key is not used: other images, another FID
     mu, _ = cached_statistics(ref[:40], "digits-40-def", Flatten(), tmp_path)
     np.testing.assert_allclose(mu, ref[:40].double().numpy().reshape(40, 3).mean(0) / 255, rtol=1e-6)
@@ -98,7 +108,7 @@ def test_missing_or_corrupt_weights_raise_unavailable(tmp_path):
     with pytest.raises(FIDUnavailable, match="fid-weights file .*bad.pth refused: its sha256 is"):
         inception(str(bad), "cpu")
     with pytest.raises(FIDUnavailable, match="fid-weights file .*missing.pth: no such file"):
-        fid(torch.rand(4, 3, 8, 8), torch.rand(4, 3, 8, 8), str(tmp_path / "missing.pth"))
+        fid_score(torch.rand(4, 3, 8, 8), torch.rand(4, 3, 8, 8), str(tmp_path / "missing.pth"), resamples=2)
     with pytest.raises(FIDUnavailable, match="not a weights-only state dict"):  # right hash, not a checkpoint
         inception(str(bad), "cpu", sha256_file(bad))
 
@@ -141,10 +151,11 @@ def test_weights_with_another_hash_are_refused(random_weights, hub, tmp_path):
     data = load_dataset("digits", image_size=8, train_size=40, seed=0)
     settings = Settings(fid=True, fid_weights=str(random_weights), fid_cache_dir=str(tmp_path), mq_neighbours=5)
     ev = MemorizationEvaluator(settings, data, tmp_path / "eval", torch.device("cpu"))
-    metrics = ev.evaluate_images(data.images[:6].float() / 255)
+    result = ev.evaluate_images(data.images[:6].float() / 255)
+    metrics = result.metrics
     assert metrics["fid"] is None and metrics["mq_0.4"] == 6
     assert "fid-weights file" in ev.fid_reason and "refused: its sha256 is" in ev.fid_reason
-    assert f"FID: unavailable ({ev.fid_reason})" in ev.last_report.read_text()
+    assert f"FID: unavailable ({ev.fid_reason})" in result.report.read_text()
 
 
 def test_download_is_hash_checked(hub, monkeypatch):
@@ -217,8 +228,8 @@ def test_accepted_weights_give_pytorch_fids_network_and_fid(random_weights, hub)
     torch.set_num_threads(1)  # small 299x299 batches: threads only add spin-waits on a busy CPU
     try:
         feats = inception_features(gen[:1], ours)
-        stats = {name: [feature_statistics(x, m) for x in (gen, real)] for name, m in (("ours", ours), ("pf", theirs))}
-        got = fid(gen, real, str(random_weights), expected_sha256=digest)  # one 2048-d sqrtm: ~10 s on a CPU
+        stats = {name: [streamed_statistics(x, m) for x in (gen, real)] for name, m in (("ours", ours), ("pf", theirs))}
+        got = fid_score(gen, real, str(random_weights), expected_sha256=digest, resamples=2).value  # 2048-d: ~20 s
     finally:
         torch.set_flush_denormal(False)
         torch.set_num_threads(threads)

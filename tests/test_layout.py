@@ -52,6 +52,44 @@ def test_no_test_helpers_in_the_package():
             assert "unittest" not in _imported_modules(path), f"{path.relative_to(ROOT)} imports unittest"
 
 
+def _sibling_imports(path: Path, package: str, siblings: set[str]) -> set[str]:
+    """The modules of ``package`` that ``path`` imports anywhere (top level or inside a function)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            parts = [a.name.split(".") for a in node.names]
+            found |= {p[1] for p in parts if len(p) > 1 and p[0] == package}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 1 or (node.level == 0 and node.module and node.module.split(".")[0] == package):
+                module = (node.module or "").split(".")[node.level == 0 :]
+                if module:
+                    found.add(module[0])
+                else:  # from . import x, from package import x
+                    found |= {a.name for a in node.names}
+    return found & siblings - {path.stem}
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_no_import_circle_among_a_packages_modules(package):
+    """Each folder's modules import each other one way: the graph of their imports, function-level
+    ones included (where a circle would hide), has no cycle."""
+    paths = {p.stem: p for p in (ROOT / package).glob("*.py") if p.stem != "__init__"}
+    graph = {name: _sibling_imports(path, package, set(paths)) for name, path in paths.items()}
+    done: set[str] = set()
+
+    def visit(name: str, trail: list[str]) -> None:
+        if name in trail:
+            cycle = " -> ".join([*trail[trail.index(name) :], name])
+            pytest.fail(f"{package}/ import circle: {cycle}")
+        if name not in done:
+            for other in sorted(graph[name]):
+                visit(other, [*trail, name])
+            done.add(name)
+
+    for name in sorted(graph):
+        visit(name, [])
+
+
 MAX_FUNCTION_LINES = 60
 
 
