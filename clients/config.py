@@ -1,5 +1,5 @@
 """What a shard's local training reads: the few settings of the trainer, AGC and TAA, as plain
-values (the app's ``Settings.train_config()`` makes one; a notebook can write one by hand)."""
+values (the app's ``fl_app.config.train_config(settings)`` makes one; a notebook can write one by hand)."""
 
 from __future__ import annotations
 

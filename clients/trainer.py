@@ -161,7 +161,7 @@ def train_shard(
     images : torch.Tensor
         The shard's images, uint8 (N, C, H, W).
     config : TrainConfig
-        The local training's settings (``Settings.train_config()`` in the app).
+        The local training's settings (``fl_app.config.train_config(settings)`` in the app).
     state : ShardState
         What the shard keeps across rounds (Adam moments, warm-up position, memory bank); updated
         in place.

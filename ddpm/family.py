@@ -18,7 +18,7 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from .schedule import ddim_sample, model_classes, train_scheduler
+from .schedule import ddim_sample, draw_class_labels, model_classes, train_scheduler
 
 
 @runtime_checkable
@@ -46,6 +46,11 @@ class DiffusionFamily(Protocol):
 
     def noise_like(self, images: torch.Tensor) -> torch.Tensor:
         """Standard normal noise in the space the network denoises, for a batch of pixels."""
+        ...
+
+    def draw_condition(self, model: torch.nn.Module, num_images: int, seed: int) -> torch.Tensor | None:
+        """The conditions to sample ``num_images`` evaluation images with (None: unconditional),
+        condition i a function of (seed, i) alone."""
         ...
 
     def check_condition(self, model: torch.nn.Module, condition: torch.Tensor | None, n: int) -> torch.Tensor | None:
@@ -154,9 +159,10 @@ class PixelDDPM:
             model, num_images, steps=steps, batch_size=batch_size, seed=seed, device=device, class_labels=condition
         )
 
-    def classes(self, model: torch.nn.Module) -> int | None:
-        """The number of classes the model is conditioned on, or None."""
-        return model_classes(model)
+    def draw_condition(self, model: torch.nn.Module, num_images: int, seed: int) -> torch.Tensor | None:
+        """Class labels uniform over the model's classes (``draw_class_labels``), or None."""
+        classes = model_classes(model)
+        return None if classes is None else draw_class_labels(num_images, classes, seed)
 
     def pipeline(self, model: torch.nn.Module) -> DDPMPipeline:
         if not isinstance(model, UNet2DModel):

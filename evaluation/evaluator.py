@@ -18,11 +18,11 @@ import torch
 from diffusers import UNet2DModel
 
 from ddpm.data import ImageSet
+from ddpm.family import PIXEL_DDPM, DiffusionFamily
 from ddpm.files import atomic_write
-from ddpm.schedule import ddim_sample, draw_class_labels, model_classes
-from ddpm.settings import Settings
 
 from .bootstrap import QualityScore
+from .config import EvalConfig
 from .digit_fd import DigitFD, load_digit_fd
 from .fid import FIDUnavailable, cache_dir, fid_score
 from .mq import Neighbours, copy_scores, holdout_quantiles, mq_counts, nearest_neighbours
@@ -70,10 +70,9 @@ class MemorizationEvaluator:
 
     Parameters
     ----------
-    settings : Settings
-        The run's settings; the evaluator reads ``eval-num-images``, ``eval-batch-size``,
-        ``sample-steps``, ``seed``, ``mq-neighbours``, ``mq-thresholds``, ``fid``, ``fid-weights``
-        and ``fid-cache-dir``.
+    config : EvalConfig
+        What an evaluation reads (``eval_config(settings)`` in the app): image count, batch size,
+        DDIM steps, seed, n and the deltas of MQ, FID's switch, weights and cache.
     data : ImageSet
         The training images (MQ's and FID's reference) and the held-out real images (the copy
         scores' calibration, the floors, digit_fd's classifier); none held out: no copy scores.
@@ -81,13 +80,23 @@ class MemorizationEvaluator:
         Where each evaluation's pictures and report go (made when missing).
     device : torch.device
         Where sampling, the nearest-neighbour search, the Inception network and the bootstrap run.
+    family : DiffusionFamily (default: PIXEL_DDPM)
+        The model family: how a model samples and what conditions it.
     """
 
-    def __init__(self, settings: Settings, data: ImageSet, out_dir: Path, device: torch.device) -> None:
-        self.settings, self.data, self.out_dir, self.device = settings, data, Path(out_dir), torch.device(device)
-        self.fid_reason = "" if settings.fid else "disabled by setting fid = false"
+    def __init__(
+        self,
+        config: EvalConfig,
+        data: ImageSet,
+        out_dir: Path,
+        device: torch.device,
+        family: DiffusionFamily = PIXEL_DDPM,
+    ) -> None:
+        self.config, self.data, self.out_dir, self.device = config, data, Path(out_dir), torch.device(device)
+        self.family = family
+        self.fid_reason = "" if config.fid else "disabled by setting fid = false"
         self.digit_fd_reason = ""
-        self.cache = cache_dir(settings.fid_cache_dir)
+        self.cache = cache_dir(config.fid_cache_dir)
         self._holdout_ratio: torch.Tensor | None = None
         self._digit_fd: DigitFD | None = None
         self._fid_floor: dict[int, float | None] = {}  # per generated count: Inception on the hold-out is slow
@@ -100,17 +109,16 @@ class MemorizationEvaluator:
     def generate(self, model: UNet2DModel) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``eval-num-images`` DDIM samples in [0, 1], seeded by the run's seed, and their class labels: a
         class-conditional model gets labels drawn uniformly over its classes (None: unconditional)."""
-        s = self.settings
-        classes = model_classes(model)
-        labels = None if classes is None else draw_class_labels(s.eval_num_images, classes, s.seed)
-        images = ddim_sample(
+        s = self.config
+        labels = self.family.draw_condition(model, s.eval_num_images, s.seed)
+        images = self.family.sample(
             model,
             s.eval_num_images,
             steps=s.sample_steps,
             batch_size=s.eval_batch_size,
             seed=s.seed,
             device=self.device,
-            class_labels=labels,
+            condition=labels,
         )
         return images, labels
 
@@ -120,7 +128,7 @@ class MemorizationEvaluator:
     ) -> Evaluation:
         """All metrics, pictures and the report for generated ``images`` in [0, 1] (N, C, H, W);
         ``labels``: their class labels, when the model is conditional (the report notes them)."""
-        s, data = self.settings, self.data
+        s, data = self.config, self.data
         self.out_dir.mkdir(parents=True, exist_ok=True)
         neighbours = nearest_neighbours(
             images,
@@ -171,7 +179,7 @@ class MemorizationEvaluator:
     def holdout_ratio(self) -> torch.Tensor | None:
         """Eq. 12 ratio of every held-out real image against the training set (computed once)."""
         if self._holdout_ratio is None and len(self.data.holdout):
-            n = self.settings.mq_neighbours
+            n = self.config.mq_neighbours
             self._holdout_ratio = nearest_neighbours(
                 self.data.holdout,
                 self.data.images,
@@ -184,20 +192,20 @@ class MemorizationEvaluator:
     def _fid(self, images: torch.Tensor) -> QualityScore | None:
         if self.fid_reason:  # disabled, or already failed this run: do not retry the download
             return None
-        batch = self.settings.eval_batch_size if self.device.type == "cuda" else min(self.settings.eval_batch_size, 50)
+        batch = self.config.eval_batch_size if self.device.type == "cuda" else min(self.config.eval_batch_size, 50)
         n = images.shape[0]
         floor01 = self.data.holdout if len(self.data.holdout) >= 2 and n not in self._fid_floor else None
         try:
             score = fid_score(
                 images,
                 self.data.images,
-                self.settings.fid_weights,
+                self.config.fid_weights,
                 self.device,
                 floor01=floor01,
                 batch_size=batch,
                 reference_key=f"{self.data.name}-{self.data.fingerprint}",
                 cache=str(self.cache),
-                seed=self.settings.seed,
+                seed=self.config.seed,
             )
         except (FIDUnavailable, ValueError) as err:
             self.fid_reason = str(err)
@@ -215,7 +223,7 @@ class MemorizationEvaluator:
                 if labels is None:
                     raise ValueError("the digit classifier needs labelled held-out digits")
                 self._digit_fd = load_digit_fd(
-                    self.data.images, self.data.labels, self.data.holdout, labels, self.cache, self.settings.seed
+                    self.data.images, self.data.labels, self.data.holdout, labels, self.cache, self.config.seed
                 )
             except ValueError as err:
                 self.digit_fd_reason = str(err)
@@ -223,7 +231,7 @@ class MemorizationEvaluator:
         if self._digit_fd is None:
             return None
         try:
-            return self._digit_fd.score(images, seed=self.settings.seed)
+            return self._digit_fd.score(images, seed=self.config.seed)
         except ValueError as err:  # e.g. a single generated image has no covariance
             log.warning("digit_fd unavailable: %s", err)
             return None

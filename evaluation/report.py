@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 
 from ddpm.data import ImageSet
-from ddpm.settings import Settings
 
 from .bootstrap import DEFAULT_LEVEL, DEFAULT_RESAMPLES, QualityScore
+from .config import EvalConfig
 from .mq import COPY_LEVELS, Neighbours, holdout_quantiles
 
 PAIRS_LISTED = 10  # rows of the closest-pairs table
@@ -21,7 +21,7 @@ PAIRS_LISTED = 10  # rows of the closest-pairs table
 def write_report(
     target: Path,
     title: str,
-    settings: Settings,
+    config: EvalConfig,
     data: ImageSet,
     metrics: Mapping[str, float | None],
     neighbours: Neighbours,
@@ -37,7 +37,7 @@ def write_report(
     """Writes the report to ``target`` and returns it. ``pictures`` maps samples/pairs/ratios to file
     names beside it; ``scores`` holds the quality figures that were computed, the reasons say why
     the others are missing; ``digit_fd_accuracy`` is the digit classifier's (NaN without one)."""
-    s, num = settings, neighbours.ratio.numel()
+    s, num = config, neighbours.ratio.numel()
     lines = [
         f"# Evaluation, {title}",
         "",

@@ -17,11 +17,11 @@ from ddpm.adapters import load_trainable, trainable_state
 from ddpm.base import model_fingerprint
 from ddpm.data import ImageSet, load_dataset
 from ddpm.device import resolve_device
-from ddpm.model import initial_model
-from ddpm.settings import Settings
 from strategies.protocol import NUM_EXAMPLES, TRAIN_SECONDS, Instruction, pack_reply, read_instruction, reply_metrics
 
 from .config import settings_from_message, train_config
+from .model import initial_model
+from .settings import Settings
 
 
 def train(msg: Message, context: Context, **train_kwargs) -> Message:

@@ -8,8 +8,10 @@ from dataclasses import fields
 from typing import Any
 
 from clients.config import TrainConfig
-from ddpm.settings import Settings
+from evaluation.config import EvalConfig
 from strategies.aggregation import AggregationConfig
+
+from .settings import Settings
 
 
 def settings_from_run_config(run_config: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> Settings:
@@ -62,3 +64,8 @@ def train_config(settings: Settings) -> TrainConfig:
 def aggregation_config(settings: Settings) -> AggregationConfig:
     """The aggregation settings, as the strategies' own config."""
     return AggregationConfig(**{f.name: getattr(settings, f.name) for f in fields(AggregationConfig)})
+
+
+def eval_config(settings: Settings) -> EvalConfig:
+    """The few settings an evaluation reads, as ``evaluation``'s own config."""
+    return EvalConfig(**{f.name: getattr(settings, f.name) for f in fields(EvalConfig)})

@@ -11,7 +11,6 @@ from flwr.app import ArrayRecord, MetricRecord
 from flwr.common.logger import log
 
 from ddpm.adapters import adapter_state, merged_unet
-from ddpm.settings import Settings
 from ddpm.unet import num_parameters
 from evaluation.columns import evaluation_columns
 from evaluation.evaluator import Evaluation
@@ -21,6 +20,7 @@ from strategies.iet import IETStrategy, RoundLog, StrategyState
 
 from .checkpoint import Checkpoint, save_checkpoint
 from .run_folder import COUNT_COLUMNS, RunWriter
+from .settings import Settings
 
 EVAL_SECONDS = "eval-seconds"  # reported by the evaluation function, printed, not kept in rounds.csv
 

@@ -12,7 +12,6 @@ import pandas as pd
 import torch
 
 from ddpm.family import PIXEL_DDPM, DiffusionFamily
-from ddpm.settings import Settings
 from evaluation.columns import evaluation_columns, mq_column
 from evaluation.plots import plot_curves, save_sample_grid
 from strategies import protocol
@@ -20,6 +19,7 @@ from strategies.replies import record_bytes
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import toml_value
+from .settings import Settings
 
 COUNT_COLUMNS = ("moved", "replies", "dropped", "timed_out")  # rounds.csv, after the reply metrics' means
 

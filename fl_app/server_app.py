@@ -22,7 +22,6 @@ from flwr.serverapp.strategy import Strategy
 from ddpm.adapters import load_trainable, trainable_state
 from ddpm.data import ImageSet, load_dataset
 from ddpm.device import resolve_device
-from ddpm.settings import Settings
 from evaluation.evaluator import Evaluation, Evaluator, MemorizationEvaluator
 from strategies import protocol
 from strategies.aggregation import Resumable, make_aggregator
@@ -31,11 +30,12 @@ from strategies.iet import IETStrategy, RunStopped
 from strategies.msr import Redistribution, make_redistribution
 
 from .checkpoint import checkpoint_settings
-from .config import aggregation_config, settings_from_run_config
+from .config import aggregation_config, eval_config, settings_from_run_config
 from .parent import parent_gone
 from .recorder import EVAL_SECONDS, RunRecorder, finish_run, model_line
 from .resume import resumed_settings, run_folder_lock
 from .run_folder import RunWriter, new_run_dir
+from .settings import Settings
 from .start import Start, start_point
 
 
@@ -88,7 +88,7 @@ def run(
             INFO,
             _first_line(settings, data, start, device, settings.aggregation if named else type(aggregator).__name__),
         )
-        evaluator = evaluator_factory(settings, data, start.writer.path, device)
+        evaluator = evaluator_factory(eval_config(settings), data, start.writer.path, device)
         strategy = make_strategy(settings, data, start, redistribution, aggregator)
         evaluate_fn = EvaluateFn(evaluator, start.model, eval_rounds(settings))
         try:

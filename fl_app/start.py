@@ -13,13 +13,13 @@ from diffusers import UNet2DModel
 from ddpm.adapters import load_trainable
 from ddpm.base import model_fingerprint
 from ddpm.data import ImageSet
-from ddpm.model import initial_model
-from ddpm.settings import Settings
-from ddpm.shards import make_shards
 from strategies.ledger import ShardLedger
+from strategies.shards import make_shards
 
 from .checkpoint import Checkpoint, load_checkpoint
+from .model import initial_model
 from .run_folder import RunWriter
+from .settings import Settings
 
 
 @dataclass

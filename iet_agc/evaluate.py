@@ -27,6 +27,7 @@ import numpy as np
 from ddpm.device import DEVICES
 from ddpm.files import error_text as _reason
 from ddpm.progress import bars
+from fl_app.config import eval_config
 
 from .inputs import (
     InputError,
@@ -125,7 +126,7 @@ def _locate(spec: str) -> tuple[Path | None, Path]:
 def evaluate_settings(run_dir: Path | None, args: argparse.Namespace):
     """The run's settings.toml (if any) < ``--set`` < ``--num-images``/``--device``; a refusal names
     where the value came from (the option, or the settings file)."""
-    from ddpm.settings import Settings
+    from fl_app.settings import Settings
 
     values: dict[str, Any] = {}
     origin: dict[str, str] = {}
@@ -260,7 +261,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return fail("evaluate", err)
     for note in notes:
         warnings.showwarning(note.message, note.category, note.filename, note.lineno)
-    evaluator = MemorizationEvaluator(settings, data, out, device)
+    evaluator = MemorizationEvaluator(eval_config(settings), data, out, device)
     summary = evaluate_saved(evaluator, unet, f"{pipeline_dir} ({settings.eval_num_images} images)")
     print(json.dumps(summary), flush=True)  # stdout: this JSON line only
     return 0

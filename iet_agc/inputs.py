@@ -247,7 +247,7 @@ def _read_folder(root: Path, option: str) -> torch.Tensor:
 
 def parse_thresholds(text: str) -> tuple[float, ...]:
     """``--thresholds``: the settings' rule for ``mq-thresholds``, as an InputError."""
-    from ddpm.settings import parse_thresholds as settings_thresholds
+    from fl_app.settings import parse_thresholds as settings_thresholds
 
     try:
         return settings_thresholds(text, "--thresholds")

@@ -21,10 +21,10 @@ import tomllib
 from dataclasses import fields
 from pathlib import Path
 
-from ddpm.settings import Settings
 from fl_app.checkpoint import CheckpointError, load_checkpoint
 from fl_app.config import settings_from_run_config, toml_value
 from fl_app.resume import resumed_settings, run_folder_lock
+from fl_app.settings import Settings
 
 from .inputs import InputError, fail, parse_pairs, parse_run_config
 

@@ -23,7 +23,7 @@ from typing import Any
 import pandas as pd
 
 from ddpm.files import atomic_write
-from fl_app.config import settings_from_run_config
+from fl_app.config import eval_config, settings_from_run_config
 from fl_app.run_folder import run_folders, run_result, settings_of
 from fl_app.simulation import run_in_process
 
@@ -152,7 +152,8 @@ def evaluate_base(config: Mapping[str, Any]) -> dict[str, Any]:
 
     settings = settings_from_run_config(config)
     data = load_dataset(**settings.dataset_kwargs())
-    evaluator = MemorizationEvaluator(settings, data, Path(settings.out_dir), resolve_device(settings.device))
+    device = resolve_device(settings.device)
+    evaluator = MemorizationEvaluator(eval_config(settings), data, Path(settings.out_dir), device)
     summary = evaluate_saved(evaluator, load_base_unet(settings.init_from), f"{settings.init_from}, not fine-tuned")
     return {k: v for k, v in summary.items() if k not in RUN_FACTS and v is not None}
 

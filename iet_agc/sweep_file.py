@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ddpm.settings import Settings
 from evaluation.columns import QUALITY_FIGURES
 from fl_app.config import settings_from_run_config
 from fl_app.run_folder import run_folders, settings_of
+from fl_app.settings import Settings
 
 SECTIONS = ("base", "seeds", "quality", "out", "set", "pretrain", "rows", "grid", "vary")
 RESERVED = ("seed", "out-dir", "resume")  # the sweep sets these itself

@@ -10,8 +10,8 @@ from typing import Any
 
 import pandas as pd
 
-from ddpm.settings import Settings
 from fl_app.run_folder import run_result
+from fl_app.settings import Settings
 
 from .sweep_file import REFERENCE, Sweep
 

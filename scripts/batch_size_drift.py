@@ -25,8 +25,9 @@ import torch
 from diffusers import UNet2DModel
 
 from ddpm.data import load_dataset
-from ddpm.settings import Settings
 from evaluation.evaluator import MemorizationEvaluator
+from fl_app.config import eval_config
+from fl_app.settings import Settings
 
 METRICS = ("mq_0.4", "mq_0.5", "mq_0.6", "copy_1", "copy_5", "digit_fd")
 
@@ -54,7 +55,7 @@ def main() -> None:
         for batch_size, threads in modes:
             torch.set_num_threads(threads)
             mode = settings.replace(eval_batch_size=batch_size)
-            ev = MemorizationEvaluator(mode, data, Path(tmp), torch.device("cpu"))
+            ev = MemorizationEvaluator(eval_config(mode), data, Path(tmp), torch.device("cpu"))
             images, labels = ev.generate(unet)
             metrics = ev.evaluate_images(images, f"b{batch_size}t{threads}", labels=labels).metrics
             first = images if first is None else first

@@ -27,8 +27,8 @@ from clients.trainer import agc_taa_loss
 from ddpm.adapters import AdapterSpec, attach_adapter, trainable_state
 from ddpm.device import resolve_device
 from ddpm.schedule import NUM_TRAIN_TIMESTEPS, train_scheduler
-from ddpm.settings import Settings
 from ddpm.unet import build_unet
+from fl_app.settings import Settings
 from strategies.replies import record_bytes
 
 SHAPES = {"tiny": (8, 1), "cifar": (32, 3), "afhq64": (64, 3)}  # image size, channels

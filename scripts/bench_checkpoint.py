@@ -21,9 +21,9 @@ import torch
 
 from clients.state import ShardStateStore
 from clients.trainer import ShardState, train_shard
-from ddpm.settings import Settings
 from ddpm.unet import build_unet, num_parameters
 from fl_app.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fl_app.settings import Settings
 from strategies.ledger import ShardLedger
 
 SIZES = {"tiny": (8, 1), "cifar": (32, 3)}

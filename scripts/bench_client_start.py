@@ -41,8 +41,8 @@ started = time.time()
 import fl_app.client_app  # noqa: F401  what flwr-clientapp imports: torch, diffusers, flwr, the app
 from safetensors.torch import load_file
 from ddpm.data import load_dataset
-from ddpm.model import initial_model
-from ddpm.settings import Settings
+from fl_app.model import initial_model
+from fl_app.settings import Settings
 from ddpm.unet import build_unet
 imported = time.time()
 data = load_dataset(**args["data"], cache_dir=args["cache_dir"])

@@ -23,8 +23,8 @@ from clients.taa import RandAugmentPolicy
 from clients.trainer import agc_taa_loss, plain_loss
 from ddpm.device import resolve_device
 from ddpm.schedule import NUM_TRAIN_TIMESTEPS, train_scheduler
-from ddpm.settings import Settings
 from ddpm.unet import build_unet
+from fl_app.settings import Settings
 
 MODES = ("plain", "agc", "taa")
 SHAPES = {"tiny": (8, 1, 64), "cifar": (32, 3, 32)}  # image size, channels, batch (CPU-sized for cifar)

@@ -18,9 +18,9 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, Strategy
 
-from ddpm.settings import AGGREGATIONS
-
 from .protocol import METRICS, NUM_EXAMPLES
+
+AGGREGATIONS = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedtrimmedavg", "fedmedian")  # Flower strategies
 
 
 @runtime_checkable

@@ -14,6 +14,8 @@ from typing import Protocol
 
 import numpy as np
 
+MSR_MODES = ("memory", "random", "none")  # the msr setting: most-skipped samples, random ones, none
+
 
 @dataclass(frozen=True)
 class Moves:

@@ -20,8 +20,8 @@ from ddpm.adapters import (
     trainable_state,
 )
 from ddpm.base import model_fingerprint
-from ddpm.settings import Settings
 from ddpm.unet import build_unet
+from fl_app.settings import Settings
 
 
 @pytest.fixture(scope="module")
@@ -222,8 +222,8 @@ def test_lora_on_a_base_without_attention_names_the_key():
 
 
 def test_a_model_given_its_weights_is_laid_out_without_a_random_draw():
-    from ddpm.model import initial_model
-    from ddpm.settings import Settings
+    from fl_app.model import initial_model
+    from fl_app.settings import Settings
 
     settings = Settings.from_run_config({"model": "tiny", "image-size": 8})
     torch.manual_seed(0)

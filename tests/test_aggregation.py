@@ -14,12 +14,12 @@ from test_strategy import FakeGrid, _strategy, push, reply
 
 from clients.config import TrainConfig
 from clients.trainer import ShardState, proximal_term, train_shard, warmup_schedule
-from ddpm.settings import AGGREGATIONS, Settings
 from ddpm.unet import build_unet
 from examples.custom_aggregation import ClippedFedAvg, aggregator
 from fl_app.checkpoint import load_checkpoint
 from fl_app.client_app import app as client_app
 from fl_app.server_app import make_server_app
+from fl_app.settings import AGGREGATIONS, Settings
 from strategies.aggregation import AggregationConfig, AggregatorWaits, Resumable, make_aggregator
 
 SHARDS = [[0, 1], [2, 3], [4, 5], [6, 7]]

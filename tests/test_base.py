@@ -10,9 +10,9 @@ from diffusers import DDPMPipeline
 
 from ddpm.base import base_config, is_hub_id, load_base_unet
 from ddpm.schedule import train_scheduler
-from ddpm.settings import Settings
 from ddpm.unet import build_unet
 from fl_app.config import settings_from_message, settings_from_run_config
+from fl_app.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 

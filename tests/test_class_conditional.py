@@ -13,14 +13,14 @@ from flwr.simulation import run_simulation
 from clients.agc import RatioSkip
 from clients.trainer import ShardState, agc_taa_loss, train_shard
 from ddpm.data import load_dataset, num_classes
-from ddpm.model import initial_model
 from ddpm.schedule import ddim_sample, draw_class_labels, train_scheduler
-from ddpm.settings import Settings
 from ddpm.unet import build_unet
 from evaluation.evaluator import MemorizationEvaluator
 from fl_app.client_app import app as client_app
 from fl_app.config import settings_from_run_config
+from fl_app.model import initial_model
 from fl_app.server_app import make_server_app
+from fl_app.settings import Settings
 
 CPU = torch.device("cpu")
 

@@ -7,9 +7,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 
 from clients.state import ShardStateStore
 from ddpm.data import load_dataset
-from ddpm.settings import Settings
 from ddpm.unet import build_unet
 from fl_app.client_app import app
+from fl_app.settings import Settings
 
 pytestmark = pytest.mark.usefixtures("flower_task")
 

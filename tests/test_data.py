@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from ddpm.data import ImageSet, load_dataset
-from ddpm.shards import make_shards
+from strategies.shards import make_shards
 
 
 def test_digits_split_is_seeded_and_disjoint():
@@ -204,7 +204,7 @@ def test_bad_digit_splits_and_other_data_sets_name_the_key():
 
 
 def test_data_seed_fixes_the_split_whatever_the_run_seed():
-    from ddpm.settings import Settings
+    from fl_app.settings import Settings
 
     fixed = [Settings(seed=s, data_seed=7, train_size=200, holdout_size=900).dataset_kwargs() for s in (0, 1, 2)]
     assert fixed[0] == fixed[1] == fixed[2] and fixed[0]["seed"] == 7
@@ -230,15 +230,15 @@ def test_data_seed_fixes_the_split_whatever_the_run_seed():
     ],
 )
 def test_split_settings_refuse_bad_values_naming_the_key(changes, message):
-    from ddpm.settings import Settings
+    from fl_app.settings import Settings
 
     with pytest.raises(ValueError, match=f"^{message}"):
         Settings.from_run_config(changes)
 
 
 def test_the_split_cannot_change_on_resume():
-    from ddpm.settings import Settings
     from fl_app.resume import RESUMABLE_KEYS, resumed_settings
+    from fl_app.settings import Settings
 
     saved = Settings(data_seed=4, holdout_size=900, train_size=200).to_run_config()
     for key, value in (("data-seed", 5), ("holdout-size", 800), ("data-split", "spare")):

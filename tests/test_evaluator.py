@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from ddpm.data import ImageSet, load_dataset
-from ddpm.settings import Settings
 from ddpm.unet import build_unet
 from evaluation import digit_fd as dfd
+from evaluation.config import EvalConfig
 from evaluation.evaluator import MemorizationEvaluator
 from evaluation.plots import plot_skip_histogram
 
@@ -26,9 +26,9 @@ def digits():
     return load_dataset("digits", image_size=8, train_size=400, seed=0)
 
 
-def _settings(cache, **kw) -> Settings:
+def _settings(cache, **kw) -> EvalConfig:
     base = dict(fid=False, fid_cache_dir=str(cache), mq_neighbours=10, eval_num_images=24, sample_steps=2)
-    return Settings(**{**base, **kw})
+    return EvalConfig(**{**base, **kw})
 
 
 def test_planted_copies_raise_mq_and_copy_scores(tmp_path, cache, digits):
@@ -82,7 +82,7 @@ def test_without_holdout_no_copy_scores(tmp_path, cache):
         None,
         torch.empty((0, 3, 4, 4), dtype=torch.uint8),
     )
-    ev = MemorizationEvaluator(_settings(cache, mq_thresholds="0.3,0.9"), data, tmp_path, torch.device("cpu"))
+    ev = MemorizationEvaluator(_settings(cache, thresholds=(0.3, 0.9)), data, tmp_path, torch.device("cpu"))
     m = ev.evaluate_images(torch.rand(12, 3, 4, 4, generator=gen), "final").metrics
     assert set(m) == {"mq_0.3", "mq_0.9", "fid", "fid_lo", "fid_hi", "fid_floor"}
     assert "copy_1" not in (tmp_path / "eval_final.md").read_text().split("No held-out")[0]
@@ -111,3 +111,12 @@ def test_skip_histogram(tmp_path):
     assert path.is_file() and path.stat().st_size > 1000
     with pytest.raises(ValueError, match="non-negative"):
         plot_skip_histogram(np.array([1, -1]), tmp_path / "bad.png")
+
+
+def test_the_app_settings_give_the_evaluation_config_and_its_defaults_are_the_settings():
+    from fl_app.config import eval_config
+    from fl_app.settings import Settings
+
+    assert eval_config(Settings()) == EvalConfig()
+    got = eval_config(Settings(mq_thresholds="0.3,0.7", eval_num_images=40, fid=False))
+    assert (got.thresholds, got.eval_num_images, got.fid) == ((0.3, 0.7), 40, False)

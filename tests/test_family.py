@@ -12,10 +12,10 @@ from diffusers import DDPMPipeline
 from clients.trainer import ShardState, agc_taa_loss, train_shard
 from ddpm.data import load_dataset
 from ddpm.family import PIXEL_DDPM, DiffusionFamily, PixelDDPM
-from ddpm.schedule import ddim_sample, train_scheduler
-from ddpm.settings import Settings
+from ddpm.schedule import ddim_sample, draw_class_labels, train_scheduler
 from ddpm.unet import build_unet
 from fl_app.run_folder import RunWriter
+from fl_app.settings import Settings
 
 CPU = torch.device("cpu")
 
@@ -111,3 +111,9 @@ def test_train_shard_and_the_run_folder_take_the_family(tmp_path):
     run.mkdir()
     RunWriter(run, settings).save_model(model, family)
     assert torch.equal(DDPMPipeline.from_pretrained(run / "pipeline").unet.conv_in.weight, model.conv_in.weight)
+
+
+def test_pixel_ddpm_draws_class_labels_to_sample_a_conditional_model_with():
+    assert PIXEL_DDPM.draw_condition(build_unet("tiny", 8, 1), 5, seed=3) is None
+    drawn = PIXEL_DDPM.draw_condition(build_unet("tiny", 8, 1, 10), 5, seed=3)
+    assert torch.equal(drawn, draw_class_labels(5, 10, 3))

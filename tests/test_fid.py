@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from ddpm.data import load_dataset
-from ddpm.settings import Settings
 from evaluation import fid as fidmod
+from evaluation.config import EvalConfig
 from evaluation.evaluator import MemorizationEvaluator
 from evaluation.fid import (
     FID_WEIGHTS_SHA256,
@@ -149,7 +149,7 @@ def test_weights_with_another_hash_are_refused(random_weights, hub, tmp_path):
         inception("", "cpu")
     # the evaluator records FID as unavailable with that reason, and the evaluation goes on
     data = load_dataset("digits", image_size=8, train_size=40, seed=0)
-    settings = Settings(fid=True, fid_weights=str(random_weights), fid_cache_dir=str(tmp_path), mq_neighbours=5)
+    settings = EvalConfig(fid=True, fid_weights=str(random_weights), fid_cache_dir=str(tmp_path), mq_neighbours=5)
     ev = MemorizationEvaluator(settings, data, tmp_path / "eval", torch.device("cpu"))
     result = ev.evaluate_images(data.images[:6].float() / 255)
     metrics = result.metrics

@@ -13,13 +13,13 @@ from flwr.simulation import run_simulation
 from safetensors.torch import load_file
 
 from ddpm.adapters import load_trainable, trainable_state
-from ddpm.model import initial_model
 from ddpm.schedule import ddim_sample, train_scheduler
-from ddpm.settings import Settings
 from ddpm.unet import build_unet
 from fl_app.checkpoint import load_checkpoint
 from fl_app.client_app import app as client_app
+from fl_app.model import initial_model
 from fl_app.server_app import make_server_app
+from fl_app.settings import Settings
 from strategies.iet import IETStrategy
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ddpm.settings import Settings
 from fl_app.config import settings_from_run_config
+from fl_app.settings import Settings
 from iet_agc import run as run_cmd
 from iet_agc import sweep as sweep_cmd
 from iet_agc.cli import build_parser, main

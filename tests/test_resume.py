@@ -22,9 +22,9 @@ import pytest
 from conftest import newcomer_env, stop_local_superlinks, superlink_pids
 from safetensors.numpy import load_file
 
-from ddpm.settings import Settings
 from fl_app.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from fl_app.resume import resumed_settings, run_folder_lock
+from fl_app.settings import Settings
 from iet_agc.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from ddpm.settings import Settings
 from fl_app.config import settings_from_message, settings_from_run_config
+from fl_app.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -2,7 +2,7 @@
 
 The check is the one ``iet-agc run`` makes before it submits (and the ServerApp before round 1):
 ``fl_app.config.settings_from_run_config`` over the pyproject defaults. The allowed ranges are
-written out here again, independently of ``ddpm.settings``, so a range lost there fails here.
+written out here again, independently of ``fl_app.settings``, so a range lost there fails here.
 Valid values drawn from the same table must pass, so a check that refuses everything fails too.
 ``pytest --hypothesis-show-statistics`` shows how many values were tried per key.
 """
@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ddpm.settings import Settings
 from fl_app.config import settings_from_run_config
+from fl_app.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 with open(ROOT / "pyproject.toml", "rb") as _fh:

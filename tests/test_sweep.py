@@ -260,9 +260,9 @@ def test_shipped_finetune_sweep_shares_one_split_and_fine_tunes_one_base(tmp_pat
 
 def test_sweep_pretrains_the_base_once_and_fine_tunes_it_in_every_cell(tmp_path):
     from ddpm.adapters import trainable_state
-    from ddpm.model import initial_model
-    from ddpm.settings import Settings
     from fl_app.checkpoint import load_checkpoint
+    from fl_app.model import initial_model
+    from fl_app.settings import Settings
     from strategies.replies import record_bytes
 
     tiny = "\n".join(f"{k} = {str(v).lower() if isinstance(v, bool) else v}" for k, v in TINY_RUN.items())

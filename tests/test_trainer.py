@@ -4,8 +4,8 @@ from clients.config import TrainConfig
 from clients.state import ShardStateStore
 from clients.trainer import ShardState, train_shard
 from ddpm.data import load_dataset
-from ddpm.settings import Settings
 from ddpm.unet import build_unet
+from fl_app.settings import Settings
 
 CPU = torch.device("cpu")
 

@@ -9,7 +9,7 @@ table shows them. Two levels of checking, both raising ``ValueError('<key>: ...'
   on every construction, so on the server, on every node and in every tool;
 - ``check_environment()``: what depends on the machine the run starts on (paths that must exist,
   the number of images in an image folder, a writable ``out-dir``): only where the run is started
-  (``fl_app.config.settings_from_run_config``, used by ``iet-agc run`` and the ServerApp), never on
+  (``config.settings_from_run_config``, used by ``iet-agc run`` and the ServerApp), never on
   a node, which may lack the server's folders.
 """
 
@@ -24,17 +24,17 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .adapters import ADAPTERS, LORA_TARGETS, AdapterSpec
-from .base import base_config, check_base_classes
-from .data import DATA_SPLITS, DATASETS, DIGITS_IMAGES, IMAGE_SUFFIXES, num_channels, num_train_images
-from .data import num_classes as dataset_classes
-from .device import DEVICE_PATTERN, DEVICES
-from .schedule import NUM_TRAIN_TIMESTEPS
-from .unet import _SIZES, MODEL_SIZES
+from ddpm.adapters import ADAPTERS, LORA_TARGETS, AdapterSpec
+from ddpm.base import base_config, check_base_classes
+from ddpm.data import DATA_SPLITS, DATASETS, DIGITS_IMAGES, IMAGE_SUFFIXES, num_channels, num_train_images
+from ddpm.data import num_classes as dataset_classes
+from ddpm.device import DEVICE_PATTERN, DEVICES
+from ddpm.schedule import NUM_TRAIN_TIMESTEPS
+from ddpm.unet import _SIZES, MODEL_SIZES
+from strategies.aggregation import AGGREGATIONS
+from strategies.msr import MSR_MODES
 
-MSR_MODES = ("memory", "random", "none")
 SKIP_COUNT_MODES = ("reset", "cumulative")
-AGGREGATIONS = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedtrimmedavg", "fedmedian")  # Flower strategies
 
 # Upper bounds where a larger value would only hang the run or exhaust memory.
 MAX_SEED = 2**31 - 1  # torch and numpy seeds

@@ -7,10 +7,11 @@ from collections.abc import Mapping
 import torch
 from diffusers import UNet2DModel
 
-from .adapters import attach_adapter, load_trainable
-from .base import check_base_classes, load_base_unet
+from ddpm.adapters import attach_adapter, load_trainable
+from ddpm.base import check_base_classes, load_base_unet
+from ddpm.unet import build_unet
+
 from .settings import Settings
-from .unet import build_unet
 
 
 def initial_model(settings: Settings, channels: int, weights: Mapping[str, torch.Tensor] | None = None) -> UNet2DModel:

@@ -1,0 +1,44 @@
+"""What the server-side evaluation reads: the few settings of sampling, MQ and FID, as plain values
+(the app's ``eval_config(settings)`` makes one; a notebook can write one by hand)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """One evaluation of a model (the CPU preset's defaults).
+
+    Parameters
+    ----------
+    eval_num_images : int (default: 500)
+        Images generated per evaluation.
+    eval_batch_size : int (default: 256)
+        Images per DDIM batch (and per Inception batch on CUDA; at most 50 elsewhere).
+    sample_steps : int (default: 50)
+        DDIM steps.
+    seed : int (default: 0)
+        Seeds the initial noise (image i depends on (seed, i) alone), the class labels drawn for a
+        conditional model and the bootstrap's resamples.
+    mq_neighbours : int (default: 50)
+        n of eq. 12: the nearest training images in the ratio's denominator.
+    thresholds : tuple[float, ...] (default: (0.4, 0.5, 0.6))
+        The deltas of MQ_delta (eq. 13), each in (0, 1].
+    fid : bool (default: True)
+        Measure FID (needs the Inception weights: downloaded once, or ``fid_weights``).
+    fid_weights : str (default: "")
+        A local copy of pytorch-fid's Inception weights ("" downloads them once).
+    fid_cache_dir : str (default: "")
+        Where training-set FID statistics and the digit classifier are cached ("" is ``~/.cache/iet-agc``).
+    """
+
+    eval_num_images: int = 500
+    eval_batch_size: int = 256
+    sample_steps: int = 50
+    seed: int = 0
+    mq_neighbours: int = 50
+    thresholds: tuple[float, ...] = (0.4, 0.5, 0.6)
+    fid: bool = True
+    fid_weights: str = ""
+    fid_cache_dir: str = ""
