@@ -60,6 +60,17 @@ class RunWriter:
 
     A resumed run passes the checkpoint's ``rows`` and ``completed_round``: the tables are cut
     back to that round (a crash may have left rows of the round in flight) and go on from there.
+
+    Parameters
+    ----------
+    path : Path
+        The run folder (existing; ``new_run_dir`` makes one).
+    settings : Settings
+        The run's settings: written to ``settings.toml``; its thresholds name the MQ columns.
+    rows : list[dict] | None (default: None)
+        A resumed run's ``rounds.csv`` rows from its checkpoint (None: a new run).
+    completed_round : int (default: 0)
+        The last round the checkpoint holds: per-round tables are cut back to it.
     """
 
     def __init__(self, path: Path, settings: Settings, *, rows: list[dict] | None = None, completed_round: int = 0):

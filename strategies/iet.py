@@ -78,7 +78,38 @@ class RoundRecorder(Protocol):
 class IETStrategy(Strategy):
     """The shard layer of IET: shard assignment, node placement, reply checks and MSR, over an
     aggregation strategy (Flower's FedAvg unless ``aggregator`` names another) that combines the
-    shard models."""
+    shard models.
+
+    Parameters
+    ----------
+    shards : Sequence[np.ndarray] | ShardLedger
+        The K initial shards (the training ids each holds), or a resumed run's ledger.
+    num_samples : int
+        The training set's size N: every id in 0..N-1 belongs to exactly one shard.
+    train_config : dict
+        The settings every instruction carries to the shards (the run's run_config).
+    redistribution : Redistribution
+        MSR's rule (eq. 10-11): which samples leave each shard after a round.
+    seed : int (default: 0)
+        Seeds the ledger's draws (MSR's random choices).
+    cumulative_counts : bool (default: False)
+        Rank samples for MSR by their skips summed over all rounds instead of the last round's.
+    min_nodes : int (default: 1)
+        Nodes to wait for before the first round (later rounds go on with those left).
+    max_failed_rounds : int (default: 3)
+        Rounds in a row without a valid reply before the run stops (``RunStopped``).
+    node_max_failures : int (default: 2)
+        Rounds in a row in which a node gave no valid reply before it is set aside.
+    recorder : RoundRecorder | None (default: None)
+        Receives each finished round and the strategy's state (rows, checkpoint).
+    dispatcher : NodeQueues | None (default: None)
+        Sends the round's messages in per-node queues under the deadline (``NodeQueues()``).
+    should_stop : Callable[[], str | None] | None (default: None)
+        Checked before each round: a reason to stop the run, or None.
+    aggregator : Strategy | None (default: None)
+        The Flower strategy that builds the instruction and combines the replies (FedAvg weighted
+        by shard size: the paper's IET).
+    """
 
     def __init__(
         self,
