@@ -17,8 +17,23 @@ from typing import Protocol, runtime_checkable
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from torch import Tensor, nn
 
 from .schedule import ddim_sample, draw_class_labels, model_classes, train_scheduler
+
+Condition = Tensor | None  # what conditions each image: class labels, token ids, a mask; None: nothing
+Schedule = SchedulerMixin  # a diffusers noise schedule (DDPMScheduler, DDIMScheduler, ...)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a family samples: DDIM ``steps``, images per batch, the ``seed`` (image i depends on
+    (seed, i) alone, whatever the batch size) and the device."""
+
+    steps: int = 50
+    batch_size: int = 256
+    seed: int = 0
+    device: torch.device | str = "cpu"
 
 
 @runtime_checkable
@@ -36,55 +51,39 @@ class DiffusionFamily(Protocol):
     name: str
     prediction_type: str
 
-    def train_scheduler(self) -> SchedulerMixin:
+    def train_scheduler(self) -> Schedule:
         """The noise schedule training draws timesteps from and noises inputs with."""
         ...
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
+    def encode(self, images: Tensor) -> Tensor:
         """Pixels in [-1, 1], (B, C, H, W) -> what the network denoises (the same, or a latent)."""
         ...
 
-    def noise_like(self, images: torch.Tensor) -> torch.Tensor:
+    def noise_like(self, images: Tensor) -> Tensor:
         """Standard normal noise in the space the network denoises, for a batch of pixels."""
         ...
 
-    def draw_condition(self, model: torch.nn.Module, num_images: int, seed: int) -> torch.Tensor | None:
+    def draw_condition(self, model: nn.Module, num_images: int, seed: int) -> Condition:
         """The conditions to sample ``num_images`` evaluation images with (None: unconditional),
         condition i a function of (seed, i) alone."""
         ...
 
-    def check_condition(self, model: torch.nn.Module, condition: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    def check_condition(self, model: nn.Module, condition: Condition, n: int) -> Condition:
         """The condition of ``n`` training images (labels, token ids), checked once per shard;
         a ValueError says what the model expects."""
         ...
 
     def per_sample_loss(
-        self,
-        model: torch.nn.Module,
-        scheduler: SchedulerMixin,
-        x0: torch.Tensor,
-        t: torch.Tensor,
-        noise: torch.Tensor,
-        condition: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        self, model: nn.Module, scheduler: Schedule, x0: Tensor, t: Tensor, noise: Tensor, condition: Condition = None
+    ) -> Tensor:
         """One loss per sample (B,) of the network on encoded ``x0`` noised to ``t`` with ``noise``."""
         ...
 
-    def sample(
-        self,
-        model: torch.nn.Module,
-        num_images: int,
-        *,
-        steps: int,
-        batch_size: int,
-        seed: int,
-        device: torch.device | str,
-        condition: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """``num_images`` images in [0, 1] as pixels, image i a function of (seed, i) alone."""
+    def sample(self, model: nn.Module, num_images: int, how: Sampling, condition: Condition = None) -> Tensor:
+        """``num_images`` images in [0, 1] as pixels, image i a function of (``how.seed``, i) alone."""
         ...
 
-    def pipeline(self, model: torch.nn.Module) -> DiffusionPipeline:
+    def pipeline(self, model: nn.Module) -> DiffusionPipeline:
         """The diffusers pipeline a finished run saves (``save_pretrained``) for users to load."""
         ...
 
@@ -103,13 +102,13 @@ class PixelDDPM:
     def train_scheduler(self) -> DDPMScheduler:
         return train_scheduler()
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
+    def encode(self, images: Tensor) -> Tensor:
         return images  # the network denoises the pixels themselves
 
-    def noise_like(self, images: torch.Tensor) -> torch.Tensor:
+    def noise_like(self, images: Tensor) -> Tensor:
         return torch.randn_like(images)
 
-    def check_condition(self, model: torch.nn.Module, condition: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    def check_condition(self, model: nn.Module, condition: Condition, n: int) -> Condition:
         """Class labels: given exactly when the model has a class embedding, one per image, each
         a valid class index."""
         classes = getattr(getattr(model, "config", None), "num_class_embeds", None)  # stand-in models: none
@@ -128,43 +127,28 @@ class PixelDDPM:
         return labels
 
     def per_sample_loss(
-        self,
-        model: torch.nn.Module,
-        scheduler: SchedulerMixin,
-        x0: torch.Tensor,
-        t: torch.Tensor,
-        noise: torch.Tensor,
-        condition: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        self, model: nn.Module, scheduler: Schedule, x0: Tensor, t: Tensor, noise: Tensor, condition: Condition = None
+    ) -> Tensor:
         """Mean over pixels of the squared error of the predicted noise, one value per sample."""
         noisy = scheduler.add_noise(x0, noise, t)
         extra = {} if condition is None else {"class_labels": condition}  # unconditional: the plain call
         pred = model(noisy, t, **extra).sample
         return (pred - noise).pow(2).flatten(1).mean(1)
 
-    def sample(
-        self,
-        model: torch.nn.Module,
-        num_images: int,
-        *,
-        steps: int,
-        batch_size: int,
-        seed: int,
-        device: torch.device | str,
-        condition: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def sample(self, model: nn.Module, num_images: int, how: Sampling, condition: Condition = None) -> Tensor:
         """DDIM (eta 0, ``ddpm.schedule.ddim_sample``); a class-conditional model without labels
         gets them drawn from the seed."""
+        steps, batch, seed, device = how.steps, how.batch_size, how.seed, how.device
         return ddim_sample(
-            model, num_images, steps=steps, batch_size=batch_size, seed=seed, device=device, class_labels=condition
+            model, num_images, steps=steps, batch_size=batch, seed=seed, device=device, class_labels=condition
         )
 
-    def draw_condition(self, model: torch.nn.Module, num_images: int, seed: int) -> torch.Tensor | None:
+    def draw_condition(self, model: nn.Module, num_images: int, seed: int) -> Condition:
         """Class labels uniform over the model's classes (``draw_class_labels``), or None."""
         classes = model_classes(model)
         return None if classes is None else draw_class_labels(num_images, classes, seed)
 
-    def pipeline(self, model: torch.nn.Module) -> DDPMPipeline:
+    def pipeline(self, model: nn.Module) -> DDPMPipeline:
         if not isinstance(model, UNet2DModel):
             raise TypeError(f"pixel-ddpm exports a UNet2DModel, got {type(model).__name__}")
         return DDPMPipeline(unet=model, scheduler=train_scheduler())

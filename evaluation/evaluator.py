@@ -18,7 +18,7 @@ import torch
 from diffusers import UNet2DModel
 
 from ddpm.data import ImageSet
-from ddpm.family import PIXEL_DDPM, DiffusionFamily
+from ddpm.family import PIXEL_DDPM, DiffusionFamily, Sampling
 from ddpm.files import atomic_write
 
 from .bootstrap import QualityScore
@@ -111,16 +111,8 @@ class MemorizationEvaluator:
         class-conditional model gets labels drawn uniformly over its classes (None: unconditional)."""
         s = self.config
         labels = self.family.draw_condition(model, s.eval_num_images, s.seed)
-        images = self.family.sample(
-            model,
-            s.eval_num_images,
-            steps=s.sample_steps,
-            batch_size=s.eval_batch_size,
-            seed=s.seed,
-            device=self.device,
-            condition=labels,
-        )
-        return images, labels
+        how = Sampling(s.sample_steps, s.eval_batch_size, s.seed, self.device)
+        return self.family.sample(model, s.eval_num_images, how, condition=labels), labels
 
     # ---- the metrics ---------------------------------------------------------------------
     def evaluate_images(

@@ -11,7 +11,7 @@ from diffusers import DDPMPipeline
 
 from clients.trainer import ShardState, agc_taa_loss, train_shard
 from ddpm.data import load_dataset
-from ddpm.family import PIXEL_DDPM, DiffusionFamily, PixelDDPM
+from ddpm.family import PIXEL_DDPM, DiffusionFamily, PixelDDPM, Sampling
 from ddpm.schedule import ddim_sample, draw_class_labels, train_scheduler
 from ddpm.unet import build_unet
 from fl_app.run_folder import RunWriter
@@ -55,7 +55,7 @@ def test_pixel_ddpm_conditions_on_classes_and_refuses_wrong_labels():
 def test_pixel_ddpm_samples_with_ddim_and_exports_a_ddpm_pipeline(tmp_path):
     torch.manual_seed(0)
     model = build_unet("tiny", 8, 1)
-    got = PIXEL_DDPM.sample(model, 3, steps=2, batch_size=3, seed=4, device=CPU)
+    got = PIXEL_DDPM.sample(model, 3, Sampling(steps=2, batch_size=3, seed=4, device=CPU))
     assert torch.equal(got, ddim_sample(model, 3, steps=2, batch_size=3, seed=4))
     assert got.shape == (3, 1, 8, 8) and 0 <= got.min() <= got.max() <= 1
     pipe = PIXEL_DDPM.pipeline(model)
