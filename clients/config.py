@@ -40,6 +40,12 @@ class TrainConfig:
         M: RandAugment's magnitude at full strength (rho = 1).
     randaugment_ops : int (default: 2)
         RandAugment's operations per image.
+    input_noise_variance : float (default: 0.0)
+        The adding-noise baseline (the paper's Table I: 0.1): Gaussian noise of this variance added
+        to each training image in [-1, 1] before the forward diffusion; 0: off.
+    input_noise_fixed : bool (default: False)
+        Draw that noise once per image (``fixed_input_noise``, given to ``train_shard``) instead
+        of afresh at every step.
     """
 
     local_epochs: int = 10
@@ -56,3 +62,5 @@ class TrainConfig:
     aug_sharpness: float = 5.0
     randaugment_magnitude: int = 3
     randaugment_ops: int = 2
+    input_noise_variance: float = 0.0
+    input_noise_fixed: bool = False

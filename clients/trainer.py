@@ -150,6 +150,7 @@ def train_shard(
     desc: str = "local training",
     proximal_mu: float = 0.0,
     family: DiffusionFamily = PIXEL_DDPM,
+    input_noise: torch.Tensor | None = None,
 ) -> ShardResult:
     """Train ``model`` in place on one shard's images for ``config.local_epochs`` epochs with AGC
     and TAA (eq. 8); returns the round's loss, skip counts (for MSR) and rates.
@@ -182,6 +183,10 @@ def train_shard(
         > 0 adds FedProx's proximal term to every step's loss (FedProx sends it as ``proximal-mu``).
     family : DiffusionFamily (default: PIXEL_DDPM)
         The model family: its encoding, conditioning and per-sample loss.
+    input_noise : torch.Tensor | None (default: None)
+        Each image's fixed standard normal noise (aligned with ``images``; ``fixed_input_noise``),
+        exactly when ``config.input_noise_fixed``: scaled to ``input_noise_variance`` and added at
+        every step. Without it the noise is drawn afresh at every step.
     """
     skip_rule = skip_rule or default_skip_rule(config)
     if augment is True:
@@ -196,8 +201,10 @@ def train_shard(
     batch = min(config.batch_size, n)
     steps_per_epoch = max(1, n // batch)  # drop_last, but never zero steps
     targets = None if targets is None else targets.to(device)
+    fixed = _fixed_noise(config, input_noise, data.shape)
     rules = skip_rule, augment, family
     loop = _Loop(model, params, config, state, rules, data, targets, steps_per_epoch, proximal_mu)
+    loop.fixed_noise = None if fixed is None else fixed.to(device)
     with progress(config.local_epochs * steps_per_epoch, desc, "step") as bar:  # a line every so often
         for _ in range(config.local_epochs):
             perm = torch.randperm(n, generator=gen).to(device)
@@ -252,10 +259,14 @@ class _Loop:
         self.counts = torch.zeros(data.shape[0], dtype=torch.long, device=device)
         self.loss_sum = torch.zeros((), device=device)
         self.n_aug = torch.zeros((), dtype=torch.long, device=device)
+        self.fixed_noise: torch.Tensor | None = None  # the adding-noise baseline's per-image noise
 
     def step(self, pos: torch.Tensor) -> None:
         """One optimizer step on the samples at ``pos``: AGC + TAA loss, bank and books updated."""
         config, x0 = self.config, self.data[pos]
+        if config.input_noise_variance > 0:  # the adding-noise baseline: noisy pixels (evaluation: clean)
+            z = self.fixed_noise[pos] if self.fixed_noise is not None else torch.randn_like(x0)
+            x0 = x0 + config.input_noise_variance**0.5 * z
         if config.hflip:
             flip = torch.rand(x0.shape[0], device=x0.device) < 0.5
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
@@ -275,6 +286,17 @@ class _Loop:
         self.counts.index_add_(0, pos, out.skip.long())
         self.n_aug += out.aug.sum()
         self.loss_sum += kept_mean(out.losses, ~out.skip)
+
+
+def _fixed_noise(config: TrainConfig, noise: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
+    """The per-image noise, given exactly when the config asks for fixed noise, one per image."""
+    wanted = config.input_noise_fixed and config.input_noise_variance > 0
+    if wanted != (noise is not None):
+        need = "needs input_noise (fixed_input_noise of the shard's ids)" if wanted else "takes no input_noise"
+        raise ValueError(f"input-noise-fixed: training with input_noise_fixed = {config.input_noise_fixed} {need}")
+    if noise is not None and tuple(noise.shape) != tuple(shape):
+        raise ValueError(f"input-noise-fixed: expected noise of shape {tuple(shape)}, got {tuple(noise.shape)}")
+    return noise
 
 
 def warmup_schedule(

@@ -11,6 +11,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
+from clients.input_noise import fixed_input_noise
 from clients.state import ShardStateStore
 from clients.trainer import shard_seed, train_shard
 from ddpm.adapters import load_trainable, trainable_state
@@ -64,6 +65,7 @@ def train(msg: Message, context: Context, **train_kwargs) -> Message:
         labels=_shard_labels(data, rows, settings),
         desc=f"shard {ins.shard}, round {ins.server_round}: local training",
         proximal_mu=ins.proximal_mu,
+        input_noise=_input_noise(ins, data, settings),
         **train_kwargs,
     )
     store.save(ins.run_key, ins.shard, ins.server_round, state)
@@ -96,6 +98,14 @@ def make_client_app(**train_kwargs) -> ClientApp:
     app = ClientApp()
     app.train()(functools.partial(train, **train_kwargs) if train_kwargs else train)
     return app
+
+
+def _input_noise(ins: Instruction, data: ImageSet, settings: Settings) -> torch.Tensor | None:
+    """The adding-noise baseline's fixed noise of the shard's images (from the run's seed and
+    each image's id), when ``input-noise-fixed``; None otherwise."""
+    if not (settings.input_noise_fixed and settings.input_noise_variance > 0):
+        return None
+    return fixed_input_noise(ins.ids, data.images.shape[1:], settings.seed)
 
 
 def _shard_labels(data: ImageSet, rows: torch.Tensor, settings: Settings) -> torch.Tensor | None:

@@ -249,6 +249,9 @@ class Settings:
     aug_sharpness: float = _float(5.0, low=0, low_open=True)
     randaugment_magnitude: int = _int(3, 0, RANDAUGMENT_MAX_MAGNITUDE)
     randaugment_ops: int = _int(2, 1, RANDAUGMENT_NUM_OPS)
+    # baselines (the paper's Table I): noise added to the training images
+    input_noise_variance: float = _float(0.0, low=0, high=10)
+    input_noise_fixed: bool = _bool(False)
     msr: str = _choice("memory", MSR_MODES)
     msr_proportion: float = _float(0.25, low=0, high=1, high_open=True)
     skip_counts: str = _choice("reset", SKIP_COUNT_MODES)
@@ -357,6 +360,12 @@ class Settings:
                 f"(it halves the image {low.bit_length() - 1} times), got {self.image_size}"
             )
         self._check_thresholds()
+        if self.input_noise_fixed and self.input_noise_variance == 0:
+            raise ValueError(
+                "input-noise-fixed: draws the added noise once per image, but input-noise-variance is 0 (no "
+                "noise); set input-noise-variance > 0 (the paper's adding-noise baseline: 0.1) or "
+                "input-noise-fixed = false"
+            )
         if self.adapter != "none" and not self.init_from:
             raise ValueError(
                 f"adapter: {self.adapter!r} adapts a pretrained model and needs init-from (a DDPMPipeline "

@@ -86,3 +86,25 @@ def test_node_with_another_copy_of_the_data_refuses(tmp_path):
 def test_ids_outside_the_data_set_are_refused(tmp_path):
     with pytest.raises(ValueError, match="ids outside"):
         app(_message([0, 5, 600]), _context(tmp_path))
+
+
+def test_the_node_adds_each_images_fixed_noise_from_the_seed_and_its_id(tmp_path, monkeypatch):
+    """input-noise-fixed: the ClientApp hands train_shard the noise of exactly the shard's ids."""
+    from clients import trainer
+    from clients.input_noise import fixed_input_noise
+    from fl_app import client_app
+
+    got = []
+
+    def spy(*args, **kwargs):
+        got.append(kwargs["input_noise"])
+        return trainer.train_shard(*args, **kwargs)
+
+    monkeypatch.setattr(client_app, "train_shard", spy)
+    msg = _message([4, 9, 2, 30])
+    msg.content["config"]["input-noise-variance"] = 0.1
+    msg.content["config"]["input-noise-fixed"] = True
+    app(msg, _context(tmp_path))
+    assert torch.equal(got[0], fixed_input_noise([4, 9, 2, 30], (1, 8, 8), SETTINGS.seed))
+    app(_message([4, 9]), _context(tmp_path / "b"))  # the default: no fixed noise
+    assert got[1] is None

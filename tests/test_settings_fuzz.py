@@ -59,6 +59,7 @@ FLOATS = {  # key: (low, low included, high or None, high included, +inf allowed
     "bank-eta": (0.0, False, 1.0, False, False),
     "aug-range": (1.0, False, None, False, True),
     "aug-sharpness": (0.0, False, None, False, False),
+    "input-noise-variance": (0.0, True, 10.0, True, False),
     "msr-proportion": (0.0, True, 1.0, False, False),
     "lora-alpha": (0.0, False, None, False, False),
     "fedprox-mu": (0.0, False, None, False, False),
@@ -68,7 +69,17 @@ FLOATS = {  # key: (low, low included, high or None, high included, +inf allowed
     "fedadam-tau": (0.0, False, None, False, False),
     "fedtrimmedavg-beta": (0.0, True, 0.5, False, False),
 }
-BOOLS = ("download", "hflip", "class-conditional", "agc", "taa", "fid", "lora-freeze-a", "save-adapter")
+BOOLS = (
+    "download",
+    "hflip",
+    "class-conditional",
+    "agc",
+    "taa",
+    "fid",
+    "lora-freeze-a",
+    "save-adapter",
+    "input-noise-fixed",
+)
 CHOICES = {
     "dataset": ("digits", "cifar10", "cifar100", "imagefolder"),
     "model": ("tiny", "cifar", "afhq64"),
@@ -290,7 +301,10 @@ def good_values(key: str, places: dict) -> st.SearchStrategy:
 @given(data=st.data())
 def test_good_values_are_accepted(key, places, data):
     value = data.draw(good_values(key, places), label=key)
-    settings_from_run_config(DEFAULTS, {key: value})
+    settings_from_run_config(DEFAULTS, {**NEEDS.get(key, {}), key: value})
+
+
+NEEDS = {"input-noise-fixed": {"input-noise-variance": 0.1}}  # what a key's every good value needs beside it
 
 
 def test_error_messages_start_with_the_key():
