@@ -42,7 +42,8 @@ class TrainConfig:
         RandAugment's operations per image.
     input_noise_variance : float (default: 0.0)
         The adding-noise baseline (the paper's Table I: 0.1): Gaussian noise of this variance added
-        to each training image in [-1, 1] before the forward diffusion; 0: off.
+        to each training image in [-1, 1] (after flips and TAA's augmentation) before the forward
+        diffusion; 0: off.
     input_noise_fixed : bool (default: False)
         Draw that noise once per image (``fixed_input_noise``, given to ``train_shard``) instead
         of afresh at every step.

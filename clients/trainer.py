@@ -78,6 +78,7 @@ def agc_taa_loss(
     config: TrainConfig,
     class_labels: torch.Tensor | None = None,
     family: DiffusionFamily = PIXEL_DDPM,
+    input_noise: torch.Tensor | None = None,
 ) -> StepLoss:
     """Eq. 8 over a batch: skipped samples add 0, samples in TAA's range add the loss of their
     augmented copy (same t and noise), the rest their plain loss; mean over the kept samples.
@@ -88,9 +89,10 @@ def agc_taa_loss(
     copies: a step costs about one no-grad forward more than a plain step, whatever the fraction.
     ``class_labels`` go with their samples into every forward (an augmented copy keeps its label).
     ``x0`` are pixels in [-1, 1] and ``noise`` is in the space ``family`` denoises; TAA augments the
-    pixels and the family encodes the copies.
+    pixels and the family encodes the copies. ``input_noise`` (the adding-noise baseline, already
+    scaled) is added to what trains, the batch and each copy alike, after TAA's augmentation.
     """
-    z0 = family.encode(x0)
+    z0 = family.encode(x0 if input_noise is None else x0 + input_noise)
     if augment is None:
         losses = family.per_sample_loss(model, scheduler, z0, t, noise, class_labels)
         skip = skip_rule(loss_ratio(losses.detach(), bank[t]))
@@ -121,6 +123,7 @@ def agc_taa_loss(
     if idx.numel():
         rho = strength(ratio[rows[idx]], threshold, config.aug_sharpness)
         copies = augment((x0[rows[idx]] + 1) / 2, rho) * 2 - 1
+        copies = copies if input_noise is None else copies + input_noise[rows[idx]]
         x_train = x_train.index_copy(0, idx, family.encode(copies))
     y_train = None if class_labels is None else class_labels[rows]
     losses_train = family.per_sample_loss(model, scheduler, x_train, t[rows], noise[rows], y_train)
@@ -264,9 +267,10 @@ class _Loop:
     def step(self, pos: torch.Tensor) -> None:
         """One optimizer step on the samples at ``pos``: AGC + TAA loss, bank and books updated."""
         config, x0 = self.config, self.data[pos]
-        if config.input_noise_variance > 0:  # the adding-noise baseline: noisy pixels (evaluation: clean)
+        added = None  # the adding-noise baseline: noise on what trains (the evaluation's images stay clean)
+        if config.input_noise_variance > 0:
             z = self.fixed_noise[pos] if self.fixed_noise is not None else torch.randn_like(x0)
-            x0 = x0 + config.input_noise_variance**0.5 * z
+            added = config.input_noise_variance**0.5 * z
         if config.hflip:
             flip = torch.rand(x0.shape[0], device=x0.device) < 0.5
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
@@ -274,7 +278,7 @@ class _Loop:
         noise = self.family.noise_like(x0)
         y = None if self.targets is None else self.targets[pos]
         rules = self.bank, self.skip_rule, self.augment
-        out = agc_taa_loss(self.model, self.scheduler, x0, t, noise, *rules, config, y, self.family)
+        out = agc_taa_loss(self.model, self.scheduler, x0, t, noise, *rules, config, y, self.family, added)
         loss = out.loss if self.anchor is None else out.loss + proximal_term(self.params, self.anchor, self.mu)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -51,6 +51,22 @@ def test_the_added_noise_has_the_set_variance_and_the_images_stay_clean():
     assert all(torch.equal(b, to_model_range(images[:32])) for b in off)  # variance 0: no noise at all
 
 
+def test_taa_copies_carry_the_noise_unclipped():
+    """The noise goes on what trains, after TAA: a copy is augment(clean image) + its noise."""
+    images = torch.full((32, 1, 8, 8), 128, dtype=torch.uint8)
+    config = TrainConfig(local_epochs=1, batch_size=32, agc=False, aug_range=float("inf"), input_noise_variance=0.1)
+    state = ShardState(bank=torch.full((1000,), 1e-3))  # every ratio far above lambda: every sample augmented
+    family = Recording()
+    torch.manual_seed(0)
+    half_grey = lambda images01, rho: torch.full_like(images01, 0.5)  # noqa: E731  a copy: 0 in [-1, 1]
+    model = build_unet("tiny", 8, 1)
+    train_shard(model, images, config, state, device=CPU, seed=0, family=family, augment=half_grey)
+    batch, copies = family.seen  # the batch (decision pass), then its copies
+    noise = batch - to_model_range(images)
+    torch.testing.assert_close(copies, noise, rtol=0, atol=1e-6)  # the same step's noise, image by image
+    assert copies.var().item() == pytest.approx(0.1, rel=0.1) and copies.abs().max() > 0.9  # not clipped
+
+
 def test_fixed_noise_is_one_draw_per_image_id():
     a = fixed_input_noise([3, 7, 11], (1, 8, 8), seed=5)
     assert a.shape == (3, 1, 8, 8) and a.dtype == torch.float32
