@@ -206,8 +206,7 @@ def train_shard(
     targets = None if targets is None else targets.to(device)
     fixed = _fixed_noise(config, input_noise, data.shape)
     rules = skip_rule, augment, family
-    loop = _Loop(model, params, config, state, rules, data, targets, steps_per_epoch, proximal_mu)
-    loop.fixed_noise = None if fixed is None else fixed.to(device)
+    loop = _Loop(model, params, config, state, rules, data, targets, steps_per_epoch, proximal_mu, fixed)
     with progress(config.local_epochs * steps_per_epoch, desc, "step") as bar:  # a line every so often
         for _ in range(config.local_epochs):
             perm = torch.randperm(n, generator=gen).to(device)
@@ -243,6 +242,7 @@ class _Loop:
         targets: torch.Tensor | None,
         steps_per_epoch: int,
         proximal_mu: float,
+        fixed_noise: torch.Tensor | None = None,
     ) -> None:
         device = data.device
         self.model, self.params, self.config, self.state = model, params, config, state
@@ -262,7 +262,7 @@ class _Loop:
         self.counts = torch.zeros(data.shape[0], dtype=torch.long, device=device)
         self.loss_sum = torch.zeros((), device=device)
         self.n_aug = torch.zeros((), dtype=torch.long, device=device)
-        self.fixed_noise: torch.Tensor | None = None  # the adding-noise baseline's per-image noise
+        self.fixed_noise = None if fixed_noise is None else fixed_noise.to(device)  # adding noise, per image
 
     def step(self, pos: torch.Tensor) -> None:
         """One optimizer step on the samples at ``pos``: AGC + TAA loss, bank and books updated."""

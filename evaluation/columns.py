@@ -14,8 +14,6 @@ def mq_column(delta: float) -> str:
     return f"mq_{delta:g}"
 
 
-def evaluation_columns(columns: Iterable[str], *, quality: bool = True) -> list[str]:
-    """The evaluation's columns among ``columns``, in order (without the quality figures' with
-    ``quality=False``)."""
-    prefixes = EVAL_PREFIXES if quality else ("mq_", "copy_")
-    return [c for c in columns if c.startswith(prefixes)]
+def evaluation_columns(columns: Iterable[str]) -> list[str]:
+    """The evaluation's columns among ``columns``, in order."""
+    return [c for c in columns if c.startswith(EVAL_PREFIXES)]

@@ -56,16 +56,21 @@ def toml_value(value: Any) -> str:
     return repr(value)
 
 
+def _narrow(config: type, settings: Settings) -> Any:
+    """A leaf's config (a dataclass whose fields are settings of the same names) from the settings."""
+    return config(**{f.name: getattr(settings, f.name) for f in fields(config)})
+
+
 def train_config(settings: Settings) -> TrainConfig:
     """The few settings a shard's local training reads, as ``clients``' own config."""
-    return TrainConfig(**{f.name: getattr(settings, f.name) for f in fields(TrainConfig)})
+    return _narrow(TrainConfig, settings)
 
 
 def aggregation_config(settings: Settings) -> AggregationConfig:
     """The aggregation settings, as the strategies' own config."""
-    return AggregationConfig(**{f.name: getattr(settings, f.name) for f in fields(AggregationConfig)})
+    return _narrow(AggregationConfig, settings)
 
 
 def eval_config(settings: Settings) -> EvalConfig:
     """The few settings an evaluation reads, as ``evaluation``'s own config."""
-    return EvalConfig(**{f.name: getattr(settings, f.name) for f in fields(EvalConfig)})
+    return _narrow(EvalConfig, settings)
