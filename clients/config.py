@@ -5,6 +5,42 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+ACCOUNTANTS = ("prv", "rdp", "gdp")  # Opacus' accountant names (``opacus.accountants.create_accountant``)
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """DP-SGD's settings for one shard.
+
+    Parameters
+    ----------
+    noise_multiplier : float
+        sigma: the noise's std over the clip norm (> 0); 0 with ``target_epsilon`` set: found by
+        Opacus' ``get_noise_multiplier`` for the shard's planned steps.
+    target_epsilon : float (default: 0.0)
+        The epsilon to spend by the run's last round; 0: ``noise_multiplier`` is given.
+    delta : float (default: 1e-5)
+        The delta of the (epsilon, delta) guarantee.
+    max_grad_norm : float (default: 1.0)
+        C: each per-sample gradient is clipped to this L2 norm.
+    accountant : str (default: "prv")
+        Opacus' accountant (one of ``ACCOUNTANTS``).
+    max_physical_batch : int (default: 0)
+        > 0: Opacus' ``BatchMemoryManager`` splits a logical batch into physical ones of at most this
+        many images (one noisy step per logical batch); 0: no split.
+    rounds : int (default: 1)
+        The run's rounds: the planned steps (with ``target_epsilon``) are rounds x local epochs x
+        steps per epoch.
+    """
+
+    noise_multiplier: float
+    target_epsilon: float = 0.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "prv"
+    max_physical_batch: int = 0
+    rounds: int = 1
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -47,6 +83,9 @@ class TrainConfig:
     input_noise_fixed : bool (default: False)
         Draw that noise once per image (``fixed_input_noise``, given to ``train_shard``) instead
         of afresh at every step.
+    privacy : PrivacyConfig | None (default: None)
+        DP-SGD through Opacus (Poisson batches, per-sample clipping, noise, accountant); None: off.
+        Needs ``agc`` and ``taa`` off (they read per-sample losses outside the accountant).
     """
 
     local_epochs: int = 10
@@ -65,3 +104,4 @@ class TrainConfig:
     randaugment_ops: int = 2
     input_noise_variance: float = 0.0
     input_noise_fixed: bool = False
+    privacy: PrivacyConfig | None = None

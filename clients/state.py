@@ -8,6 +8,7 @@ written to a temporary name and renamed, and only the last two per shard are kep
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -18,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from ddpm.files import atomic_write
 
+from .config import ACCOUNTANTS
 from .trainer import ShardState
 
 ROUND_FILE = re.compile(r"round-(\d+)\.safetensors$")
@@ -52,7 +54,8 @@ class ShardStateStore:
             try:
                 tensors = load_file(rounds[r])
                 with safe_open(rounds[r], framework="pt") as fh:  # the step is in the header
-                    step = int(fh.metadata()["step"])
+                    meta = fh.metadata()
+                step = int(meta["step"])
             except (OSError, SafetensorError, KeyError, ValueError):
                 continue  # unreadable (a crash while writing cannot cause it; a disk fault can): older one
             moments: dict[int, dict[str, torch.Tensor]] = {}
@@ -60,7 +63,11 @@ class ShardStateStore:
                 if key.startswith("opt."):
                     _, index, name = key.split(".", 2)
                     moments.setdefault(int(index), {})[name] = tensor
-            return ShardState(optimizer=moments or None, step=step, bank=tensors["bank"]), r
+            try:  # a DP shard's accounting must not silently fall back to an older, smaller history
+                accountant = load_accountant(meta.get("accountant", ""))
+            except (ValueError, KeyError, TypeError) as err:
+                raise ValueError(f"dp-sgd: shard state {rounds[r]}: {err}") from None
+            return ShardState(optimizer=moments or None, step=step, bank=tensors["bank"], accountant=accountant), r
         return ShardState(), None
 
     def save(self, run_key: str, shard: int, server_round: int, state: ShardState) -> Path:
@@ -72,9 +79,31 @@ class ShardStateStore:
             for name, value in entry.items():
                 tensors[f"opt.{index}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
         target = folder / f"round-{server_round:06d}.safetensors"
-        meta = {"step": str(state.step), "round": str(server_round)}
+        meta = {"step": str(state.step), "round": str(server_round), "accountant": dump_accountant(state.accountant)}
         atomic_write(target, lambda tmp: save_file(tensors, tmp, metadata=meta))
         earlier = sorted(r for r in self._rounds(folder) if r < server_round)
         for r in earlier[:-1]:
             (folder / f"round-{r:06d}.safetensors").unlink(missing_ok=True)
         return target
+
+
+def dump_accountant(state: dict | None) -> str:
+    """Opacus' accountant ``state_dict`` (mechanism, history of (sigma, sample rate, steps)) as
+    JSON for the state file's header; '' for none."""
+    if state is None:
+        return ""
+    return json.dumps({"mechanism": state["mechanism"], "history": [list(h) for h in state["history"]]})
+
+
+def load_accountant(text: str) -> dict | None:
+    """The accountant state ``dump_accountant`` wrote, checked (a ValueError otherwise); None for ''."""
+    if not text:
+        return None
+    state = json.loads(text)
+    history = state["history"]
+    ok = isinstance(history, list) and all(
+        isinstance(h, list) and len(h) == 3 and h[0] >= 0 and 0 < h[1] <= 1 and int(h[2]) == h[2] >= 0 for h in history
+    )
+    if state.get("mechanism") not in ACCOUNTANTS or not ok:
+        raise ValueError(f"not an accountant state: {text[:200]!r}")
+    return {"mechanism": state["mechanism"], "history": [(float(s), float(q), int(k)) for s, q, k in history]}

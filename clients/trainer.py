@@ -29,6 +29,7 @@ class ShardState:
     optimizer: dict[int, dict[str, torch.Tensor]] | None = None  # Adam moments per parameter
     step: int = 0
     bank: torch.Tensor = field(default_factory=lambda: torch.zeros(NUM_TRAIN_TIMESTEPS))
+    accountant: dict | None = None  # DP-SGD: Opacus' accountant state (history of sigma, rate, steps)
 
 
 @dataclass
@@ -41,6 +42,7 @@ class ShardResult:
     aug_rate: float
     steps: int
     samples_seen: int
+    epsilon: float | None = None  # DP-SGD: the epsilon this shard has spent over all its rounds
 
 
 @dataclass
@@ -191,6 +193,8 @@ def train_shard(
         exactly when ``config.input_noise_fixed``: scaled to ``input_noise_variance`` and added at
         every step. Without it the noise is drawn afresh at every step.
     """
+    if config.privacy is not None:
+        _check_private(config, skip_rule, augment, proximal_mu)
     skip_rule = skip_rule or default_skip_rule(config)
     if augment is True:
         augment = default_augment(config)
@@ -207,24 +211,48 @@ def train_shard(
     fixed = _fixed_noise(config, input_noise, data.shape)
     rules = skip_rule, augment, family
     loop = _Loop(model, params, config, state, rules, data, targets, steps_per_epoch, proximal_mu, fixed)
+    private = _private(loop, config, state, n, batch) if config.privacy is not None else None
     with progress(config.local_epochs * steps_per_epoch, desc, "step") as bar:  # a line every so often
         for _ in range(config.local_epochs):
-            perm = torch.randperm(n, generator=gen).to(device)
-            for b in range(steps_per_epoch):
-                loop.step(perm[b * batch : (b + 1) * batch])
-                bar.update()
+            for pos in private.batches() if private is not None else _epoch(n, batch, steps_per_epoch, gen):
+                bar.update(int(loop.step(pos.to(device))))  # a physical part of a Poisson batch counts 0
     steps = config.local_epochs * steps_per_epoch
-    seen = steps * batch
+    seen = int(loop.seen) if private is not None else steps * batch
     state.bank = loop.bank.cpu()
     state.optimizer = loop.optimizer.state_dict()["state"]
+    epsilon = None
+    if private is not None:
+        state.accountant = private.accountant_state()
+        epsilon = private.epsilon()
+        private.model._close()  # noqa: SLF001 - Opacus' cleanup: its hooks off the shard's model
     return ShardResult(
-        mean_loss=float(loop.loss_sum / steps),
+        mean_loss=float(loop.loss_sum / max(1, int(loop.loss_count))),
         skip_counts=loop.counts.cpu(),
-        skip_rate=float(loop.counts.sum()) / seen,
-        aug_rate=float(loop.n_aug) / seen,
+        skip_rate=float(loop.counts.sum()) / max(1, seen),
+        aug_rate=float(loop.n_aug) / max(1, seen),
         steps=steps,
         samples_seen=seen,
+        epsilon=epsilon,
     )
+
+
+def _epoch(n: int, batch: int, steps: int, gen: torch.Generator):
+    """One epoch's batches of positions: a seeded permutation cut into ``steps`` batches (drop_last)."""
+    perm = torch.randperm(n, generator=gen)
+    return (perm[b * batch : (b + 1) * batch] for b in range(steps))
+
+
+def _private(loop: _Loop, config: TrainConfig, state: ShardState, n: int, batch: int):
+    """Makes the loop's model, optimizer and batches private (Opacus), with the shard's accountant
+    (a ``dp_sgd.PrivateTraining``; Opacus is imported only by runs that use it)."""
+    from .dp_sgd import PrivateTraining, noise_multiplier_for, poisson_plan
+
+    privacy = config.privacy
+    rate, per_round = poisson_plan(n, batch, config.local_epochs)
+    sigma = noise_multiplier_for(privacy, rate, per_round * privacy.rounds)
+    private = PrivateTraining(loop.model, loop.optimizer, n, batch, privacy, sigma, state.accountant)
+    loop.model, loop.optimizer, loop.private = private.model, private.optimizer, private
+    return private
 
 
 class _Loop:
@@ -261,11 +289,17 @@ class _Loop:
         self.bank = state.bank.to(device)
         self.counts = torch.zeros(data.shape[0], dtype=torch.long, device=device)
         self.loss_sum = torch.zeros((), device=device)
+        self.loss_count = torch.zeros((), dtype=torch.long, device=device)
+        self.seen = torch.zeros((), dtype=torch.long, device=device)
+        self.private = None  # DP-SGD's PrivateTraining: Opacus clips per sample, steps per logical batch
         self.n_aug = torch.zeros((), dtype=torch.long, device=device)
         self.fixed_noise = None if fixed_noise is None else fixed_noise.to(device)  # adding noise, per image
 
-    def step(self, pos: torch.Tensor) -> None:
-        """One optimizer step on the samples at ``pos``: AGC + TAA loss, bank and books updated."""
+    def step(self, pos: torch.Tensor) -> bool:
+        """One optimizer step on the samples at ``pos``: AGC + TAA loss, bank and books updated;
+        whether it ended a logical batch (under DP-SGD a physical part of one does not)."""
+        if pos.numel() == 0:  # an empty Poisson batch: a zero-weight, data-independent image
+            return self._blank_step()
         config, x0 = self.config, self.data[pos]
         added = None  # the adding-noise baseline: noise on what trains (the evaluation's images stay clean)
         if config.input_noise_variance > 0:
@@ -280,16 +314,55 @@ class _Loop:
         rules = self.bank, self.skip_rule, self.augment
         out = agc_taa_loss(self.model, self.scheduler, x0, t, noise, *rules, config, y, self.family, added)
         loss = out.loss if self.anchor is None else out.loss + proximal_term(self.params, self.anchor, self.mu)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, config.grad_clip)
-        self.optimizer.step()
-        self.lr_schedule.step()
-        self.state.step += 1
+        stepped = self._update(loss)
         self.bank = update_memory_bank(self.bank, t, out.losses, config.bank_eta)
         self.counts.index_add_(0, pos, out.skip.long())
         self.n_aug += out.aug.sum()
-        self.loss_sum += kept_mean(out.losses, ~out.skip)
+        self.seen += pos.numel()
+        if self.private is not None:  # batches differ in size: the mean over samples
+            self.loss_sum += out.losses.sum()
+            self.loss_count += pos.numel()
+        else:
+            self.loss_sum += kept_mean(out.losses, ~out.skip)
+            self.loss_count += 1
+        return stepped
+
+    def _update(self, loss: torch.Tensor) -> bool:
+        """Back-propagate ``loss`` and step (Opacus' DPOptimizer clips, noises, and skips the
+        step inside a split logical batch); the LR schedule and step count follow real steps."""
+        private = self.private is not None
+        if not private:
+            self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if not private:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
+        self.optimizer.step()
+        stepped = self.private.stepped() if private else True
+        if private:
+            self.optimizer.zero_grad(set_to_none=True)  # keeps a split batch's sum until its last part
+        if stepped:
+            self.lr_schedule.step()
+            self.state.step += 1
+        return stepped
+
+    def _blank_step(self) -> bool:
+        """DP-SGD's step for an empty batch: zero gradient plus Opacus' noise (the analysis counts it)."""
+        x0 = torch.zeros_like(self.data[:1])
+        t = torch.zeros(1, dtype=torch.long, device=x0.device)
+        y = None if self.targets is None else torch.zeros_like(self.targets[:1])
+        losses = self.family.per_sample_loss(self.model, self.scheduler, self.family.encode(x0), t, x0, y)
+        return self._update(losses.sum() * 0.0)
+
+
+def _check_private(config: TrainConfig, skip_rule: SkipRule | None, augment, proximal_mu: float) -> None:
+    """What DP-SGD's accountant does not cover: rules that read per-sample losses, FedProx's term."""
+    if config.agc or config.taa or skip_rule is not None or augment not in (True, None):
+        raise ValueError(
+            "dp-sgd: AGC and TAA (or a custom skip rule or augmentation) read per-sample losses "
+            "outside the accountant; train with agc = false and taa = false"
+        )
+    if proximal_mu > 0:
+        raise ValueError("dp-sgd: FedProx's proximal term is a gradient outside Opacus' per-sample clipping")
 
 
 def _fixed_noise(config: TrainConfig, noise: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:

@@ -43,6 +43,12 @@ def train(msg: Message, context: Context, **train_kwargs) -> Message:
     model = _shard_model(ins, settings, data, context.node_id)
     store = ShardStateStore(context.node_config.get("state-dir") or None)
     state, loaded = store.load(ins.run_key, ins.shard, ins.server_round)
+    if loaded is None and ins.server_round > 1 and settings.dp_sgd:
+        raise ValueError(
+            f"dp-sgd: shard {ins.shard}, round {ins.server_round}: no saved state of run {ins.run_key} under "
+            f"{store.root} on this node, so the privacy accountant would restart and under-count epsilon; "
+            "refusing to train (DP shards keep their node and state-dir)"
+        )
     if loaded is None and ins.server_round > 1:
         log(
             WARNING,
@@ -69,7 +75,7 @@ def train(msg: Message, context: Context, **train_kwargs) -> Message:
         **train_kwargs,
     )
     store.save(ins.run_key, ins.shard, ins.server_round, state)
-    metrics = {m.key: getattr(result, m.source) for m in reply_metrics() if m.source}
+    metrics = {m.key: getattr(result, m.source) for m in reply_metrics(ins.config) if m.source}
     metrics |= {NUM_EXAMPLES: int(ins.ids.size), TRAIN_SECONDS: time.perf_counter() - started}
     arrays = trainable_state(model)  # only what trains travels back
     return pack_reply(msg, arrays, metrics, result.skip_counts, local_step=state.step, fingerprint=data.fingerprint)

@@ -11,7 +11,7 @@ from clients.config import TrainConfig
 from evaluation.config import EvalConfig
 from strategies.aggregation import AggregationConfig
 
-from .settings import Settings
+from .settings import Settings, privacy_config
 
 
 def settings_from_run_config(run_config: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> Settings:
@@ -56,14 +56,15 @@ def toml_value(value: Any) -> str:
     return repr(value)
 
 
-def _narrow(config: type, settings: Settings) -> Any:
-    """A leaf's config (a dataclass whose fields are settings of the same names) from the settings."""
-    return config(**{f.name: getattr(settings, f.name) for f in fields(config)})
+def _narrow(config: type, settings: Settings, **given: Any) -> Any:
+    """A leaf's config (a dataclass whose fields are settings of the same names, beside those
+    ``given``) from the settings."""
+    return config(**{f.name: getattr(settings, f.name) for f in fields(config) if f.name not in given}, **given)
 
 
 def train_config(settings: Settings) -> TrainConfig:
     """The few settings a shard's local training reads, as ``clients``' own config."""
-    return _narrow(TrainConfig, settings)
+    return _narrow(TrainConfig, settings, privacy=privacy_config(settings))
 
 
 def aggregation_config(settings: Settings) -> AggregationConfig:

@@ -57,7 +57,12 @@ class RunRecorder:
         unanswered = [(s, rlog.placed.get(s, -1), why) for s, why in sorted(rlog.timed_out.items())]
         w.add_dropped(r, rlog.dropped + unanswered)
         row: dict[str, Any] = {"round": r}
-        row |= {spec.column: m.get(spec.key) for spec in protocol.reply_metrics() if spec.per_round}
+        for spec in protocol.reply_metrics(w.config):
+            if spec.per_round:
+                row[spec.column] = m.get(spec.key)
+                earlier = [p[spec.column] for p in w.rows if p.get(spec.column) is not None]
+                if spec.reduce == "max" and earlier:  # the largest so far: a shard that did not reply keeps its
+                    row[spec.column] = max(earlier if row[spec.column] is None else [*earlier, row[spec.column]])
         row |= {key: int(m.get(key, 0)) for key in COUNT_COLUMNS}
         evaluation = dict(evaluation or {})
         eval_seconds = evaluation.pop(EVAL_SECONDS, 0.0)
@@ -134,6 +139,10 @@ def finish_run(
         writer.save_samples(evaluation.images)
     if fid_reason:
         notes.append(f"FID unavailable: {fid_reason}")
+    final = writer.rows[-1] if writer.rows else {}
+    privacy = privacy_words(settings, final.get("dp_epsilon"))
+    if privacy:
+        notes.append(privacy)
     set_aside = [f"node {n} ({why})" for n, why in strategy.ledger.set_aside.items()]
     failed = [str(r) for r, rlog in sorted(strategy.log.items()) if rlog.failed]
     if set_aside:
@@ -141,15 +150,26 @@ def finish_run(
     if failed:
         notes.append(f"failed rounds (no valid reply, the global model kept): {', '.join(failed)}")
     writer.write_report(notes)
-    final = writer.rows[-1] if writer.rows else {}
     log(
         INFO,
         f"done in {time.monotonic() - started:.0f}s: "
         + ", ".join(f"{k} {fmt(final.get(k))}" for k in evaluation_columns(writer.columns) if not k.startswith("fid"))
         + (f", FID unavailable ({fid_reason})" if fid_reason else f", FID {fmt(final.get('fid'))}")
+        + (f", epsilon {final['dp_epsilon']:.2f} (delta {settings.dp_delta:g})" if privacy else "")
         + (f"; set aside: {'; '.join(set_aside)}" if set_aside else "")
         + (f"; failed rounds: {', '.join(failed)}" if failed else "")
         + f"; results in {writer.path}",
+    )
+
+
+def privacy_words(settings: Settings, epsilon: float | None) -> str:
+    """The report's line on DP-SGD's guarantee ('' without ``dp-sgd``)."""
+    if not settings.dp_sgd or epsilon is None:
+        return ""
+    return (
+        f"DP-SGD (Opacus, {settings.dp_accountant} accountant, C = {settings.dp_max_grad_norm:g}): "
+        f"epsilon {epsilon:.2f} at delta {settings.dp_delta:g}, the largest shard's over all rounds (the shards "
+        "are disjoint: parallel composition); it covers the released weights, not the loss metrics the replies carry"
     )
 
 

@@ -24,22 +24,24 @@ from .settings import Settings
 COUNT_COLUMNS = ("moved", "replies", "dropped", "timed_out")  # rounds.csv, after the reply metrics' means
 
 
-def round_columns() -> list[str]:
-    """rounds.csv's columns before the evaluation's: the reply metrics' means (the protocol's), counts, time."""
-    return ["round", *(m.column for m in protocol.reply_metrics() if m.per_round), *COUNT_COLUMNS, "seconds"]
+def round_columns(config: dict[str, Any] | None = None) -> list[str]:
+    """rounds.csv's columns before the evaluation's: the reply metrics' means (the protocol's, for a
+    run with settings ``config``), counts, time."""
+    per_round = [m.column for m in protocol.reply_metrics(config) if m.per_round]
+    return ["round", *per_round, *COUNT_COLUMNS, "seconds"]
 
 
-def shard_columns() -> list[str]:
+def shard_columns(config: dict[str, Any] | None = None) -> list[str]:
     """shards.csv's columns after round and shard: the node, its local step, the reply's metrics."""
-    return ["node", "local_step", *(m.column for m in protocol.reply_metrics())]
+    return ["node", "local_step", *(m.column for m in protocol.reply_metrics(config))]
 
 
-def tables() -> dict[str, str]:
+def tables(config: dict[str, Any] | None = None) -> dict[str, str]:
     """The per-round tables appended as rounds finish, and their headers."""
     return {
         "assignments.csv": "round,shard,sample_id",
         "moved.csv": "round,sample_id,from_shard,to_shard",
-        "shards.csv": "round,shard," + ",".join(shard_columns()),
+        "shards.csv": "round,shard," + ",".join(shard_columns(config)),
         "dropped.csv": "round,shard,node,reason",
     }
 
@@ -78,10 +80,11 @@ class RunWriter:
         self.settings = settings
         self.rows: list[dict] = []
         eval_cols = [mq_column(t) for t in settings.thresholds] + ["fid"]
-        self.columns = round_columns() + eval_cols
-        text = "".join(f"{k} = {toml_value(v)}\n" for k, v in settings.to_run_config().items())
+        self.config = settings.to_run_config()
+        self.columns = round_columns(self.config) + eval_cols
+        text = "".join(f"{k} = {toml_value(v)}\n" for k, v in self.config.items())
         (self.path / "settings.toml").write_text(text)
-        for name, header in tables().items():
+        for name, header in tables(self.config).items():
             table = self.path / name
             if rows is None or not table.is_file():
                 table.write_text(header + "\n")
@@ -124,7 +127,7 @@ class RunWriter:
 
     def add_shard_metrics(self, server_round: int, shard_metrics: dict[int, dict[str, float]]) -> None:
         """One row per shard that replied: what it trained on and how (shards.csv)."""
-        columns = shard_columns()
+        columns = shard_columns(self.config)
         rows = [[server_round, s] + [m.get(c) for c in columns] for s, m in sorted(shard_metrics.items())]
         pd.DataFrame(rows).to_csv(self.path / "shards.csv", mode="a", header=False, index=False)
 
@@ -232,6 +235,8 @@ def run_result(run_dir: Path) -> dict[str, Any]:
     row["aug_rate"] = rounds["aug_rate"].mean()
     row["moved"] = rounds["moved"].mean()
     row["minutes"] = rounds["seconds"].sum() / 60
+    if "dp_epsilon" in rounds:  # DP-SGD: the epsilon spent by the end
+        row["dp_epsilon"] = last["dp_epsilon"]
     row.update(traffic(run_dir))
     return row
 

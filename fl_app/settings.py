@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from clients.config import ACCOUNTANTS, PrivacyConfig
 from ddpm.adapters import ADAPTERS, LORA_TARGETS, AdapterSpec
 from ddpm.base import base_config, check_base_classes
 from ddpm.data import DATA_SPLITS, DATASETS, DIGITS_IMAGES, IMAGE_SUFFIXES, num_channels, num_train_images
@@ -252,6 +253,18 @@ class Settings:
     # baselines (the paper's Table I): noise added to the training images
     input_noise_variance: float = _float(0.0, low=0, high=10)
     input_noise_fixed: bool = _bool(False)
+    # baselines: DP-SGD through Opacus (Poisson sampling, per-sample clipping, its accountant)
+    dp_sgd: bool = _bool(False)
+    dp_noise_multiplier: float = _float(
+        0.0, low=0, high=1000, text="0 (from dp-target-epsilon) or a number in (0, 1000]"
+    )
+    dp_target_epsilon: float = _float(
+        0.0, low=0, high=1e6, text="0 (dp-noise-multiplier given) or a number in (0, 1e6]"
+    )
+    dp_delta: float = _float(1e-5, low=0, high=1, low_open=True, high_open=True)
+    dp_max_grad_norm: float = _float(1.0, low=0, high=1e6, low_open=True)
+    dp_accountant: str = _choice("prv", ACCOUNTANTS)
+    dp_max_physical_batch: int = _int(0, 0, MAX_BATCH, text=f"0 (no split) or an integer in [1, {MAX_BATCH}]")
     msr: str = _choice("memory", MSR_MODES)
     msr_proportion: float = _float(0.25, low=0, high=1, high_open=True)
     skip_counts: str = _choice("reset", SKIP_COUNT_MODES)
@@ -366,6 +379,7 @@ class Settings:
                 "noise); set input-noise-variance > 0 (the paper's adding-noise baseline: 0.1) or "
                 "input-noise-fixed = false"
             )
+        self._check_privacy()
         if self.adapter != "none" and not self.init_from:
             raise ValueError(
                 f"adapter: {self.adapter!r} adapts a pretrained model and needs init-from (a DDPMPipeline "
@@ -395,6 +409,43 @@ class Settings:
                 self._check_train_size_bounds(self.train_size or available, "train-size")
         elif self.train_size:
             self._check_train_size_bounds(self.train_size, "train-size")
+
+    def _check_privacy(self) -> None:
+        """DP-SGD's settings, and what its accountant cannot cover (refused naming both keys)."""
+        sigma, target = self.dp_noise_multiplier, self.dp_target_epsilon
+        if not self.dp_sgd:  # the dp-* keys are unused, as fedprox-mu is without fedprox
+            return
+        if (sigma > 0) == (target > 0):
+            raise ValueError(
+                "dp-noise-multiplier: with dp-sgd, set exactly one of dp-noise-multiplier and dp-target-epsilon "
+                f"(> 0), got dp-noise-multiplier = {sigma:g} and dp-target-epsilon = {target:g}"
+            )
+        unsound = {
+            "agc": (
+                self.agc,
+                "AGC reads each sample's loss to decide what trains, which the accountant does not cover",
+            ),
+            "taa": (self.taa, "TAA reads each sample's loss to choose what to augment, outside the accountant"),
+            "msr": (
+                self.msr != "none",
+                "MSR moves samples between shards, so shards are no longer disjoint and parallel composition fails",
+            ),
+            "aggregation": (
+                self.aggregation == "fedprox",
+                "FedProx's proximal term is a gradient outside Opacus' per-sample clipping",
+            ),
+            "adapter": (self.adapter == "difffit", "DiffFit's scale parameters have no per-sample gradients in Opacus"),
+        }
+        off = {
+            "agc": "false",
+            "taa": "false",
+            "msr": '"none"',
+            "aggregation": '"fedavg"',
+            "adapter": '"none" or "lora"',
+        }
+        for key, (bad, why) in unsound.items():
+            if bad:
+                raise ValueError(f"{key}: not with dp-sgd: {why}; set {key} = {off[key]} or dp-sgd = false")
 
     def _check_split(self) -> None:
         """The digits split: held-out count, its seed, which part trains (other data sets: defaults only)."""
@@ -470,6 +521,21 @@ class Settings:
         if self.fid_cache_dir:
             _writable_dir("fid-cache-dir", self.fid_cache_dir)
         _writable_dir("out-dir", self.out_dir)
+        if self.dp_sgd and self.dp_target_epsilon:  # no sigma reaches the target: stop before training
+            self._check_privacy_budget()
+
+    def _check_privacy_budget(self) -> None:
+        """Every shard size's sigma for ``dp-target-epsilon`` exists (Opacus' search), or a ValueError."""
+        from clients.dp_sgd import dp_planned_epsilon_check  # Opacus only where DP runs
+
+        if self.dataset == "imagefolder":
+            n = self.train_size or _count_images("data-root", self.data_root)
+        elif self.data_split == "spare":
+            n = DIGITS_IMAGES - self.train_size - self.holdout_size
+        else:
+            n = self.train_size or num_train_images(self.dataset)
+        sizes = [n // self.num_shards, -(-n // self.num_shards)]
+        dp_planned_epsilon_check(privacy_config(self), sizes, self.batch_size, self.local_epochs)
 
     def _check_base(self) -> None:
         """The base UNet's sample size and channels must be the run's (read from its config only)."""
@@ -526,3 +592,18 @@ def _writable_dir(key: str, value: str) -> None:
         raise ValueError(f"{key}: must be a writable directory, got {value!r} ({existing} is not a directory)")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"{key}: must be a writable directory, got {value!r} ({existing} is not writable)")
+
+
+def privacy_config(settings: Settings) -> PrivacyConfig | None:
+    """DP-SGD's config for the shards (None without ``dp-sgd``)."""
+    if not settings.dp_sgd:
+        return None
+    return PrivacyConfig(
+        noise_multiplier=settings.dp_noise_multiplier,
+        target_epsilon=settings.dp_target_epsilon,
+        delta=settings.dp_delta,
+        max_grad_norm=settings.dp_max_grad_norm,
+        accountant=settings.dp_accountant,
+        max_physical_batch=settings.dp_max_physical_batch,
+        rounds=settings.num_rounds,
+    )

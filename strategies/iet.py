@@ -29,7 +29,7 @@ from .aggregation import Resumable, aggregate, fedavg, instruction
 from .dispatch import DEADLINE, LATE, NodeQueues
 from .ledger import ShardLedger
 from .msr import Moves, Redistribution, apply_moves, check_partition, hold_moves_into
-from .protocol import ARRAYS, FINGERPRINT, METRICS, NUM_EXAMPLES, instruction_shard, train_message
+from .protocol import ARRAYS, FINGERPRINT, METRICS, NUM_EXAMPLES, instruction_shard, reply_metrics, train_message
 from .replies import BadReply, Sent, ShardReply, check_train_reply
 
 NO_NODES = "no node connected"
@@ -305,12 +305,13 @@ class IETStrategy(Strategy):
         """This round's pushed messages by id: the only source of a reply's shard."""
         max_count = int(self.train_config.get("local-epochs", 2**62))
         fingerprint = str(self.train_config.get(FINGERPRINT, ""))
+        metrics = reply_metrics(self.train_config)
         sent = {}
         for m in self.outgoing:
             if m.metadata.message_id:
                 shard = instruction_shard(m)
                 sent[m.metadata.message_id] = Sent(
-                    shard, m.metadata.dst_node_id, self.shards[shard], max_count, fingerprint
+                    shard, m.metadata.dst_node_id, self.shards[shard], max_count, fingerprint, metrics
                 )
         return sent
 
@@ -353,6 +354,9 @@ class IETStrategy(Strategy):
             metrics = aggregate_metricrecords(
                 [RecordDict({METRICS: MetricRecord(dict(r.metrics))}) for r in ordered], NUM_EXAMPLES
             )
+            for spec in reply_metrics(self.train_config):  # "max": the largest shard's (DP-SGD's epsilon)
+                if spec.reduce == "max":
+                    metrics[spec.key] = max(float(r.metrics[spec.key]) for r in ordered)
         for shard, reply in accepted.items():
             rlog.shard_metrics[shard] = {
                 "node": reply.node,

@@ -52,7 +52,12 @@ class ReplyMetric:
     low, high : float (default: 0, infinity)
         The closed range a valid value lies in.
     per_round : bool (default: False)
-        Whether ``rounds.csv`` has it too, as the example-weighted mean over the round's shards.
+        Whether ``rounds.csv`` has it too, as the example-weighted mean over the round's shards
+        (``reduce = "mean"``) or the largest value so far over all shards (``"max"``).
+    setting : str (default: "")
+        A boolean setting (kebab-case) without which the reply does not carry this metric; "": always.
+    reduce : str (default: "mean")
+        How ``rounds.csv`` combines the shards' values: "mean" or "max" (over all rounds so far).
     """
 
     key: str
@@ -61,6 +66,8 @@ class ReplyMetric:
     low: float = 0.0
     high: float = math.inf
     per_round: bool = False
+    setting: str = ""
+    reduce: str = "mean"
 
     @property
     def column(self) -> str:
@@ -91,12 +98,16 @@ REPLY_METRICS: tuple[ReplyMetric, ...] = (
     ReplyMetric("aug-rate", "aug_rate", high=1.0, per_round=True),
     ReplyMetric("steps", "steps", integer=True, low=1.0),
     ReplyMetric(TRAIN_SECONDS),
+    # DP-SGD: the epsilon a shard has spent (Opacus' accountant); the run's is the largest shard's
+    ReplyMetric("dp-epsilon", "epsilon", per_round=True, setting="dp-sgd", reduce="max"),
 )
 
 
-def reply_metrics() -> tuple[ReplyMetric, ...]:
-    """The reply metrics, read when called (so a test or an extension can add one here)."""
-    return REPLY_METRICS
+def reply_metrics(config: Mapping[str, Any] | None = None) -> tuple[ReplyMetric, ...]:
+    """The reply metrics of a run with settings ``config`` (kebab-case; None: those every run has),
+    read when called (so a test or an extension can add one here)."""
+    on = config or {}
+    return tuple(m for m in REPLY_METRICS if not m.setting or on.get(m.setting) is True)
 
 
 @dataclass(frozen=True)
@@ -155,10 +166,10 @@ def pack_reply(
 ) -> Message:
     """The reply to the instruction ``msg``: the trained ``arrays``, one value per reply metric,
     the skip ``counts`` aligned with the instruction's ids, and what the node confirms."""
-    expected = [m.key for m in reply_metrics()]
+    cfg = msg.content[CONFIG]
+    expected = [m.key for m in reply_metrics(cfg)]
     if sorted(metrics) != sorted(expected):
         raise ValueError(f"reply metrics must be {', '.join(expected)}, got {', '.join(metrics)}")
-    cfg = msg.content[CONFIG]
     ids = torch.from_numpy(np.asarray(cfg[IDS], dtype=np.int64))
     content = RecordDict(
         {

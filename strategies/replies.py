@@ -30,6 +30,7 @@ from .protocol import (
     SKIP_IDS,
     SKIP_KEYS,
     SKIPS,
+    ReplyMetric,
     reply_metrics,
 )
 
@@ -56,6 +57,7 @@ class Sent:
     ids: np.ndarray  # int64, sorted: the samples the shard trained on
     max_count: int  # a sample's skip count can be at most this (one visit per local epoch)
     fingerprint: str = ""  # the data set the server sent with the shard; the node must confirm it
+    metrics: tuple[ReplyMetric, ...] | None = None  # the run's reply metrics (None: reply_metrics())
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,7 @@ def check_info(info: ConfigRecord, sent: Sent) -> int:
 
 def check_metrics(metrics: MetricRecord, sent: Sent) -> None:
     """Exactly the protocol's reply metrics, each a number of its kind in its range."""
-    specs = reply_metrics()
+    specs = reply_metrics() if sent.metrics is None else sent.metrics
     _exact_keys(metrics, tuple(m.key for m in specs), "metric")
     for spec in specs:  # kind and finiteness first, for every metric
         if (why := spec.kind_error(metrics[spec.key])) is not None:

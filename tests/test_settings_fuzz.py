@@ -49,6 +49,7 @@ INTS = {  # key: (lowest, highest) allowed
     "sample-steps": (1, 1_000),
     "mq-neighbours": (1, 400),  # <= train-size
     "lora-rank": (1, 1024),
+    "dp-max-physical-batch": (0, 65_536),
 }
 GOOD_INTS = {"train-size": (50, 1796)}  # and >= num-shards (4) and mq-neighbours (50)
 FLOATS = {  # key: (low, low included, high or None, high included, +inf allowed)
@@ -60,6 +61,10 @@ FLOATS = {  # key: (low, low included, high or None, high included, +inf allowed
     "aug-range": (1.0, False, None, False, True),
     "aug-sharpness": (0.0, False, None, False, False),
     "input-noise-variance": (0.0, True, 10.0, True, False),
+    "dp-noise-multiplier": (0.0, True, 1000.0, True, False),
+    "dp-target-epsilon": (0.0, True, 1e6, True, False),
+    "dp-delta": (0.0, False, 1.0, False, False),
+    "dp-max-grad-norm": (0.0, False, 1e6, True, False),
     "msr-proportion": (0.0, True, 1.0, False, False),
     "lora-alpha": (0.0, False, None, False, False),
     "fedprox-mu": (0.0, False, None, False, False),
@@ -79,6 +84,7 @@ BOOLS = (
     "lora-freeze-a",
     "save-adapter",
     "input-noise-fixed",
+    "dp-sgd",
 )
 CHOICES = {
     "dataset": ("digits", "cifar10", "cifar100", "imagefolder"),
@@ -89,6 +95,7 @@ CHOICES = {
     "adapter": ("none", "lora", "difffit"),
     "data-split": ("train", "spare"),
     "lora-targets": ("attention", "attention+conv"),
+    "dp-accountant": ("prv", "rdp", "gdp"),
 }
 PATHS = ("data-root", "holdout-root", "fid-weights", "fid-cache-dir", "out-dir", "resume", "init-from")
 OTHER = ("device", "mq-thresholds")
@@ -304,7 +311,8 @@ def test_good_values_are_accepted(key, places, data):
     settings_from_run_config(DEFAULTS, {**NEEDS.get(key, {}), key: value})
 
 
-NEEDS = {"input-noise-fixed": {"input-noise-variance": 0.1}}  # what a key's every good value needs beside it
+DP = {"agc": False, "taa": False, "msr": "none", "dp-noise-multiplier": 1.0}  # what dp-sgd = true needs
+NEEDS = {"input-noise-fixed": {"input-noise-variance": 0.1}, "dp-sgd": DP}  # a key's every good value needs these
 
 
 def test_error_messages_start_with_the_key():
