@@ -193,7 +193,8 @@ def train_shard(
         exactly when ``config.input_noise_fixed``: scaled to ``input_noise_variance`` and added at
         every step. Without it the noise is drawn afresh at every step.
     """
-    if config.privacy is not None:
+    privacy = getattr(config, "privacy", None)  # a Settings object (tests, notebooks) has none
+    if privacy is not None:
         _check_private(config, skip_rule, augment, proximal_mu)
     skip_rule = skip_rule or default_skip_rule(config)
     if augment is True:
@@ -211,7 +212,7 @@ def train_shard(
     fixed = _fixed_noise(config, input_noise, data.shape)
     rules = skip_rule, augment, family
     loop = _Loop(model, params, config, state, rules, data, targets, steps_per_epoch, proximal_mu, fixed)
-    private = _private(loop, config, state, n, batch) if config.privacy is not None else None
+    private = _private(loop, config, state, n, batch) if privacy is not None else None
     with progress(config.local_epochs * steps_per_epoch, desc, "step") as bar:  # a line every so often
         for _ in range(config.local_epochs):
             for pos in private.batches() if private is not None else _epoch(n, batch, steps_per_epoch, gen):
