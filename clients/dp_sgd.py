@@ -102,7 +102,9 @@ class PrivateTraining:
         self.engine = PrivacyEngine(accountant=config.accountant)
         if accountant is not None:
             self.engine.accountant.load_state_dict(accountant)
-        positions = DataLoader(TensorDataset(torch.arange(n)), batch_size=min(batch_size, n))
+        # drop_last: Opacus' rate is 1 / len(loader), so n // batch batches as the plain trainer and
+        # ``poisson_plan`` count (Opacus then ignores drop_last for the Poisson batches themselves)
+        positions = DataLoader(TensorDataset(torch.arange(n)), batch_size=min(batch_size, n), drop_last=True)
         self.model, self.optimizer, self.loader = self.engine.make_private(
             module=model,
             optimizer=optimizer,

@@ -126,6 +126,15 @@ def test_the_epsilon_reported_is_opacus_accountant_for_the_recorded_steps():
     assert second.skip_rate == 0 and second.aug_rate == 0 and int(second.skip_counts.sum()) == 0
 
 
+def test_a_shard_not_a_multiple_of_the_batch_is_accounted_as_planned():
+    """28 images in batches of 8: 3 batches an epoch (drop_last, as the plain trainer), rate 1/3."""
+    state = ShardState()
+    result = train_shard(_model(), _images(28), _config(), state, device=CPU, seed=5)
+    assert poisson_plan(28, 8, 2) == (1 / 3, 6)
+    assert result.steps == state.step == 6
+    assert state.accountant["history"] == [(1.0, 1 / 3, 6)]
+
+
 def test_a_target_epsilon_is_spent_by_the_last_round_and_not_exceeded():
     state, config = ShardState(), _config(noise_multiplier=0.0, target_epsilon=8.0, rounds=2)
     for r in (1, 2):
