@@ -12,13 +12,11 @@ reshape a batch of none).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from contextlib import ExitStack
 
 import torch
 from opacus import PrivacyEngine
-from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 from opacus.utils.batch_memory_manager import BatchMemoryManager
@@ -55,13 +53,6 @@ def noise_multiplier_for(config: PrivacyConfig, sample_rate: float, steps: int) 
             f"{steps} steps at sample rate {sample_rate:.4g} with the {config.accountant} accountant "
             f"(Opacus: {err}); raise dp-target-epsilon or train fewer steps"
         ) from None
-
-
-def epsilon_of(history: list, accountant: str, delta: float) -> float:
-    """The epsilon Opacus' ``accountant`` gives for a history of (sigma, sample rate, steps)."""
-    acc = create_accountant(accountant)
-    acc.history = [tuple(h) for h in history]
-    return float(acc.get_epsilon(delta=delta)) if acc.history else 0.0
 
 
 GRAD_SAMPLE_MODE = "functorch"
@@ -114,7 +105,6 @@ class PrivateTraining:
             poisson_sampling=True,
             grad_sample_mode=GRAD_SAMPLE_MODE,
         )
-        self.steps_per_epoch = len(self.loader)
 
     def batches(self) -> Iterator[torch.Tensor]:
         """One epoch's physical batches of positions (empty ones included: each logical batch,
@@ -142,13 +132,11 @@ class PrivateTraining:
 
     def epsilon(self) -> float:
         """The epsilon spent so far by this shard (all its rounds), at ``config.delta``."""
-        return epsilon_of(self.engine.accountant.history, self.config.accountant, self.config.delta)
+        return float(self.engine.get_epsilon(self.config.delta))
 
 
 def dp_planned_epsilon_check(config: PrivacyConfig, shard_sizes: list[int], batch_size: int, local_epochs: int) -> None:
     """Before training: every shard's sigma exists for the target epsilon (a ValueError otherwise)."""
     for n in sorted(set(shard_sizes)):
         rate, per_round = poisson_plan(n, batch_size, local_epochs)
-        sigma = noise_multiplier_for(config, rate, per_round * config.rounds)
-        if not math.isfinite(sigma) or sigma <= 0:
-            raise ValueError(f"dp-noise-multiplier: must be > 0, got {sigma}")
+        noise_multiplier_for(config, rate, per_round * config.rounds)  # raises, naming the key

@@ -331,15 +331,16 @@ class _Loop:
     def _update(self, loss: torch.Tensor) -> bool:
         """Back-propagate ``loss`` and step (Opacus' DPOptimizer clips, noises, and skips the
         step inside a split logical batch); the LR schedule and step count follow real steps."""
-        private = self.private is not None
-        if not private:
+        if self.private is None:
             self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if not private:
+            loss.backward()
             torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
-        self.optimizer.step()
-        stepped = self.private.stepped() if private else True
-        if private:
+            self.optimizer.step()
+            stepped = True
+        else:  # Opacus clips per sample (C replaces grad-clip)
+            loss.backward()
+            self.optimizer.step()
+            stepped = self.private.stepped()
             self.optimizer.zero_grad(set_to_none=True)  # keeps a split batch's sum until its last part
         if stepped:
             self.lr_schedule.step()

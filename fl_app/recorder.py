@@ -57,12 +57,12 @@ class RunRecorder:
         unanswered = [(s, rlog.placed.get(s, -1), why) for s, why in sorted(rlog.timed_out.items())]
         w.add_dropped(r, rlog.dropped + unanswered)
         row: dict[str, Any] = {"round": r}
-        for spec in protocol.reply_metrics(w.config):
-            if spec.per_round:
-                row[spec.column] = m.get(spec.key)
-                earlier = [p[spec.column] for p in w.rows if p.get(spec.column) is not None]
-                if spec.reduce == "max" and earlier:  # the largest so far: a shard that did not reply keeps its
-                    row[spec.column] = max(earlier if row[spec.column] is None else [*earlier, row[spec.column]])
+        for spec in (s for s in protocol.reply_metrics(w.config) if s.per_round):
+            values = [m.get(spec.key)]
+            if spec.reduce == "max":  # the largest so far: a shard that did not reply keeps its value
+                values += [p.get(spec.column) for p in w.rows]
+            known = [v for v in values if v is not None]
+            row[spec.column] = (max(known) if known else None) if spec.reduce == "max" else values[0]
         row |= {key: int(m.get(key, 0)) for key in COUNT_COLUMNS}
         evaluation = dict(evaluation or {})
         eval_seconds = evaluation.pop(EVAL_SECONDS, 0.0)
