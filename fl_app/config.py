@@ -12,17 +12,20 @@ from evaluation.config import EvalConfig
 from strategies.aggregation import AggregationConfig
 
 from .settings import Settings, privacy_config
+from .trackers import check_tracker
 
 
 def settings_from_run_config(run_config: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> Settings:
     """The full check where a run starts (``iet-agc run`` before submitting, and the ServerApp).
 
     Defaults < run_config (pyproject + --run-config) < overrides; every range, then the checks
-    against this machine (paths exist, the data set is large enough, out-dir is writable).
-    Raises ``ValueError('<key>: ...')`` for the first setting outside its range.
+    against this machine (paths exist, the data set is large enough, out-dir is writable, the
+    tracker is installed and its server answers). Raises ``ValueError('<key>: ...')`` for the first
+    setting outside its range.
     """
     settings = Settings.from_run_config({**dict(run_config), **dict(overrides or {})})
     settings.check_environment()
+    check_tracker(settings)
     return settings
 
 

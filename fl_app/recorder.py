@@ -21,6 +21,7 @@ from strategies.iet import IETStrategy, RoundLog, StrategyState
 from .checkpoint import Checkpoint, save_checkpoint
 from .run_folder import COUNT_COLUMNS, RunWriter
 from .settings import Settings
+from .trackers import RunTracker
 
 EVAL_SECONDS = "eval-seconds"  # reported by the evaluation function, printed, not kept in rounds.csv
 
@@ -36,12 +37,21 @@ def fmt(value: Any) -> str:
 
 class RunRecorder:
     """Fed by the strategy after every round: appends the round's rows, then writes the checkpoint
-    (after the rows, so a checkpoint never refers to rows that are not on disk)."""
+    (after the rows, so a checkpoint never refers to rows that are not on disk), then hands the
+    round to the ``tracker`` (after the checkpoint, so a tracker never holds a round a resume redoes)."""
 
     def __init__(
-        self, writer: RunWriter, *, run_key: str, fingerprint: str, num_rounds: int, base_fingerprint: str = ""
+        self,
+        writer: RunWriter,
+        *,
+        run_key: str,
+        fingerprint: str,
+        num_rounds: int,
+        base_fingerprint: str = "",
+        tracker: RunTracker | None = None,
     ) -> None:
         self.writer = writer
+        self.tracker = tracker
         self.run_key = run_key
         self.fingerprint = fingerprint
         self.base_fingerprint = base_fingerprint
@@ -87,6 +97,8 @@ class RunRecorder:
                 base_fingerprint=self.base_fingerprint,
             ),
         )
+        if self.tracker is not None:
+            self.tracker.round_done(row)
         if rlog.failed:
             head = f"round {r}/{self.num_rounds}: FAILED, no valid reply; the global model is kept"
         else:

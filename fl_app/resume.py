@@ -34,6 +34,13 @@ RESUMABLE_KEYS = (
     "out-dir",
     "init-from",  # where this machine keeps the base; the base's fingerprint must still match
     "save-adapter",
+    "tracker",  # where the run is logged: a resume continues the same tracked run, or starts one
+    "tracker-dir",
+    "tracker-uri",
+    "tracker-project",
+    "tracker-run-name",
+    "tracker-group",
+    "tracker-tags",
     "resume",
 )
 

@@ -34,9 +34,10 @@ from .config import aggregation_config, eval_config, settings_from_run_config
 from .parent import parent_gone
 from .recorder import EVAL_SECONDS, RunRecorder, finish_run, model_line
 from .resume import resumed_settings, run_folder_lock
-from .run_folder import RunWriter, new_run_dir
+from .run_folder import RunWriter, new_run_dir, run_result
 from .settings import Settings
 from .start import Start, start_point
+from .trackers import TRACKER_KEYS, RunTracker, tracking
 
 
 def eval_rounds(settings: Settings) -> set[int]:
@@ -73,7 +74,8 @@ def run(
 ) -> RunWriter:
     """Run IET-AGC+ end to end on ``grid`` (or continue the run named by ``resume``); returns the
     writer of the run folder. ``aggregator`` (any Flower strategy) replaces the ``aggregation``
-    setting's. Only one process writes a run folder at a time (``.lock``)."""
+    setting's. Only one process writes a run folder at a time (``.lock``). With ``tracker``, each
+    round also goes to the tracker (fl_app/trackers.py), opened before training."""
     started = time.monotonic()
     data = load_dataset(**settings.dataset_kwargs())
     if len(data) < settings.mq_neighbours:
@@ -89,30 +91,39 @@ def run(
             _first_line(settings, data, start, device, settings.aggregation if named else type(aggregator).__name__),
         )
         evaluator = evaluator_factory(eval_config(settings), data, start.writer.path, device)
-        strategy = make_strategy(settings, data, start, redistribution, aggregator)
-        evaluate_fn = EvaluateFn(evaluator, start.model, eval_rounds(settings))
-        try:
-            result = strategy.start(
-                grid=grid,
-                initial_arrays=ArrayRecord(trainable_state(start.model)),  # after the base, only what trains travels
-                num_rounds=settings.num_rounds,
-                timeout=settings.round_timeout,
-                evaluate_fn=evaluate_fn,
-                first_round=start.first_round,
-            )
-        except RunStopped as err:
-            start.writer.save_curves()
-            log(ERROR, "stopped: %s. The checkpoint is kept; to continue: iet-agc run --resume %s", err, run_dir)
-            raise
-        load_trainable(start.model, result.arrays.to_torch_state_dict())
-        finish_run(start.writer, settings, start.model, strategy, evaluate_fn.latest, evaluator.fid_reason, started)
+        with tracking(settings, run_dir, start.writer.rows) as tracker:  # before training: refused here
+            strategy = make_strategy(settings, data, start, redistribution, aggregator, tracker)
+            evaluate_fn = EvaluateFn(evaluator, start.model, eval_rounds(settings))
+            try:
+                result = strategy.start(
+                    grid=grid,
+                    initial_arrays=ArrayRecord(trainable_state(start.model)),  # after the base, only what trains
+                    num_rounds=settings.num_rounds,
+                    timeout=settings.round_timeout,
+                    evaluate_fn=evaluate_fn,
+                    first_round=start.first_round,
+                )
+            except RunStopped as err:
+                start.writer.save_curves()
+                log(ERROR, "stopped: %s. The checkpoint is kept; to continue: iet-agc run --resume %s", err, run_dir)
+                raise
+            load_trainable(start.model, result.arrays.to_torch_state_dict())
+            finish_run(start.writer, settings, start.model, strategy, evaluate_fn.latest, evaluator.fid_reason, started)
+            if tracker is not None:
+                tracker.finish(run_result(start.writer.path))
     return start.writer
 
 
 def make_strategy(
-    settings: Settings, data: ImageSet, start: Start, redistribution: Redistribution | None, aggregator: Strategy
+    settings: Settings,
+    data: ImageSet,
+    start: Start,
+    redistribution: Redistribution | None,
+    aggregator: Strategy,
+    tracker: RunTracker | None = None,
 ) -> IETStrategy:
-    """The IET strategy of this run: its ledger, what every message carries, its rules and recorder."""
+    """The IET strategy of this run: its ledger, what every message carries (never how the server
+    tracks the run: nodes need no tracker credentials), its rules and recorder."""
     if start.aggregator_state:
         if not isinstance(aggregator, Resumable):
             raise ValueError(
@@ -124,7 +135,7 @@ def make_strategy(
         start.ledger,
         num_samples=len(data),
         train_config={
-            **settings.to_run_config(),
+            **{k: v for k, v in settings.to_run_config().items() if k not in TRACKER_KEYS},
             protocol.FINGERPRINT: data.fingerprint,
             protocol.BASE_FINGERPRINT: start.base_fingerprint,
             protocol.RUN_KEY: start.run_key,
@@ -142,6 +153,7 @@ def make_strategy(
             fingerprint=data.fingerprint,
             base_fingerprint=start.base_fingerprint,
             num_rounds=settings.num_rounds,
+            tracker=tracker,
         ),
         should_stop=parent_gone(),
         aggregator=aggregator,

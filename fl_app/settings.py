@@ -36,6 +36,11 @@ from strategies.aggregation import AGGREGATIONS
 from strategies.msr import MSR_MODES
 
 SKIP_COUNT_MODES = ("reset", "cumulative")
+TRACKERS = ("none", "tensorboard", "mlflow", "wandb")  # fl_app/trackers.py logs a run to one of them
+# A tracker's names: a W&B project (at most 128 characters, none of /\#?%:), an MLflow experiment,
+# a TensorBoard sub-folder (no path separator, never "." or "..").
+TRACKER_NAME = r"[A-Za-z0-9][A-Za-z0-9_.+=,@ -]{0,127}"
+TRACKER_TAG = r"[A-Za-z0-9_.-]{1,64}=[^;\x00-\x1f]{0,500}"
 
 # Upper bounds where a larger value would only hang the run or exhaust memory.
 MAX_SEED = 2**31 - 1  # torch and numpy seeds
@@ -290,6 +295,34 @@ class Settings:
     fid_cache_dir: str = _path("")
     out_dir: str = _path("runs", nonempty=True)
     resume: str = _path("")
+    # experiment tracking (the ServerApp logs the run to it; fl_app/trackers.py)
+    tracker: str = _choice("none", TRACKERS)
+    tracker_dir: str = _path("", text="a path (may be empty: tensorboard/, mlflow/ or wandb/ beside the run folder)")
+    tracker_uri: str = _setting(
+        "",
+        str,
+        pattern=r"|[A-Za-z][A-Za-z0-9+.-]*://\S{1,2000}|databricks",
+        text="empty (offline: the local tracker-dir) or a URI scheme://... (MLflow server, W&B host)",
+    )
+    tracker_project: str = _setting(
+        "iet-agc",
+        str,
+        pattern=TRACKER_NAME,
+        text="1-128 letters, digits, spaces or _ . + = , @ -, beginning with a letter or digit",
+    )
+    tracker_run_name: str = _setting(
+        "",
+        str,
+        pattern=f"|{TRACKER_NAME}",
+        text="empty (the run folder's name) or as tracker-project",
+    )
+    tracker_group: str = _setting("", str, pattern=f"|{TRACKER_NAME}", text="empty or as tracker-project")
+    tracker_tags: str = _setting(
+        "",
+        str,
+        pattern=f"|{TRACKER_TAG}(;{TRACKER_TAG}){{0,31}}",
+        text="empty or up to 32 key=value pairs separated by ; (key: 1-64 of A-Z a-z 0-9 _ . -)",
+    )
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -380,6 +413,7 @@ class Settings:
                 "input-noise-fixed = false"
             )
         self._check_privacy()
+        self._check_tracker()
         if self.adapter != "none" and not self.init_from:
             raise ValueError(
                 f"adapter: {self.adapter!r} adapts a pretrained model and needs init-from (a DDPMPipeline "
@@ -485,6 +519,24 @@ class Settings:
             if value > size:
                 raise ValueError(f"{key}: must be an integer in [1, {size}] ({source} = {size}), got {value}")
 
+    def _check_tracker(self) -> None:
+        """tracker-uri means a server: MLflow's or a W&B host (http/https); TensorBoard writes files only."""
+        if not self.tracker_uri or self.tracker in ("none", "mlflow"):
+            return
+        if self.tracker == "tensorboard":
+            raise ValueError(
+                f"tracker-uri: tensorboard writes event files to tracker-dir and has no server; leave tracker-uri "
+                f"empty, got {self.tracker_uri!r}"
+            )
+        if not self.tracker_uri.startswith(("http://", "https://")):
+            raise ValueError(f"tracker-uri: wandb needs an http:// or https:// host, got {self.tracker_uri!r}")
+
+    @property
+    def tracker_tag_pairs(self) -> dict[str, str]:
+        """``tracker-tags`` as a mapping: 'cell=agc;seed=0' -> {'cell': 'agc', 'seed': '0'}."""
+        pairs = (p.partition("=") for p in self.tracker_tags.split(";") if p)
+        return {k: v for k, _, v in pairs}
+
     def _check_thresholds(self) -> None:
         parse_thresholds(self.mq_thresholds, "mq-thresholds")
 
@@ -496,7 +548,8 @@ class Settings:
         at least one image and at least ``train-size``, ``num-shards`` and ``mq-neighbours``
         images; ``out-dir`` (and ``fid-cache-dir`` when set) must be a folder that exists or can
         be made, and is writable; the ``init-from`` base must load (a folder, or a Hub id that can be
-        downloaded) and agree with ``image-size`` and the data set's channels.
+        downloaded) and agree with ``image-size`` and the data set's channels; ``tracker-dir``, when
+        set with a tracker, must be writable (the tracker's library and server: ``config``).
         """
         if self.init_from:
             self._check_base()
@@ -521,6 +574,8 @@ class Settings:
         if self.fid_cache_dir:
             _writable_dir("fid-cache-dir", self.fid_cache_dir)
         _writable_dir("out-dir", self.out_dir)
+        if self.tracker != "none" and self.tracker_dir:
+            _writable_dir("tracker-dir", self.tracker_dir)
         if self.dp_sgd and self.dp_target_epsilon:  # no sigma reaches the target: stop before training
             self._check_privacy_budget()
 

@@ -24,6 +24,7 @@ from evaluation.columns import QUALITY_FIGURES
 from fl_app.config import settings_from_run_config
 from fl_app.run_folder import run_folders, settings_of
 from fl_app.settings import Settings
+from fl_app.trackers import TRACKER_KEYS, default_tracker_dir, tracker_name
 
 SECTIONS = ("base", "seeds", "quality", "out", "set", "pretrain", "rows", "grid", "vary")
 RESERVED = ("seed", "out-dir", "resume")  # the sweep sets these itself
@@ -70,12 +71,27 @@ class Sweep:
         config = {**self.base, **cell.changes, "seed": seed, "out-dir": str(self.run_folder(cell, seed))}
         if self.pretrain is not None:
             config["init-from"] = self.init_from or pending_base(self.out)
-        return config
+        return self.tracked(config, cell.name, seed)
+
+    def tracked(self, config: dict[str, Any], cell: str, seed: int) -> dict[str, Any]:
+        """With a ``tracker``, a run of the sweep's group (its folder's name) in one store for the whole
+        sweep (``<out>/mlflow``, ...), named after its cell and seed, which are its tags too."""
+        tracker = config.get("tracker", "none")
+        if tracker == "none":
+            return config
+        value = re.sub(r"[;\x00-\x1f]", ",", cell)[:500]
+        tags = ";".join(t for t in (config.get("tracker-tags", ""), f"cell={value}", f"seed={seed}") if t)
+        defaults = {
+            "tracker-group": tracker_name(self.out.name),
+            "tracker-run-name": tracker_name(f"{cell}-seed{seed}"),
+            "tracker-dir": str(default_tracker_dir(tracker, self.out)),
+        }
+        return {**config, **{k: v for k, v in defaults.items() if not config.get(k)}, "tracker-tags": tags}
 
     def base_config(self) -> dict[str, Any]:
         """The base run's config: base < [set] < [pretrain] (its ``seed``, default 0) < --set, in ``<out>/base``."""
         values = {**self.base, **self.shared, "seed": 0, **(self.pretrain or {}), **self.extra}
-        return {**values, "out-dir": str(self.out / BASE_FOLDER)}
+        return self.tracked({**values, "out-dir": str(self.out / BASE_FOLDER)}, BASE_FOLDER, 0)
 
     def reference_config(self, seed: int) -> dict[str, Any]:
         """The base's reference evaluation: the cells' shared settings (their split, hold-out and
@@ -106,10 +122,12 @@ def slug(name: str) -> str:
 
 def config_hash(config: Mapping[str, Any]) -> str:
     """Names what a run trains with: every resolved setting but where it writes (``out-dir``,
-    ``resume``). A finished row counts only while its cell's settings are unchanged."""
-    values = {k: v for k, v in config.items() if k not in ("out-dir", "resume")}
+    ``resume``) and how it is tracked (``tracker-*``). A finished row counts only while its cell's
+    settings are unchanged."""
+    where = ("out-dir", "resume", *TRACKER_KEYS)
+    values = {k: v for k, v in config.items() if k not in where}
     resolved = Settings.from_run_config(values).to_run_config()
-    kept = {k: v for k, v in sorted(resolved.items()) if k not in ("out-dir", "resume")}
+    kept = {k: v for k, v in sorted(resolved.items()) if k not in where}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

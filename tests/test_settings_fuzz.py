@@ -96,9 +96,11 @@ CHOICES = {
     "data-split": ("train", "spare"),
     "lora-targets": ("attention", "attention+conv"),
     "dp-accountant": ("prv", "rdp", "gdp"),
+    "tracker": ("none", "tensorboard", "mlflow", "wandb"),
 }
-PATHS = ("data-root", "holdout-root", "fid-weights", "fid-cache-dir", "out-dir", "resume", "init-from")
-OTHER = ("device", "mq-thresholds")
+PATHS = ("data-root", "holdout-root", "fid-weights", "fid-cache-dir", "out-dir", "resume", "init-from", "tracker-dir")
+NAMES = ("tracker-project", "tracker-run-name", "tracker-group")  # empty allowed but for tracker-project
+OTHER = ("device", "mq-thresholds", "tracker-uri", "tracker-tags", *NAMES)
 
 
 @pytest.fixture(scope="module")
@@ -210,6 +212,53 @@ def _bad_thresholds() -> st.SearchStrategy:
     return one_bad | repeated | garbage | near | NOT_A_STRING
 
 
+NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.+=,@ -")
+
+
+def _name_ok(key: str, text: str) -> bool:
+    """A tracker name: 1-128 of letters, digits and _ . + = , @ - or space, the first a letter or digit."""
+    if text == "":
+        return key != "tracker-project"
+    return len(text) <= 128 and set(text) <= NAME_CHARS and text[0].isascii() and text[0].isalnum()
+
+
+def _uri_ok(text: str) -> bool:
+    """Empty, databricks, or scheme://rest (the scheme a letter then letters, digits, + . -; no whitespace)."""
+    if text in ("", "databricks"):
+        return True
+    scheme, sep, rest = text.partition("://")
+    ok_scheme = bool(scheme) and scheme[0].isascii() and scheme[0].isalpha()
+    ok_scheme = ok_scheme and all(c.isascii() and (c.isalnum() or c in "+.-") for c in scheme)
+    return bool(sep) and ok_scheme and 0 < len(rest) <= 2000 and not any(c.isspace() for c in rest)
+
+
+def _tags_ok(text: str) -> bool:
+    """Empty, or 1-32 key=value pairs joined by ;: key 1-64 of [A-Za-z0-9_.-], value 0-500 of no ; or control."""
+    if text == "":
+        return True
+    pairs = text.split(";")
+    key_chars = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not 1 <= len(key) <= 64 or not set(key) <= key_chars:
+            return False
+        if len(value) > 500 or any(ord(c) < 32 for c in value):
+            return False
+    return len(pairs) <= 32
+
+
+def _bad_tracker_text(key: str) -> st.SearchStrategy:
+    if key == "tracker-uri":
+        near = ["http://", "http:// x", "://x", "1http://x", "x", "http:/x", "file:///a b", "databricks ", "h_t://x"]
+        return NOT_A_STRING | st.sampled_from(near) | st.text(max_size=12).filter(lambda s: not _uri_ok(s))
+    if key == "tracker-tags":
+        near = ["a", "=1", "a=1;", ";a=1", "a b=1", "a=1\n", "a=1;b", "k" * 65 + "=1", ";".join(["a=1"] * 33)]
+        return NOT_A_STRING | st.sampled_from(near) | st.text(max_size=12).filter(lambda s: not _tags_ok(s))
+    near = [" a", "-a", "a/b", "..", ".", "a\\b", "a" * 129, "a\n", "a:b", "a#b", "a?b", "a%b", "é"]
+    near += [] if key != "tracker-project" else [""]
+    return NOT_A_STRING | st.sampled_from(near) | st.text(max_size=12).filter(lambda s: not _name_ok(key, s))
+
+
 def _bad_path(key: str, places: dict) -> st.SearchStrategy:
     nul = st.text(max_size=6).map(lambda s: f"{places['dir']}/{s}\0x")
     bad = NOT_A_STRING | nul
@@ -241,6 +290,8 @@ def bad_values(key: str, places: dict) -> st.SearchStrategy:
         return NOT_A_STRING | st.sampled_from(NEAR_DEVICES) | st.text(max_size=10).filter(lambda s: not _device_ok(s))
     if key == "mq-thresholds":
         return _bad_thresholds()
+    if key in ("tracker-uri", "tracker-tags", *NAMES):
+        return _bad_tracker_text(key)
     return _bad_path(key, places)
 
 
@@ -294,6 +345,17 @@ def good_values(key: str, places: dict) -> st.SearchStrategy:
         return st.sampled_from(["", places["dir"]])
     if key == "fid-weights":
         return st.sampled_from(["", places["file"]])
+    if key == "tracker-uri":  # with tracker none, a server is never contacted
+        return st.sampled_from(["", "databricks", "http://127.0.0.1:5000", "https://api.wandb.ai", "file:///tmp/x"])
+    if key == "tracker-tags":
+        pair = st.tuples(st.text(alphabet="abz09_.-", min_size=1, max_size=8), st.text(alphabet="x =,+1", max_size=8))
+        return st.lists(pair, max_size=4).map(lambda ps: ";".join(f"{k}={v}" for k, v in ps))
+    if key in NAMES:
+        first = st.sampled_from("aZ09")
+        rest = st.text(alphabet="aZ09_.+=,@ -", max_size=20)
+        return st.tuples(first, rest).map("".join) | st.just("" if key != "tracker-project" else "iet-agc")
+    if key == "tracker-dir":
+        return st.sampled_from(["", places["dir"], f"{places['dir']}/tracked"])
     return st.text(alphabet="abc/", max_size=8)  # data-root: unused by digits
 
 
