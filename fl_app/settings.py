@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from clients.taa import TAA_INTERPOLATIONS
 from ddpm.adapters import ADAPTERS, LORA_TARGETS, AdapterSpec
 from ddpm.base import base_config, check_base_classes
 from ddpm.data import DATA_SPLITS, DATASETS, DIGITS_IMAGES, IMAGE_SUFFIXES, num_channels, num_train_images
@@ -249,6 +250,7 @@ class Settings:
     aug_sharpness: float = _float(5.0, low=0, low_open=True)
     randaugment_magnitude: int = _int(3, 0, RANDAUGMENT_MAX_MAGNITUDE)
     randaugment_ops: int = _int(2, 1, RANDAUGMENT_NUM_OPS)
+    taa_interpolation: str = _choice("bilinear", TAA_INTERPOLATIONS)
     # baselines (the paper's Table I): noise added to the training images
     input_noise_variance: float = _float(0.0, low=0, high=10)
     input_noise_fixed: bool = _bool(False)
