@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from diffusers import UNet2DModel
 
+from .initialisation import initialise
+
 # name -> (block_out_channels, down block types, layers per block, dropout, norm groups)
 _SIZES: dict[str, dict] = {
     # CPU default: ~0.65M parameters, attention at the lowest resolution only.
@@ -52,16 +54,20 @@ _SIZES: dict[str, dict] = {
 MODEL_SIZES: tuple[str, ...] = tuple(_SIZES)
 
 
-def build_unet(size: str, image_size: int, channels: int, num_classes: int | None = None) -> UNet2DModel:
+def build_unet(
+    size: str, image_size: int, channels: int, num_classes: int | None = None, *, init: str = "diffusers"
+) -> UNet2DModel:
     """Return a freshly initialised epsilon-predicting UNet of a named size.
 
     ``num_classes``: class-conditional with diffusers' class embedding (``num_class_embeds``: one
-    learned vector per class added to the timestep embedding); None: unconditional.
+    learned vector per class added to the timestep embedding); None: unconditional. ``init``:
+    ``diffusers`` (its default draw) or ``authors`` (their xavier-uniform draw with gain 1e-5 on
+    each residual block's last convolution and the output convolution, ``ddpm.initialisation``).
     """
     if size not in _SIZES:
         raise ValueError(f"model: unknown size {size!r}; allowed: {', '.join(MODEL_SIZES)}")
     spec = _SIZES[size]
-    return UNet2DModel(
+    model = UNet2DModel(
         sample_size=image_size,
         in_channels=channels,
         out_channels=channels,
@@ -69,6 +75,7 @@ def build_unet(size: str, image_size: int, channels: int, num_classes: int | Non
         num_class_embeds=num_classes,
         **spec,
     )
+    return initialise(model, init)
 
 
 def num_parameters(model) -> int:

@@ -30,6 +30,7 @@ from ddpm.base import base_config, check_base_classes
 from ddpm.data import DATA_SPLITS, DATASETS, DIGITS_IMAGES, IMAGE_SUFFIXES, num_channels, num_train_images
 from ddpm.data import num_classes as dataset_classes
 from ddpm.device import DEVICE_PATTERN, DEVICES
+from ddpm.initialisation import MODEL_INITS
 from ddpm.schedule import NUM_TRAIN_TIMESTEPS
 from ddpm.unet import _SIZES, MODEL_SIZES
 from strategies.aggregation import AGGREGATIONS
@@ -218,6 +219,7 @@ class Settings:
     model: str = _choice("tiny", MODEL_SIZES)
     hflip: bool = _bool(False)
     class_conditional: bool = _bool(False)
+    model_init: str = _choice("diffusers", MODEL_INITS)
     # fine-tuning a pretrained base (architecture from the checkpoint; ``model`` is then unused)
     init_from: str = _path("", text="a DDPMPipeline folder, a Hub id (owner/name), or empty (train from scratch)")
     adapter: str = _choice("none", ADAPTERS)
@@ -372,6 +374,12 @@ class Settings:
             raise ValueError(
                 f"adapter: {self.adapter!r} adapts a pretrained model and needs init-from (a DDPMPipeline "
                 'folder or a Hub id); use adapter = "none" to train from scratch'
+            )
+        if self.model_init != "diffusers" and self.init_from:
+            raise ValueError(
+                f"model-init: {self.model_init!r} builds a fresh UNet, but init-from loads a base (its architecture "
+                'and weights come from the checkpoint); set model-init = "diffusers", or init-from = "" to train '
+                "from scratch"
             )
         if self.class_conditional and dataset_classes(self.dataset) is None:
             raise ValueError(

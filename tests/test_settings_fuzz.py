@@ -89,6 +89,7 @@ CHOICES = {
     "adapter": ("none", "lora", "difffit"),
     "data-split": ("train", "spare"),
     "lora-targets": ("attention", "attention+conv"),
+    "model-init": ("diffusers", "authors"),
     "taa-interpolation": ("bilinear", "nearest"),
 }
 PATHS = ("data-root", "holdout-root", "fid-weights", "fid-cache-dir", "out-dir", "resume", "init-from")
