@@ -15,8 +15,15 @@ from .settings import Settings
 
 
 def _fresh(settings: Settings, channels: int) -> UNet2DModel:
-    """A UNet of size ``model``, drawn as ``model-init`` says."""
-    return build_unet(settings.model, settings.image_size, channels, settings.num_classes, init=settings.model_init)
+    """A UNet of size ``model``, conditioned as ``class-embedding`` and drawn as ``model-init`` say."""
+    return build_unet(
+        settings.model,
+        settings.image_size,
+        channels,
+        settings.num_classes,
+        class_embedding=settings.class_embedding,
+        init=settings.model_init,
+    )
 
 
 def initial_model(settings: Settings, channels: int, weights: Mapping[str, torch.Tensor] | None = None) -> UNet2DModel:

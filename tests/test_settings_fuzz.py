@@ -89,6 +89,7 @@ CHOICES = {
     "adapter": ("none", "lora", "difffit"),
     "data-split": ("train", "spare"),
     "lora-targets": ("attention", "attention+conv"),
+    "class-embedding": ("added", "per-block"),
     "model-init": ("diffusers", "authors"),
     "taa-interpolation": ("bilinear", "nearest"),
 }
@@ -306,7 +307,10 @@ def test_good_values_are_accepted(key, places, data):
     settings_from_run_config(DEFAULTS, {**NEEDS.get(key, {}), key: value})
 
 
-NEEDS = {"input-noise-fixed": {"input-noise-variance": 0.1}}  # what a key's every good value needs beside it
+NEEDS = {  # what a key's every good value needs beside it
+    "input-noise-fixed": {"input-noise-variance": 0.1},
+    "class-embedding": {"class-conditional": True},
+}
 
 
 def test_error_messages_start_with_the_key():
