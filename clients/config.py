@@ -76,6 +76,10 @@ class TrainConfig:
         M: RandAugment's magnitude at full strength (rho = 1).
     randaugment_ops : int (default: 2)
         RandAugment's operations per image.
+    taa_interpolation : str (default: "bilinear")
+        How TAA's shear, translate and rotate resample (``clients.taa``): ``nearest`` is
+        torchvision's RandAugment (nearest pixel, whole-pixel translations, shear about the top
+        left corner); ``bilinear`` moves by fractions of a pixel (shear about the centre).
     input_noise_variance : float (default: 0.0)
         The adding-noise baseline (the paper's Table I: 0.1): Gaussian noise of this variance added
         to each training image in [-1, 1] (after flips and TAA's augmentation) before the forward
@@ -102,6 +106,7 @@ class TrainConfig:
     aug_sharpness: float = 5.0
     randaugment_magnitude: int = 3
     randaugment_ops: int = 2
+    taa_interpolation: str = "bilinear"
     input_noise_variance: float = 0.0
     input_noise_fixed: bool = False
     privacy: PrivacyConfig | None = None

@@ -62,6 +62,7 @@ OPS: tuple[str, ...] = (
 )
 GATED_OPS: frozenset[str] = frozenset({"Solarize", "AutoContrast", "Equalize"})  # applied with probability rho
 GEOMETRIC: tuple[str, ...] = OPS[1:6]  # ShearX .. Rotate: resampled together, one call per slot
+TAA_INTERPOLATIONS: tuple[str, ...] = ("bilinear", "nearest")  # nearest: torchvision's RandAugment
 
 
 def in_augment_range(ratio: torch.Tensor, keep: torch.Tensor, threshold: float, aug_range: float) -> torch.Tensor:
@@ -105,8 +106,14 @@ def _affine(x: torch.Tensor, mat: torch.Tensor, shift: torch.Tensor) -> torch.Te
     return nnf.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def _geometry(x, s, sign, op):
-    """The geometric ops at once, each sample its own: ``op`` (G,) indexes :data:`GEOMETRIC`."""
+def _geometry(x, s, sign, op, interpolation="bilinear"):
+    """The geometric ops at once, each sample its own: ``op`` (G,) indexes :data:`GEOMETRIC`.
+
+    ``bilinear``: translations by fractions of a pixel, shears about the centre, bilinear
+    resampling. ``nearest``: torchvision's RandAugment (:func:`_geometry_torchvision`).
+    """
+    if interpolation == "nearest":
+        return _geometry_torchvision(x, s, sign, op)
     zero = torch.zeros_like(s)
     shear = -sign * 0.3 * s
     angle = torch.deg2rad(torch.where(op == 4, sign * 30.0 * s, zero))
@@ -121,6 +128,45 @@ def _geometry(x, s, sign, op):
         [torch.where(op == 2, move * x.shape[-1], zero), torch.where(op == 3, move * x.shape[-2], zero)], 1
     )
     return _affine(x, mat, shift)
+
+
+def torchvision_magnitude(s: torch.Tensor, sign: torch.Tensor, op: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The signed magnitude torchvision's RandAugment op ``GEOMETRIC[op]`` gets at fraction ``s``,
+    in float64: shear factor -+0.3 s, translation +-(150/331) s of the side in pixels, rotation
+    +-30 s degrees (``size``: the image's (height, width))."""
+    s, sign = s.double(), sign.double()
+    side = torch.where(op == 2, float(size[1]), float(size[0]))
+    return torch.where(op <= 1, -sign * 0.3 * s, torch.where(op <= 3, sign * (150 / 331) * s * side, sign * 30.0 * s))
+
+
+def _geometry_torchvision(x, s, sign, op):
+    """torchvision's RandAugment geometric ops (``F.affine``/``F.rotate``, nearest, black fill),
+    batched: its inverse matrices (built in float64, as its ``_get_inverse_affine_matrix`` does in
+    Python floats), its sampling grid (``_affine_grid``: pixel centres times the matrix, then
+    normalised) and nearest ``grid_sample``. Translations move ``int(magnitude)`` whole pixels;
+    shears act about the top left corner (its ``center=[0, 0]``), rotations about the centre."""
+    g, (h, w) = x.shape[0], x.shape[-2:]
+    mag = torchvision_magnitude(s, sign, op, (h, w))
+    one, zero = torch.ones_like(mag), torch.zeros_like(mag)
+    shear_x, shear_y = torch.where(op == 0, mag, zero), torch.where(op == 1, mag, zero)
+    rot = torch.deg2rad(-torch.where(op == 4, mag, zero))  # F.rotate passes -angle to the matrix
+    cos, sin = torch.where(op == 4, torch.cos(rot), one), torch.where(op == 4, torch.sin(rot), zero)
+    move = torch.trunc(mag)  # int(magnitude)
+    tx, ty = torch.where(op == 2, move, zero), torch.where(op == 3, move, zero)
+    # inverse of (translate) (shear about the corner (-w/2, -h/2) or rotate about the centre): read at
+    # [[a, b], [c, d]] p + (e, f), p the output pixel centre relative to the image centre
+    a, b = cos + zero, sin + shear_x
+    c, d = -sin + shear_y, cos + zero
+    e = -tx + shear_x * (h / 2)
+    f = -ty + shear_y * (w / 2)
+    theta = torch.stack([torch.stack([a, b, e], 1), torch.stack([c, d, f], 1)], 1).to(x.dtype)
+    base = torch.empty(1, h, w, 3, dtype=x.dtype, device=x.device)
+    base[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=x.device))
+    base[..., 1].copy_(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=x.device).unsqueeze_(-1))
+    base[..., 2].fill_(1)
+    scale = torch.tensor([0.5 * w, 0.5 * h], dtype=x.dtype, device=x.device)
+    grid = base.view(1, h * w, 3).expand(g, -1, -1).bmm(theta.transpose(1, 2).div(scale)).view(g, h, w, 2)
+    return nnf.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
 def _blend(x, degenerate, factor):
@@ -206,11 +252,16 @@ class RandAugmentPolicy:
     randomness comes from torch's global generator, so a seeded run repeats.
     """
 
-    def __init__(self, max_magnitude: int, num_ops: int = 2) -> None:
+    def __init__(self, max_magnitude: int, num_ops: int = 2, interpolation: str = "bilinear") -> None:
         if not 0 <= max_magnitude < NUM_MAGNITUDE_BINS:
             raise ValueError(f"randaugment-magnitude: {max_magnitude} not in [0, {NUM_MAGNITUDE_BINS - 1}]")
         if num_ops < 1:
             raise ValueError(f"randaugment-ops: {num_ops} must be at least 1")
+        if interpolation not in TAA_INTERPOLATIONS:
+            raise ValueError(
+                f"taa-interpolation: must be one of {', '.join(TAA_INTERPOLATIONS)}, got {interpolation!r}"
+            )
+        self.interpolation = interpolation
         self.max_magnitude = max_magnitude
         self.num_ops = num_ops
         self._gated = torch.tensor([op in GATED_OPS for op in OPS])
@@ -245,6 +296,9 @@ class RandAugmentPolicy:
                     idx = order[start : start + size, j]
                     start += size
                     x, si, sg = out[idx], s[idx], sign[idx, j]
-                    done = _geometry(x, si, sg, ops[idx, j] - 1) if name is None else _APPLY[name](x, si, sg)
+                    if name is None:
+                        done = _geometry(x, si, sg, ops[idx, j] - 1, self.interpolation)
+                    else:
+                        done = _APPLY[name](x, si, sg)
                     out.index_copy_(0, idx, done.to(out.dtype))
         return out

@@ -138,7 +138,11 @@ def default_skip_rule(config: TrainConfig) -> SkipRule:
 
 
 def default_augment(config: TrainConfig) -> AugmentPolicy | None:
-    return RandAugmentPolicy(config.randaugment_magnitude, config.randaugment_ops) if config.taa else None
+    return (
+        RandAugmentPolicy(config.randaugment_magnitude, config.randaugment_ops, config.taa_interpolation)
+        if config.taa
+        else None
+    )
 
 
 def train_shard(

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from diffusers import UNet2DModel
 
+from .class_embedding import CLASS_EMBEDDINGS, PerBlockClassUNet2DModel, per_block_config
+from .initialisation import initialise
+
 # name -> (block_out_channels, down block types, layers per block, dropout, norm groups)
 _SIZES: dict[str, dict] = {
     # CPU default: ~0.65M parameters, attention at the lowest resolution only.
@@ -52,23 +55,47 @@ _SIZES: dict[str, dict] = {
 MODEL_SIZES: tuple[str, ...] = tuple(_SIZES)
 
 
-def build_unet(size: str, image_size: int, channels: int, num_classes: int | None = None) -> UNet2DModel:
+def build_unet(
+    size: str,
+    image_size: int,
+    channels: int,
+    num_classes: int | None = None,
+    *,
+    class_embedding: str = "added",
+    init: str = "diffusers",
+) -> UNet2DModel:
     """Return a freshly initialised epsilon-predicting UNet of a named size.
 
-    ``num_classes``: class-conditional with diffusers' class embedding (``num_class_embeds``: one
-    learned vector per class added to the timestep embedding); None: unconditional.
+    ``num_classes``: class-conditional (None: unconditional), the label taken as
+    ``class_embedding`` says (``ddpm.class_embedding``: ``added``, diffusers' table added to the
+    timestep embedding; ``per-block``, the authors' conditioning network and per-block
+    projections). ``init``: ``diffusers`` (its default draw) or ``authors`` (their xavier-uniform
+    draw with gain 1e-5 on each residual block's last convolution and the output convolution,
+    ``ddpm.initialisation``).
     """
     if size not in _SIZES:
         raise ValueError(f"model: unknown size {size!r}; allowed: {', '.join(MODEL_SIZES)}")
+    if class_embedding not in CLASS_EMBEDDINGS:
+        raise ValueError(f"class-embedding: must be one of {', '.join(CLASS_EMBEDDINGS)}, got {class_embedding!r}")
     spec = _SIZES[size]
-    return UNet2DModel(
-        sample_size=image_size,
-        in_channels=channels,
-        out_channels=channels,
-        attention_head_dim=None,  # one head per attention block (see the module docstring)
-        num_class_embeds=num_classes,
-        **spec,
-    )
+    common = dict(sample_size=image_size, in_channels=channels, out_channels=channels, attention_head_dim=None)
+    # attention_head_dim None: one head per attention block (see the module docstring)
+    if num_classes is not None and class_embedding == "per-block":
+        model: UNet2DModel = PerBlockClassUNet2DModel(**common, **per_block_config(spec, num_classes))
+    else:
+        model = UNet2DModel(**common, num_class_embeds=num_classes, **spec)
+    return initialise(model, init)
+
+
+UNET_CLASSES: dict[str, type[UNet2DModel]] = {cls.__name__: cls for cls in (UNet2DModel, PerBlockClassUNet2DModel)}
+
+
+def unet_class(config: dict) -> type[UNet2DModel]:
+    """The class a saved UNet config names (``_class_name``): a ValueError for any other."""
+    name = config.get("_class_name", "UNet2DModel")
+    if name not in UNET_CLASSES:
+        raise ValueError(f"a {name}, not a UNet2DModel (or {', '.join(n for n in UNET_CLASSES if n != 'UNet2DModel')})")
+    return UNET_CLASSES[name]
 
 
 def num_parameters(model) -> int:

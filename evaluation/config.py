@@ -20,7 +20,7 @@ class EvalConfig:
         DDIM steps.
     seed : int (default: 0)
         Seeds the initial noise (image i depends on (seed, i) alone), the class labels drawn for a
-        conditional model and the bootstrap's resamples.
+        conditional model and the interval's random splits.
     mq_neighbours : int (default: 50)
         n of eq. 12: the nearest training images in the ratio's denominator.
     thresholds : tuple[float, ...] (default: (0.4, 0.5, 0.6))

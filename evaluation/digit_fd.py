@@ -114,7 +114,7 @@ class DigitFD:
         return self.net(x)
 
     def score(self, generated01: torch.Tensor, resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> QualityScore:
-        """digit_fd with its bootstrap interval over the generated images and its floor (same count)."""
+        """digit_fd with its split-sample interval over the generated images and its floor (same count)."""
         floor = None if self.floor_images is None else self.features(self.floor_images)
         return score_features(self.features(generated01), self.mu, self.sigma, floor, resamples=resamples, seed=seed)
 

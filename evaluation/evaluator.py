@@ -62,7 +62,7 @@ class MemorizationEvaluator:
 
     Metric keys: ``mq_<delta>`` per threshold, ``copy_1``/``copy_5`` when the data set has
     held-out images, ``fid`` (None when unavailable, reason in ``fid_reason``), ``digit_fd`` on
-    digits; each quality figure with ``_lo``/``_hi`` (95 % bootstrap interval over the generated
+    digits; each quality figure with ``_lo``/``_hi`` (95 % split-sample interval over the generated
     images) and ``_floor`` (the same figure for as many held-out real images; None without them).
     Each evaluation also writes ``samples_<tag>.png``, ``pairs_<tag>.png``, ``ratios_<tag>.png``
     and ``eval_<tag>.md`` to ``out_dir``. ``fid_reason`` and ``digit_fd_reason`` belong to the
@@ -79,7 +79,7 @@ class MemorizationEvaluator:
     out_dir : Path
         Where each evaluation's pictures and report go (made when missing).
     device : torch.device
-        Where sampling, the nearest-neighbour search, the Inception network and the bootstrap run.
+        Where sampling, the nearest-neighbour search, the Inception network and the interval's splits run.
     family : DiffusionFamily (default: PIXEL_DDPM)
         The model family: how a model samples and what conditions it.
     """

@@ -274,7 +274,7 @@ def fid_score(
     resamples: int = DEFAULT_RESAMPLES,
     seed: int = 0,
 ) -> QualityScore:
-    """FID of generated images against reference images, its bootstrap interval over the generated
+    """FID of generated images against reference images, its split-sample interval over the generated
     images and its floor (the FID of as many held-out real images): the one FID entry point.
 
     Parameters
@@ -300,7 +300,7 @@ def fid_score(
     expected_sha256 : str (default: FID_WEIGHTS_SHA256)
         The weights file's sha256 (a prefix will do); FIDUnavailable when no such file can be had.
     resamples : int (default: DEFAULT_RESAMPLES)
-        Bootstrap resamples of the interval (>= 2; a test that only wants ``.value`` passes 2).
+        Random splits of the interval (>= 2; a test that only wants ``.value`` passes 2).
     seed : int (default: 0)
         Seeds the resampling.
     """

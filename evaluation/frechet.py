@@ -33,7 +33,7 @@ def frechet_distance_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
 def in_memory_statistics(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Mean and covariance (ddof 1, ``torch.cov``) of (N, F) features held in memory, in float64.
 
-    For the generated images' features, which the bootstrap needs in memory anyway.
+    For the generated images' features, which the interval's splits need in memory anyway.
     """
     x = features.double()
     return x.mean(0).numpy(), torch.cov(x.T).reshape(x.shape[1], x.shape[1]).numpy()

@@ -135,8 +135,9 @@ def quality_lines(
             lines.append(f"- digit_fd: unavailable ({digit_fd_reason or 'too few generated images'})")
     if scores:
         lines.append(
-            f"- interval: {DEFAULT_LEVEL:.0%} percentile bootstrap over the generated images ({DEFAULT_RESAMPLES} "
-            "resamples): how far the figure moves from the sample count alone. Floor: the same figure for as "
+            f"- interval: {DEFAULT_LEVEL:.0%} split-sample interval over the generated images (the figure +- z sd, "
+            f"sd from {DEFAULT_RESAMPLES} random splits into halves and quarters): how far the figure moves between "
+            "independent sets of as many generated images, the sample count alone. Floor: the same figure for as "
             "many held-out real images (never trained on), what a generator drawing from the data would score; "
             "Fréchet distances shrink as the count grows, so compare figures at equal counts."
         )

@@ -14,6 +14,18 @@ from ddpm.unet import build_unet
 from .settings import Settings
 
 
+def _fresh(settings: Settings, channels: int) -> UNet2DModel:
+    """A UNet of size ``model``, conditioned as ``class-embedding`` and drawn as ``model-init`` say."""
+    return build_unet(
+        settings.model,
+        settings.image_size,
+        channels,
+        settings.num_classes,
+        class_embedding=settings.class_embedding,
+        init=settings.model_init,
+    )
+
+
 def initial_model(settings: Settings, channels: int, weights: Mapping[str, torch.Tensor] | None = None) -> UNet2DModel:
     """The ``init-from`` base with its adapter attached (seeded), or a fresh UNet of size ``model``
     (drawn from the global RNG: seed it first where the draw matters); class-conditional on the
@@ -29,10 +41,10 @@ def initial_model(settings: Settings, channels: int, weights: Mapping[str, torch
         check_base_classes(base.config, settings.num_classes, settings.init_from)  # nodes too
         model = attach_adapter(base, settings.adapter_spec())
     elif weights is None:
-        return build_unet(settings.model, settings.image_size, channels, settings.num_classes)
+        return _fresh(settings, channels)
     else:
         with torch.device("meta"):
-            model = build_unet(settings.model, settings.image_size, channels, settings.num_classes)
+            model = _fresh(settings, channels)
         load_trainable(model, weights, assign=True)
         return model
     if weights is not None:

@@ -25,11 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from clients.config import ACCOUNTANTS, PrivacyConfig
+from clients.taa import TAA_INTERPOLATIONS
 from ddpm.adapters import ADAPTERS, LORA_TARGETS, AdapterSpec
 from ddpm.base import base_config, check_base_classes
+from ddpm.class_embedding import CLASS_EMBEDDINGS
 from ddpm.data import DATA_SPLITS, DATASETS, DIGITS_IMAGES, IMAGE_SUFFIXES, num_channels, num_train_images
 from ddpm.data import num_classes as dataset_classes
 from ddpm.device import DEVICE_PATTERN, DEVICES
+from ddpm.initialisation import MODEL_INITS
 from ddpm.schedule import NUM_TRAIN_TIMESTEPS
 from ddpm.unet import _SIZES, MODEL_SIZES
 from strategies.aggregation import AGGREGATIONS
@@ -204,7 +207,8 @@ class Settings:
     ``train-size + holdout-size <= 1797`` and ``spare`` needs digits left over (the spare count then
     bounds ``num-shards`` and ``mq-neighbours``);
     ``data-root`` required for ``imagefolder``; ``class-conditional`` needs a labelled data set
-    (not ``imagefolder``); ``adapter`` lora or difffit needs
+    (not ``imagefolder``); ``class-embedding = "per-block"`` needs ``class-conditional``, and
+    neither it nor ``model-init = "authors"`` goes with ``init-from``; ``adapter`` lora or difffit needs
     ``init-from``. With ``init-from``, ``model`` is unused (the base's architecture) and the
     environment check requires ``image-size``, the data set's channels and (``class-conditional``)
     its classes to be the base's.
@@ -223,6 +227,8 @@ class Settings:
     model: str = _choice("tiny", MODEL_SIZES)
     hflip: bool = _bool(False)
     class_conditional: bool = _bool(False)
+    class_embedding: str = _choice("added", CLASS_EMBEDDINGS)
+    model_init: str = _choice("diffusers", MODEL_INITS)
     # fine-tuning a pretrained base (architecture from the checkpoint; ``model`` is then unused)
     init_from: str = _path("", text="a DDPMPipeline folder, a Hub id (owner/name), or empty (train from scratch)")
     adapter: str = _choice("none", ADAPTERS)
@@ -255,6 +261,7 @@ class Settings:
     aug_sharpness: float = _float(5.0, low=0, low_open=True)
     randaugment_magnitude: int = _int(3, 0, RANDAUGMENT_MAX_MAGNITUDE)
     randaugment_ops: int = _int(2, 1, RANDAUGMENT_NUM_OPS)
+    taa_interpolation: str = _choice("bilinear", TAA_INTERPOLATIONS)
     # baselines (the paper's Table I): noise added to the training images
     input_noise_variance: float = _float(0.0, low=0, high=10)
     input_noise_fixed: bool = _bool(False)
@@ -419,6 +426,7 @@ class Settings:
                 f"adapter: {self.adapter!r} adapts a pretrained model and needs init-from (a DDPMPipeline "
                 'folder or a Hub id); use adapter = "none" to train from scratch'
             )
+        self._check_model_build()
         if self.class_conditional and dataset_classes(self.dataset) is None:
             raise ValueError(
                 f"class-conditional: dataset {self.dataset!r} has no labels to condition on; set "
@@ -480,6 +488,24 @@ class Settings:
         for key, (bad, why) in unsound.items():
             if bad:
                 raise ValueError(f"{key}: not with dp-sgd: {why}; set {key} = {off[key]} or dp-sgd = false")
+
+    def _check_model_build(self) -> None:
+        """``class-embedding`` and ``model-init`` build a fresh UNet: a conditional one, not a base."""
+        if self.class_embedding != "added" and not self.class_conditional:
+            raise ValueError(
+                f"class-embedding: {self.class_embedding!r} conditions on a class, but class-conditional is "
+                'false; set class-conditional = true, or class-embedding = "added" (the default)'
+            )
+        for key, value, default in (
+            ("class-embedding", self.class_embedding, "added"),
+            ("model-init", self.model_init, "diffusers"),
+        ):
+            if value != default and self.init_from:
+                raise ValueError(
+                    f"{key}: {value!r} builds a fresh UNet, but init-from loads a base (its architecture and "
+                    f'weights come from the checkpoint); set {key} = "{default}", or init-from = "" to train '
+                    "from scratch"
+                )
 
     def _check_split(self) -> None:
         """The digits split: held-out count, its seed, which part trains (other data sets: defaults only)."""

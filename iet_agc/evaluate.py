@@ -195,22 +195,24 @@ def _json_object(path: Path) -> dict:
 
 def _load_unet(pipeline_dir: Path):
     """The pipeline's UNet2DModel (safetensors only: no pickle), or an InputError naming the file."""
-    from diffusers import UNet2DModel
     from diffusers.utils import logging as diffusers_logging
+
+    from ddpm.unet import unet_class
 
     _json_object(pipeline_dir / "model_index.json")
     unet_dir = pipeline_dir / "unet"
     if not (unet_dir / "config.json").is_file():
         raise InputError(f"{pipeline_dir}: no unet/config.json; not a DDPMPipeline folder")
-    kind = _json_object(unet_dir / "config.json").get("_class_name", "UNet2DModel")
-    if kind != "UNet2DModel":
-        raise InputError(f"{unet_dir / 'config.json'}: a {kind}, not a UNet2DModel")
+    try:
+        kind = unet_class(_json_object(unet_dir / "config.json"))
+    except ValueError as err:
+        raise InputError(f"{unet_dir / 'config.json'}: {err}") from None
     level = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)  # its messages would break the one-line error
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True, low_cpu_mem_usage=False)
+            unet = kind.from_pretrained(unet_dir, use_safetensors=True, low_cpu_mem_usage=False)
     except (OSError, ValueError, RuntimeError, TypeError, KeyError) as err:  # missing, corrupt or mis-shaped
         pickled = " (.bin weights are pickles and are not read: save the model in safetensors)"
         hint = pickled if (unet_dir / "diffusion_pytorch_model.bin").exists() else ""

@@ -78,7 +78,7 @@ def write_outputs(sweep: Sweep, results: pd.DataFrame) -> None:
         f"# Sweep {sweep.path.name}",
         "",
         f"Mean ± sd over seeds ({', '.join(map(str, sweep.seeds))}); one run per cell and seed, final evaluation. "
-        f"`{q}_width`: the 95 % bootstrap interval of {q} over the generated images (mean over seeds); "
+        f"`{q}_width`: the 95 % split-sample interval of {q} over the generated images (mean over seeds); "
         f"`{q}_floor`: {q} of as many held-out real images. `round_MB`: weights sent and received in a round "
         f"(K records each way). `minutes`: the run's rounds.",
         "",

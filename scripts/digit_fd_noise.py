@@ -1,10 +1,10 @@
-"""How noisy is digit_fd? Its bootstrap interval and floor against the sample count.
+"""How noisy is digit_fd? Its 95 % interval and floor against the sample count.
 
     python scripts/digit_fd_noise.py [RUN_DIR ...] [--counts 250,500,1000] [--train-size 200] [--seeds 0]
 
 For held-out real digits (the floor's images, which neither the classifier nor a DDPM saw) and
 for each run folder's final model (DDIM samples, seeded as its evaluation), prints digit_fd at
-each count with its 95 % bootstrap interval and width, and the floor at that count. A Markdown
+each count with its 95 % interval (evaluation.bootstrap) and width, and the floor at that count. A Markdown
 table on stdout; this is what docs/results.md quotes.
 """
 

@@ -51,7 +51,7 @@ def test_planted_copies_raise_mq_and_copy_scores(tmp_path, cache, digits):
         assert (tmp_path / name).is_file(), name
     report = (tmp_path / "eval_round004.md").read_text()
     texts = ("| 0.4 | 30 | 30.00% |", "`copy_1` = 0.3000", "FID: unavailable (disabled", "digit_fd: ", "not FID")
-    for text in (*texts, "95% interval", "with 100 held-out images", "bootstrap over the generated images"):
+    for text in (*texts, "95% interval", "with 100 held-out images", "split-sample interval over the generated images"):
         assert text in report, text
     assert "![pairs](pairs_round004.png)" in report and "| 1 | 0 | 0 | 0.0000 | 0 |" in report
     assert m["digit_fd"] > ev.evaluate_images(digits.images[200:].float() / 255, "real").metrics["digit_fd"]

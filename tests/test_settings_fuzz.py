@@ -97,6 +97,9 @@ CHOICES = {
     "lora-targets": ("attention", "attention+conv"),
     "dp-accountant": ("prv", "rdp", "gdp"),
     "tracker": ("none", "tensorboard", "mlflow", "wandb"),
+    "class-embedding": ("added", "per-block"),
+    "model-init": ("diffusers", "authors"),
+    "taa-interpolation": ("bilinear", "nearest"),
 }
 PATHS = ("data-root", "holdout-root", "fid-weights", "fid-cache-dir", "out-dir", "resume", "init-from", "tracker-dir")
 NAMES = ("tracker-project", "tracker-run-name", "tracker-group")  # empty allowed but for tracker-project
@@ -375,6 +378,10 @@ def test_good_values_are_accepted(key, places, data):
 
 DP = {"agc": False, "taa": False, "msr": "none", "dp-noise-multiplier": 1.0}  # what dp-sgd = true needs
 NEEDS = {"input-noise-fixed": {"input-noise-variance": 0.1}, "dp-sgd": DP}  # a key's every good value needs these
+NEEDS = {  # what a key's every good value needs beside it
+    "input-noise-fixed": {"input-noise-variance": 0.1},
+    "class-embedding": {"class-conditional": True},
+}
 
 
 def test_error_messages_start_with_the_key():

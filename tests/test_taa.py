@@ -15,6 +15,7 @@ from clients.taa import (
     in_augment_range,
     op_fraction,
     strength,
+    torchvision_magnitude,
 )
 from ddpm.data import load_dataset, to_model_range
 
@@ -154,3 +155,62 @@ def test_geometric_ops_resampled_together_equal_each_alone():
     for i in range(10):
         alone = _APPLY[GEOMETRIC[op[i]]](x[i : i + 1], s[i : i + 1], sign[i : i + 1])
         torch.testing.assert_close(together[i : i + 1], alone, rtol=0, atol=1e-6)
+
+
+# ---- taa-interpolation: nearest is torchvision's RandAugment ------------------------------------
+@pytest.mark.parametrize("shape", [(1, 8, 8), (3, 32, 32), (3, 16, 24)])
+def test_nearest_geometric_ops_are_torchvisions_randaugment_ops(shape):
+    """Every geometric op at 31 fractions and both signs, batched in one call, equals torchvision's
+    RandAugment op (its own ``_apply_image_or_video_transform``, nearest) at the same signed
+    magnitude, bit for bit: whole-pixel translations, shears about the top left corner (ties at
+    half pixels fall as torchvision's do)."""
+    torch.manual_seed(0)
+    fractions = torch.linspace(0.0, 1.0, 31)
+    s = fractions.repeat(2 * len(GEOMETRIC))
+    sign = torch.tensor([1.0, -1.0]).repeat_interleave(31).repeat(len(GEOMETRIC))
+    op = torch.arange(len(GEOMETRIC)).repeat_interleave(62)
+    x = torch.rand(len(s), *shape)
+    got = _geometry(x, s, sign, op, "nearest")
+    magnitude = torchvision_magnitude(s, sign, op, shape[1:])
+    policy = v2.RandAugment()
+    for i in range(len(s)):
+        want = policy._apply_image_or_video_transform(
+            x[i], GEOMETRIC[op[i]], float(magnitude[i]), v2.InterpolationMode.NEAREST, policy._fill
+        )
+        assert torch.equal(got[i], want), (GEOMETRIC[op[i]], float(s[i]), float(sign[i]))
+    # at full strength the magnitudes are torchvision's bins at M = 30: 0.3, 150/331 of the side, 30 degrees
+    top = torchvision_magnitude(torch.ones(5), torch.ones(5), torch.arange(5), shape[1:])
+    assert top.tolist() == pytest.approx([-0.3, -0.3, 150 / 331 * shape[2], 150 / 331 * shape[1], 30.0])
+
+
+def test_nearest_moves_no_digit_pixel_at_m3_where_bilinear_does(digits):
+    """On 8x8 digits at M = 3 (0.3 px translations, 0.03 shear, 3 degrees) torchvision's nearest
+    ops leave every pixel where it is; bilinear resampling changes every digit."""
+    n = digits.shape[0]
+    s = op_fraction(torch.ones(n), 3)
+    for op in range(len(GEOMETRIC)):
+        for sign in (1.0, -1.0):
+            args = (digits, s, torch.full((n,), sign), torch.full((n,), op))
+            assert torch.equal(_geometry(*args, "nearest"), digits)
+            assert ((_geometry(*args, "bilinear") - digits).abs().flatten(1).amax(1) > 0).all()
+
+
+def test_nearest_copy_changes_digits_as_torchvision_randaugment(digits):
+    """Mean absolute change of a copy at rho = 1, M = 3, two ops: nearest within 10 % of
+    torchvision's RandAugment (0.025; scripts/taa_change.py), bilinear about twice that."""
+    n = digits.shape[0]
+    change = {}
+    for mode in ("nearest", "bilinear"):
+        torch.manual_seed(0)
+        change[mode] = float((RandAugmentPolicy(3, 2, mode)(digits, torch.ones(n)) - digits).abs().mean())
+    torch.manual_seed(0)
+    ra = v2.RandAugment(num_ops=2, magnitude=3)
+    theirs = float(torch.stack([(ra(x) - x).abs().mean() for x in digits.repeat(4, 1, 1, 1)]).mean())
+    assert change["nearest"] == pytest.approx(theirs, rel=0.1)
+    assert change["bilinear"] > 1.6 * theirs
+
+
+def test_bilinear_is_the_default_and_an_unknown_interpolation_is_refused():
+    assert RandAugmentPolicy(3).interpolation == "bilinear"
+    with pytest.raises(ValueError, match="^taa-interpolation: must be one of bilinear, nearest, got 'cubic'$"):
+        RandAugmentPolicy(3, 2, "cubic")
