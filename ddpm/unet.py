@@ -52,8 +52,12 @@ _SIZES: dict[str, dict] = {
 MODEL_SIZES: tuple[str, ...] = tuple(_SIZES)
 
 
-def build_unet(size: str, image_size: int, channels: int, num_classes: int | None = None) -> UNet2DModel:
-    """Return a freshly initialised epsilon-predicting UNet of a named size.
+def build_unet(
+    size: str, image_size: int, channels: int, num_classes: int | None = None, in_channels: int | None = None
+) -> UNet2DModel:
+    """Return a freshly initialised UNet of a named size, ``channels`` out (and in).
+
+    ``in_channels``: other inputs than outputs (Ambient Diffusion: 2C, the masked image and its mask).
 
     ``num_classes``: class-conditional with diffusers' class embedding (``num_class_embeds``: one
     learned vector per class added to the timestep embedding); None: unconditional.
@@ -63,7 +67,7 @@ def build_unet(size: str, image_size: int, channels: int, num_classes: int | Non
     spec = _SIZES[size]
     return UNet2DModel(
         sample_size=image_size,
-        in_channels=channels,
+        in_channels=in_channels or channels,
         out_channels=channels,
         attention_head_dim=None,  # one head per attention block (see the module docstring)
         num_class_embeds=num_classes,
