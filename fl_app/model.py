@@ -8,7 +8,9 @@ import torch
 from diffusers import UNet2DModel
 
 from ddpm.adapters import attach_adapter, load_trainable
+from ddpm.ambient import AmbientFamily
 from ddpm.base import check_base_classes, load_base_unet
+from ddpm.family import PIXEL_DDPM, DiffusionFamily
 from ddpm.unet import build_unet
 
 from .settings import Settings
@@ -17,7 +19,8 @@ from .settings import Settings
 def initial_model(settings: Settings, channels: int, weights: Mapping[str, torch.Tensor] | None = None) -> UNet2DModel:
     """The ``init-from`` base with its adapter attached (seeded), or a fresh UNet of size ``model``
     (drawn from the global RNG: seed it first where the draw matters); class-conditional on the
-    data set's classes with ``class-conditional`` (a base must already be, with as many classes).
+    data set's classes with ``class-conditional`` (a base must already be, with as many classes);
+    with ``ambient``, 2C input channels (``model_family``).
 
     ``weights`` (a node's copy of the global model's trainable tensors) are loaded into it. A
     UNet without a base is then never initialised at random: it is laid out on the meta device
@@ -29,12 +32,26 @@ def initial_model(settings: Settings, channels: int, weights: Mapping[str, torch
         check_base_classes(base.config, settings.num_classes, settings.init_from)  # nodes too
         model = attach_adapter(base, settings.adapter_spec())
     elif weights is None:
-        return build_unet(settings.model, settings.image_size, channels, settings.num_classes)
+        return build_unet(*_shape(settings, channels))
     else:
         with torch.device("meta"):
-            model = build_unet(settings.model, settings.image_size, channels, settings.num_classes)
+            model = build_unet(*_shape(settings, channels))
         load_trainable(model, weights, assign=True)
         return model
     if weights is not None:
         load_trainable(model, weights)
     return model
+
+
+def _shape(settings: Settings, channels: int) -> tuple[str, int, int, int | None, int]:
+    """``build_unet``'s arguments: size, image size, channels, classes, and input channels (Ambient's
+    network takes the masked image and its mask: 2C)."""
+    inputs = 2 * channels if settings.ambient else channels
+    return settings.model, settings.image_size, channels, settings.num_classes, inputs
+
+
+def model_family(settings: Settings) -> DiffusionFamily:
+    """The run's model family: Ambient Diffusion with ``ambient``, else the pixel DDPM."""
+    if settings.ambient:
+        return AmbientFamily(settings.ambient_p, settings.ambient_delta, settings.ambient_max_snr)
+    return PIXEL_DDPM

@@ -199,7 +199,8 @@ class Settings:
     bounds ``num-shards`` and ``mq-neighbours``);
     ``data-root`` required for ``imagefolder``; ``class-conditional`` needs a labelled data set
     (not ``imagefolder``); ``adapter`` lora or difffit needs
-    ``init-from``. With ``init-from``, ``model`` is unused (the base's architecture) and the
+    ``init-from``; ``ambient`` refuses ``taa``, ``init-from`` and ``class-conditional``. With
+    ``init-from``, ``model`` is unused (the base's architecture) and the
     environment check requires ``image-size``, the data set's channels and (``class-conditional``)
     its classes to be the base's.
     """
@@ -252,6 +253,11 @@ class Settings:
     # baselines (the paper's Table I): noise added to the training images
     input_noise_variance: float = _float(0.0, low=0, high=10)
     input_noise_fixed: bool = _bool(False)
+    # baselines: Ambient Diffusion (Daras et al.), training on masked images
+    ambient: bool = _bool(False)
+    ambient_p: float = _float(0.4, low=0, high=1, high_open=True)
+    ambient_delta: float = _float(0.1, low=0, high=1, high_open=True)
+    ambient_max_snr: float = _float(math.inf, low=0, low_open=True, inf=True)
     msr: str = _choice("memory", MSR_MODES)
     msr_proportion: float = _float(0.25, low=0, high=1, high_open=True)
     skip_counts: str = _choice("reset", SKIP_COUNT_MODES)
@@ -366,6 +372,7 @@ class Settings:
                 "noise); set input-noise-variance > 0 (the paper's adding-noise baseline: 0.1) or "
                 "input-noise-fixed = false"
             )
+        self._check_ambient()
         if self.adapter != "none" and not self.init_from:
             raise ValueError(
                 f"adapter: {self.adapter!r} adapts a pretrained model and needs init-from (a DDPMPipeline "
@@ -395,6 +402,24 @@ class Settings:
                 self._check_train_size_bounds(self.train_size or available, "train-size")
         elif self.train_size:
             self._check_train_size_bounds(self.train_size, "train-size")
+
+    def _check_ambient(self) -> None:
+        """Ambient Diffusion's unsound or unsupported combinations, refused naming both keys."""
+        if not self.ambient:
+            return
+        refused = {
+            "taa": "TAA's augmented copy is made from the clean image: its shear, rotate and translate would "
+            "show the network pixels outside the image's mask A, which Ambient Diffusion must never see; "
+            "set taa = false",
+            "init-from": "a pretrained base takes C input channels and predicts noise, Ambient's network "
+            "takes 2C (image and mask) and predicts x0; train from scratch (init-from empty)",
+            "class-conditional": "the Ambient family's condition carries the masks, not class labels "
+            "(not built yet); set class-conditional = false",
+        }
+        on = {"taa": self.taa, "init-from": bool(self.init_from), "class-conditional": self.class_conditional}
+        for key, why in refused.items():
+            if on[key]:
+                raise ValueError(f"ambient: cannot be combined with {key}: {why}")
 
     def _check_split(self) -> None:
         """The digits split: held-out count, its seed, which part trains (other data sets: defaults only)."""

@@ -60,6 +60,9 @@ FLOATS = {  # key: (low, low included, high or None, high included, +inf allowed
     "aug-range": (1.0, False, None, False, True),
     "aug-sharpness": (0.0, False, None, False, False),
     "input-noise-variance": (0.0, True, 10.0, True, False),
+    "ambient-p": (0.0, True, 1.0, False, False),
+    "ambient-delta": (0.0, True, 1.0, False, False),
+    "ambient-max-snr": (0.0, False, None, False, True),
     "msr-proportion": (0.0, True, 1.0, False, False),
     "lora-alpha": (0.0, False, None, False, False),
     "fedprox-mu": (0.0, False, None, False, False),
@@ -79,6 +82,7 @@ BOOLS = (
     "lora-freeze-a",
     "save-adapter",
     "input-noise-fixed",
+    "ambient",
 )
 CHOICES = {
     "dataset": ("digits", "cifar10", "cifar100", "imagefolder"),
@@ -304,7 +308,10 @@ def test_good_values_are_accepted(key, places, data):
     settings_from_run_config(DEFAULTS, {**NEEDS.get(key, {}), key: value})
 
 
-NEEDS = {"input-noise-fixed": {"input-noise-variance": 0.1}}  # what a key's every good value needs beside it
+NEEDS = {  # what a key's every good value needs beside it
+    "input-noise-fixed": {"input-noise-variance": 0.1},
+    "ambient": {"taa": False},  # TAA would show the network pixels outside the masks
+}
 
 
 def test_error_messages_start_with_the_key():
