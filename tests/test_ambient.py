@@ -240,3 +240,27 @@ def test_the_client_app_trains_an_ambient_shard_and_the_run_exports_its_pipeline
     got = pipe(batch_size=4, num_inference_steps=4, seed=0, output_type="pt").images
     want = model_family(settings).sample(model, 4, Sampling(steps=4, batch_size=4, seed=0))
     assert got.shape == (4, 1, 8, 8) and torch.allclose(got, want, atol=1e-6) and not torch.equal(got[0], got[1])
+
+
+def test_iet_agc_evaluate_samples_an_ambient_export(tmp_path, capsys):
+    """``iet-agc evaluate`` of an Ambient run folder (the run's p, delta) and of its bare pipeline
+    folder (the saved survival): the same images, measured against the clean training images."""
+    import json
+
+    from iet_agc.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.manual_seed(0)
+    AmbientFamily(0.4, 0.1).pipeline(build_unet("tiny", 8, 1, in_channels=2)).save_pretrained(run / "pipeline")
+    (run / "settings.toml").write_text(
+        "train-size = 120\nnum-shards = 2\nsample-steps = 2\nmq-neighbours = 10\nfid = false\n"
+        "ambient = true\ntaa = false\nambient-p = 0.4\nambient-delta = 0.1\n"
+    )
+    results = []
+    for source in (run, run / "pipeline"):
+        out = tmp_path / f"eval-{len(results)}"
+        assert main(["evaluate", str(source), "--num-images", "6", "--device", "cpu", "--out", str(out)]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    assert results[0]["n_generated"] == 6 and "mq_0.5" in results[0]
+    assert results[0]["digit_fd"] == pytest.approx(results[1]["digit_fd"], rel=1e-4)
