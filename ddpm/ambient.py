@@ -6,14 +6,17 @@ across channels) and a further mask B (survival 1 - delta); the network takes ``
 teach it to predict what it cannot see, so it never learns from pixels outside A. As the
 authors' code (giannisdaras/ambient-diffusion):
 
-- ``training/dataset.py`` ``ImageFolderDataset.__getitem__`` (``corruption_pattern = "dust"``,
-  ``mask_full_rgb``): A and then B drawn once per image from a generator seeded by the image's
-  index, so both are the same in every epoch; ours seeds by (run seed, image id), so they are also
-  the same in every round and shard, and differ between the seeds of a sweep.
+- ``training/dataset.py`` ``Dataset.__getitem__`` (``corruption_pattern = "dust"``): A and then
+  B drawn once per image from numpy's generator seeded by the image's index
+  (``np.random.seed(raw_idx)``), so both are fixed, B included; ours seeds by (run seed, image
+  id), so they are also the same in every round and shard, and differ between a sweep's seeds.
+  Shared across channels as their ``mask_full_rgb = True`` (their default draws per channel).
 - ``training/loss.py`` ``AmbientVPLoss``: the loss backed (``training_loop.py``: ``loss = val_loss``)
   is ``weight * (A * (D - y))^2`` with ``weight = 1 / sigma^2``, i.e. SNR(t) = abar_t / (1 - abar_t)
   in DDPM's terms; their ``train_loss`` over A*B is only logged. Not clipped there; ``max_snr``
-  clips it here (inf: as theirs).
+  clips it here (inf: as theirs). They sum over pixels, we average (a constant factor); their t is
+  continuous (EDM's VP sigma), ours DDPM's 1000 steps; their ``VPPrecond`` adds the masked input as
+  a skip (D = x - sigma F), ours is the plain UNet's x0 output.
 - ``eval.py`` ``ambient_sampler``: see ``ddpm.ambient_pipeline``.
 """
 

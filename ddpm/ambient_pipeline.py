@@ -5,6 +5,8 @@ from that prediction (clipped to [-1, 1], as their ``eval.py`` ``ambient_sampler
 network's output). ``M`` is one random mask per image of survival ``(1 - p)(1 - delta)``, shared
 across channels and fixed over the whole trajectory (their ``ambient_sampler`` with
 ``num_masks = 1``, ``survival_probability = (1 - corruption_probability) * (1 - delta_probability)``).
+Theirs steps EDM's Heun sampler over a sigma grid; ours steps DDIM over the training schedule, as
+this project samples every model.
 
 This file imports only torch, numpy and diffusers: ``AmbientPipeline.save_pretrained`` copies it
 into the saved folder as ``pipeline.py``, so the folder loads without this project installed::
