@@ -184,8 +184,8 @@ def train_shard(
     augment : AugmentPolicy | None | bool (default: True)
         TAA's augmentation; True: the config's (RandAugment, None with TAA off); None: no TAA.
     labels : torch.Tensor | None (default: None)
-        The images' conditions (int64 class labels, aligned with ``images``), exactly when the
-        model is conditional (``family.check_condition``).
+        The images' conditions, aligned with ``images``, exactly when the model is conditional
+        (``family.check_condition``): int64 class labels, or Ambient's masks (``ddpm.ambient.ambient_masks``).
     desc : str (default: "local training")
         Names the work in its progress line (long rounds only).
     proximal_mu : float (default: 0.0)
@@ -310,12 +310,13 @@ class _Loop:
         if config.input_noise_variance > 0:
             z = self.fixed_noise[pos] if self.fixed_noise is not None else torch.randn_like(x0)
             added = config.input_noise_variance**0.5 * z
+        y = None if self.targets is None else self.targets[pos]
         if config.hflip:
             flip = torch.rand(x0.shape[0], device=x0.device) < 0.5
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+            y = y if y is None else self.family.flip_condition(y, flip)  # Ambient's masks flip with their images
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
         noise = self.family.noise_like(x0)
-        y = None if self.targets is None else self.targets[pos]
         rules = self.bank, self.skip_rule, self.augment
         out = agc_taa_loss(self.model, self.scheduler, x0, t, noise, *rules, config, y, self.family, added)
         loss = out.loss if self.anchor is None else out.loss + proximal_term(self.params, self.anchor, self.mu)

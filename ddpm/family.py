@@ -73,6 +73,11 @@ class DiffusionFamily(Protocol):
         a ValueError says what the model expects."""
         ...
 
+    def flip_condition(self, condition: Condition, flip: Tensor) -> Condition:
+        """The conditions of a batch whose images at ``flip`` (B,) bool were flipped horizontally
+        (a pixel mask flips with its image; labels and captions stay)."""
+        ...
+
     def per_sample_loss(
         self, model: nn.Module, scheduler: Schedule, x0: Tensor, t: Tensor, noise: Tensor, condition: Condition = None
     ) -> Tensor:
@@ -125,6 +130,9 @@ class PixelDDPM:
         if not 0 <= low <= high < classes:
             raise ValueError(f"class-conditional: labels must be in [0, {classes - 1}], got {low}..{high}")
         return labels
+
+    def flip_condition(self, condition: Condition, flip: Tensor) -> Condition:
+        return condition  # class labels do not flip
 
     def per_sample_loss(
         self, model: nn.Module, scheduler: Schedule, x0: Tensor, t: Tensor, noise: Tensor, condition: Condition = None

@@ -63,8 +63,11 @@ def build_unet(
     *,
     class_embedding: str = "added",
     init: str = "diffusers",
+    in_channels: int | None = None,
 ) -> UNet2DModel:
-    """Return a freshly initialised epsilon-predicting UNet of a named size.
+    """Return a freshly initialised UNet of a named size, ``channels`` out (and in).
+
+    ``in_channels``: other inputs than outputs (Ambient Diffusion: 2C, the masked image and its mask).
 
     ``num_classes``: class-conditional (None: unconditional), the label taken as
     ``class_embedding`` says (``ddpm.class_embedding``: ``added``, diffusers' table added to the
@@ -78,7 +81,9 @@ def build_unet(
     if class_embedding not in CLASS_EMBEDDINGS:
         raise ValueError(f"class-embedding: must be one of {', '.join(CLASS_EMBEDDINGS)}, got {class_embedding!r}")
     spec = _SIZES[size]
-    common = dict(sample_size=image_size, in_channels=channels, out_channels=channels, attention_head_dim=None)
+    common = dict(
+        sample_size=image_size, in_channels=in_channels or channels, out_channels=channels, attention_head_dim=None
+    )
     # attention_head_dim None: one head per attention block (see the module docstring)
     if num_classes is not None and class_embedding == "per-block":
         model: UNet2DModel = PerBlockClassUNet2DModel(**common, **per_block_config(spec, num_classes))

@@ -15,13 +15,14 @@ from clients.input_noise import fixed_input_noise
 from clients.state import ShardStateStore
 from clients.trainer import shard_seed, train_shard
 from ddpm.adapters import load_trainable, trainable_state
+from ddpm.ambient import ambient_masks
 from ddpm.base import model_fingerprint
 from ddpm.data import ImageSet, load_dataset
 from ddpm.device import resolve_device
 from strategies.protocol import NUM_EXAMPLES, TRAIN_SECONDS, Instruction, pack_reply, read_instruction, reply_metrics
 
 from .config import settings_from_message, train_config
-from .model import initial_model
+from .model import initial_model, model_family
 from .settings import Settings
 
 
@@ -68,9 +69,10 @@ def train(msg: Message, context: Context, **train_kwargs) -> Message:
         state,
         device=resolve_device(settings.device),
         seed=shard_seed(settings.seed, ins.server_round, ins.shard),
-        labels=_shard_labels(data, rows, settings),
+        labels=_shard_condition(ins, data, rows, settings),
         desc=f"shard {ins.shard}, round {ins.server_round}: local training",
         proximal_mu=ins.proximal_mu,
+        family=model_family(settings),
         input_noise=_input_noise(ins, data, settings),
         **train_kwargs,
     )
@@ -112,6 +114,15 @@ def _input_noise(ins: Instruction, data: ImageSet, settings: Settings) -> torch.
     if not (settings.input_noise_fixed and settings.input_noise_variance > 0):
         return None
     return fixed_input_noise(ins.ids, data.images.shape[1:], settings.seed)
+
+
+def _shard_condition(ins: Instruction, data: ImageSet, rows: torch.Tensor, settings: Settings) -> torch.Tensor | None:
+    """What conditions the shard's images: Ambient's masks of their ids (from the run's seed, the
+    same in every round and shard), or their class labels; None when unconditional."""
+    if settings.ambient:
+        size = tuple(data.images.shape[2:])
+        return ambient_masks(ins.ids, size, settings.ambient_p, settings.ambient_delta, settings.seed)
+    return _shard_labels(data, rows, settings)
 
 
 def _shard_labels(data: ImageSet, rows: torch.Tensor, settings: Settings) -> torch.Tensor | None:

@@ -8,14 +8,17 @@ import torch
 from diffusers import UNet2DModel
 
 from ddpm.adapters import attach_adapter, load_trainable
+from ddpm.ambient import AmbientFamily
 from ddpm.base import check_base_classes, load_base_unet
+from ddpm.family import PIXEL_DDPM, DiffusionFamily
 from ddpm.unet import build_unet
 
 from .settings import Settings
 
 
 def _fresh(settings: Settings, channels: int) -> UNet2DModel:
-    """A UNet of size ``model``, conditioned as ``class-embedding`` and drawn as ``model-init`` say."""
+    """A UNet of size ``model``, conditioned as ``class-embedding`` and drawn as ``model-init`` say;
+    with ``ambient`` it takes 2C input channels (the masked image and its mask)."""
     return build_unet(
         settings.model,
         settings.image_size,
@@ -23,13 +26,15 @@ def _fresh(settings: Settings, channels: int) -> UNet2DModel:
         settings.num_classes,
         class_embedding=settings.class_embedding,
         init=settings.model_init,
+        in_channels=2 * channels if settings.ambient else channels,
     )
 
 
 def initial_model(settings: Settings, channels: int, weights: Mapping[str, torch.Tensor] | None = None) -> UNet2DModel:
     """The ``init-from`` base with its adapter attached (seeded), or a fresh UNet of size ``model``
     (drawn from the global RNG: seed it first where the draw matters); class-conditional on the
-    data set's classes with ``class-conditional`` (a base must already be, with as many classes).
+    data set's classes with ``class-conditional`` (a base must already be, with as many classes);
+    with ``ambient``, 2C input channels (``model_family``).
 
     ``weights`` (a node's copy of the global model's trainable tensors) are loaded into it. A
     UNet without a base is then never initialised at random: it is laid out on the meta device
@@ -50,3 +55,10 @@ def initial_model(settings: Settings, channels: int, weights: Mapping[str, torch
     if weights is not None:
         load_trainable(model, weights)
     return model
+
+
+def model_family(settings: Settings) -> DiffusionFamily:
+    """The run's model family: Ambient Diffusion with ``ambient``, else the pixel DDPM."""
+    if settings.ambient:
+        return AmbientFamily(settings.ambient_p, settings.ambient_delta, settings.ambient_max_snr)
+    return PIXEL_DDPM

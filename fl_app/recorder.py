@@ -19,6 +19,7 @@ from strategies import protocol
 from strategies.iet import IETStrategy, RoundLog, StrategyState
 
 from .checkpoint import Checkpoint, save_checkpoint
+from .model import model_family
 from .run_folder import COUNT_COLUMNS, RunWriter
 from .settings import Settings
 from .trackers import RunTracker
@@ -134,13 +135,13 @@ def finish_run(
     """The final pipeline, skip counts, samples (the last ``evaluation``'s images) and report; the
     summary line (``fid_reason``: why FID is unavailable, "" when it is not)."""
     counts = strategy.total_counts
-    pipeline = writer.save_model(merged_unet(model))  # a plain DDPMPipeline, adapters folded in
+    pipeline = writer.save_model(merged_unet(model), model_family(settings))  # adapters folded in
     if settings.adapter != "none" and settings.save_adapter:
         writer.save_adapter(adapter_state(model), settings)
     writer.save_skip_counts(counts)
     if settings.agc:
         plot_skip_histogram(counts, writer.path / "skip_counts.png")
-    notes = [f"final weights: `{pipeline.name}/` (load with `DDPMPipeline.from_pretrained`)"]
+    notes = [f"final weights: `{pipeline.name}/` ({_loading(settings)})"]
     if settings.class_conditional:
         notes.append(
             f"class-conditional ({settings.num_classes} classes): `DDPMPipeline.__call__` passes no labels; "
@@ -183,6 +184,17 @@ def privacy_words(settings: Settings, epsilon: float | None) -> str:
         f"epsilon {epsilon:.2f} at delta {settings.dp_delta:g}, the largest shard's over all rounds (the shards "
         "are disjoint: parallel composition); it covers the released weights, not the loss metrics the replies carry"
     )
+
+
+def _loading(settings: Settings) -> str:
+    """How the saved pipeline folder loads."""
+    if settings.ambient:
+        return (
+            "an Ambient Diffusion pipeline: load with `DiffusionPipeline.from_pretrained(folder, "
+            "custom_pipeline=folder, trust_remote_code=True)` (its `pipeline.py`) or "
+            "`ddpm.ambient_pipeline.AmbientPipeline.from_pretrained(folder)`"
+        )
+    return "load with `DDPMPipeline.from_pretrained`"
 
 
 def model_line(settings: Settings, model: torch.nn.Module) -> str:

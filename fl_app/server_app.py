@@ -22,6 +22,7 @@ from flwr.serverapp.strategy import Strategy
 from ddpm.adapters import load_trainable, trainable_state
 from ddpm.data import ImageSet, load_dataset
 from ddpm.device import resolve_device
+from ddpm.family import PIXEL_DDPM
 from evaluation.evaluator import Evaluation, Evaluator, MemorizationEvaluator
 from strategies import protocol
 from strategies.aggregation import Resumable, make_aggregator
@@ -31,6 +32,7 @@ from strategies.msr import Redistribution, make_redistribution
 
 from .checkpoint import checkpoint_settings
 from .config import aggregation_config, eval_config, settings_from_run_config
+from .model import model_family
 from .parent import parent_gone
 from .recorder import EVAL_SECONDS, RunRecorder, finish_run, model_line
 from .resume import resumed_settings, run_folder_lock
@@ -90,7 +92,9 @@ def run(
             INFO,
             _first_line(settings, data, start, device, settings.aggregation if named else type(aggregator).__name__),
         )
-        evaluator = evaluator_factory(eval_config(settings), data, start.writer.path, device)
+        family = model_family(settings)  # the pixel DDPM's evaluator takes its default family
+        extra = {} if family is PIXEL_DDPM else {"family": family}
+        evaluator = evaluator_factory(eval_config(settings), data, start.writer.path, device, **extra)
         with tracking(settings, run_dir, start.writer.rows) as tracker:  # before training: refused here
             strategy = make_strategy(settings, data, start, redistribution, aggregator, tracker)
             evaluate_fn = EvaluateFn(evaluator, start.model, eval_rounds(settings))

@@ -209,7 +209,8 @@ class Settings:
     ``data-root`` required for ``imagefolder``; ``class-conditional`` needs a labelled data set
     (not ``imagefolder``); ``class-embedding = "per-block"`` needs ``class-conditional``, and
     neither it nor ``model-init = "authors"`` goes with ``init-from``; ``adapter`` lora or difffit needs
-    ``init-from``. With ``init-from``, ``model`` is unused (the base's architecture) and the
+    ``init-from``; ``ambient`` refuses ``taa``, ``init-from``, ``class-conditional`` and ``dp-sgd``.
+    With ``init-from``, ``model`` is unused (the base's architecture) and the
     environment check requires ``image-size``, the data set's channels and (``class-conditional``)
     its classes to be the base's.
     """
@@ -277,6 +278,11 @@ class Settings:
     dp_max_grad_norm: float = _float(1.0, low=0, high=1e6, low_open=True)
     dp_accountant: str = _choice("prv", ACCOUNTANTS)
     dp_max_physical_batch: int = _int(0, 0, MAX_BATCH, text=f"0 (no split) or an integer in [1, {MAX_BATCH}]")
+    # baselines: Ambient Diffusion (Daras et al.), training on masked images
+    ambient: bool = _bool(False)
+    ambient_p: float = _float(0.4, low=0, high=1, high_open=True)
+    ambient_delta: float = _float(0.1, low=0, high=1, high_open=True)
+    ambient_max_snr: float = _float(math.inf, low=0, low_open=True, inf=True)
     msr: str = _choice("memory", MSR_MODES)
     msr_proportion: float = _float(0.25, low=0, high=1, high_open=True)
     skip_counts: str = _choice("reset", SKIP_COUNT_MODES)
@@ -421,6 +427,7 @@ class Settings:
             )
         self._check_privacy()
         self._check_tracker()
+        self._check_ambient()
         if self.adapter != "none" and not self.init_from:
             raise ValueError(
                 f"adapter: {self.adapter!r} adapts a pretrained model and needs init-from (a DDPMPipeline "
@@ -506,6 +513,32 @@ class Settings:
                     f'weights come from the checkpoint); set {key} = "{default}", or init-from = "" to train '
                     "from scratch"
                 )
+
+    def _check_ambient(self) -> None:
+        """Ambient Diffusion's unsound or unsupported combinations, refused naming both keys."""
+        if not self.ambient:
+            return
+        refused = {
+            "taa": "TAA's augmented copy is made from the clean image: its shear, rotate and translate would "
+            "show the network pixels outside the image's mask A, which Ambient Diffusion must never see; "
+            "set taa = false",
+            "init-from": "a pretrained base takes C input channels and predicts noise, Ambient's network "
+            "takes 2C (image and mask) and predicts x0; train from scratch (init-from empty)",
+            "class-conditional": "the Ambient family's condition carries the masks, not class labels "
+            "(not built yet); set class-conditional = false",
+            "dp-sgd": "Table I measures each baseline alone, and DP-SGD over masked images (Opacus' per-sample "
+            "gradients through the 2C network, the accountant over Ambient's fixed masks) is neither built "
+            "nor tested here; set dp-sgd = false",
+        }
+        on = {
+            "taa": self.taa,
+            "init-from": bool(self.init_from),
+            "class-conditional": self.class_conditional,
+            "dp-sgd": self.dp_sgd,
+        }
+        for key, why in refused.items():
+            if on[key]:
+                raise ValueError(f"ambient: cannot be combined with {key}: {why}")
 
     def _check_split(self) -> None:
         """The digits split: held-out count, its seed, which part trains (other data sets: defaults only)."""

@@ -193,8 +193,28 @@ def _json_object(path: Path) -> dict:
     return value
 
 
-def _load_unet(pipeline_dir: Path):
-    """The pipeline's UNet2DModel (safetensors only: no pickle), or an InputError naming the file."""
+def _family(pipeline_dir: Path, settings):
+    """The saved pipeline's model family: an ``AmbientPipeline`` samples through its masks (the
+    run's ``ambient-p`` and ``ambient-delta``, or without them the survival the folder saved),
+    any other pipeline as the pixel DDPM."""
+    from ddpm.ambient import AmbientFamily
+    from ddpm.family import PIXEL_DDPM
+    from fl_app.model import model_family
+
+    index = _json_object(pipeline_dir / "model_index.json")
+    if index.get("_class_name") != "AmbientPipeline":
+        return PIXEL_DDPM
+    if settings.ambient:
+        return model_family(settings)
+    survival = index.get("survival")
+    if not isinstance(survival, float | int) or not 0 < survival <= 1:
+        raise InputError(f"{pipeline_dir / 'model_index.json'}: survival must be a number in (0, 1], got {survival!r}")
+    return AmbientFamily(p=1 - survival, delta=0.0)  # sampling reads only (1 - p)(1 - delta)
+
+
+def _load_unet(pipeline_dir: Path, inputs_per_output: int = 1):
+    """The pipeline's UNet2DModel (safetensors only: no pickle), or an InputError naming the file;
+    ``inputs_per_output`` 2 for Ambient's network (the image and its mask)."""
     from diffusers.utils import logging as diffusers_logging
 
     from ddpm.unet import unet_class
@@ -220,7 +240,7 @@ def _load_unet(pipeline_dir: Path):
     finally:
         diffusers_logging.set_verbosity(level)
     cfg = unet.config
-    if cfg.in_channels != cfg.out_channels or not isinstance(cfg.sample_size, int):
+    if cfg.in_channels != inputs_per_output * cfg.out_channels or not isinstance(cfg.sample_size, int):
         raise InputError(
             f"{unet_dir}: not a pixel-space denoiser (in_channels {cfg.in_channels}, out_channels "
             f"{cfg.out_channels}, sample_size {cfg.sample_size})"
@@ -248,11 +268,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         data, notes = _load_data(settings)
         if len(data) < settings.mq_neighbours:
             raise InputError(f"mq-neighbours: {settings.mq_neighbours} exceeds the {len(data)} training images")
-        unet = _load_unet(pipeline_dir)
+        family = _family(pipeline_dir, settings)
+        unet = _load_unet(pipeline_dir, 2 if family.name == "ambient" else 1)
         cfg = unet.config
-        if (cfg.in_channels, cfg.sample_size) != (data.channels, data.image_size):
+        if (cfg.out_channels, cfg.sample_size) != (data.channels, data.image_size):
             raise InputError(
-                f"{pipeline_dir}: the model makes {cfg.in_channels}x{cfg.sample_size}x{cfg.sample_size} images, the "
+                f"{pipeline_dir}: the model makes {cfg.out_channels}x{cfg.sample_size}x{cfg.sample_size} images, the "
                 f"data set {data.channels}x{data.image_size}x{data.image_size}; set dataset/image-size with --set"
             )
         try:
@@ -263,7 +284,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return fail("evaluate", err)
     for note in notes:
         warnings.showwarning(note.message, note.category, note.filename, note.lineno)
-    evaluator = MemorizationEvaluator(eval_config(settings), data, out, device)
+    evaluator = MemorizationEvaluator(eval_config(settings), data, out, device, family)
     summary = evaluate_saved(evaluator, unet, f"{pipeline_dir} ({settings.eval_num_images} images)")
     print(json.dumps(summary), flush=True)  # stdout: this JSON line only
     return 0

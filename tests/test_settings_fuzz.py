@@ -65,6 +65,9 @@ FLOATS = {  # key: (low, low included, high or None, high included, +inf allowed
     "dp-target-epsilon": (0.0, True, 1e6, True, False),
     "dp-delta": (0.0, False, 1.0, False, False),
     "dp-max-grad-norm": (0.0, False, 1e6, True, False),
+    "ambient-p": (0.0, True, 1.0, False, False),
+    "ambient-delta": (0.0, True, 1.0, False, False),
+    "ambient-max-snr": (0.0, False, None, False, True),
     "msr-proportion": (0.0, True, 1.0, False, False),
     "lora-alpha": (0.0, False, None, False, False),
     "fedprox-mu": (0.0, False, None, False, False),
@@ -85,6 +88,7 @@ BOOLS = (
     "save-adapter",
     "input-noise-fixed",
     "dp-sgd",
+    "ambient",
 )
 CHOICES = {
     "dataset": ("digits", "cifar10", "cifar100", "imagefolder"),
@@ -377,10 +381,11 @@ def test_good_values_are_accepted(key, places, data):
 
 
 DP = {"agc": False, "taa": False, "msr": "none", "dp-noise-multiplier": 1.0}  # what dp-sgd = true needs
-NEEDS = {"input-noise-fixed": {"input-noise-variance": 0.1}, "dp-sgd": DP}  # a key's every good value needs these
 NEEDS = {  # what a key's every good value needs beside it
     "input-noise-fixed": {"input-noise-variance": 0.1},
     "class-embedding": {"class-conditional": True},
+    "ambient": {"taa": False},  # TAA would show the network pixels outside the masks
+    "dp-sgd": DP,
 }
 
 
