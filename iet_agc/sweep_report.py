@@ -62,7 +62,7 @@ def metric_columns(results: pd.DataFrame, quality: str) -> list[str]:
     if "round_bytes" in results:
         results["round_MB"] = results["round_bytes"] / 1e6
     mq = [c for c in results if c.startswith("mq_")]
-    ordered = ["copy_1", "copy_5", *mq, quality, f"{quality}_width", f"{quality}_floor", *RUN_COLUMNS]
+    ordered = ["copy_1", "copy_5", *mq, quality, f"{quality}_width", f"{quality}_floor", "dp_epsilon", *RUN_COLUMNS]
     return [c for c in ordered if c in results]
 
 
