@@ -67,13 +67,7 @@ class RunRecorder:
         w.add_shard_metrics(r, rlog.shard_metrics)
         unanswered = [(s, rlog.placed.get(s, -1), why) for s, why in sorted(rlog.timed_out.items())]
         w.add_dropped(r, rlog.dropped + unanswered)
-        row: dict[str, Any] = {"round": r}
-        for spec in (s for s in protocol.reply_metrics(w.config) if s.per_round):
-            values = [m.get(spec.key)]
-            if spec.reduce == "max":  # the largest so far: a shard that did not reply keeps its value
-                values += [p.get(spec.column) for p in w.rows]
-            known = [v for v in values if v is not None]
-            row[spec.column] = (max(known) if known else None) if spec.reduce == "max" else values[0]
+        row: dict[str, Any] = {"round": r, **self._reply_columns(m)}
         row |= {key: int(m.get(key, 0)) for key in COUNT_COLUMNS}
         evaluation = dict(evaluation or {})
         eval_seconds = evaluation.pop(EVAL_SECONDS, 0.0)
@@ -100,6 +94,23 @@ class RunRecorder:
         )
         if self.tracker is not None:
             self.tracker.round_done(row)
+        self._log_round(rlog, row, evaluation, eval_seconds)
+
+    def _reply_columns(self, metrics: MetricRecord) -> dict[str, Any]:
+        """The round's columns of the reply metrics; a ``max``-reduced one (epsilon) is the largest so
+        far, so a shard that did not reply this round keeps its value."""
+        columns: dict[str, Any] = {}
+        for spec in (s for s in protocol.reply_metrics(self.writer.config) if s.per_round):
+            values = [metrics.get(spec.key)]
+            if spec.reduce == "max":
+                values += [p.get(spec.column) for p in self.writer.rows]
+            known = [v for v in values if v is not None]
+            columns[spec.column] = (max(known) if known else None) if spec.reduce == "max" else values[0]
+        return columns
+
+    def _log_round(self, rlog: RoundLog, row: dict[str, Any], evaluation: dict, eval_seconds: float) -> None:
+        """The round's one log line (and the nodes set aside)."""
+        r = rlog.server_round
         if rlog.failed:
             head = f"round {r}/{self.num_rounds}: FAILED, no valid reply; the global model is kept"
         else:

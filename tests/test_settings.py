@@ -384,3 +384,32 @@ def test_run_config_syntax_error_names_the_key(tmp_path, capsys, monkeypatch):
     assert "iet-agc run: error: lr: must be a finite number in (0, 1], got '1e-3x'" in capsys.readouterr().err
     assert main(["run", "--run-config", "lr=nan", str(ROOT)]) == 2
     assert "lr:" in capsys.readouterr().err
+
+
+TABLE1 = sorted((ROOT / "configs" / "table1").glob("*.toml"))
+
+
+def _table1_rows() -> dict[str, dict]:
+    """The rows of the digits Table I sweep (without its [set]), named as the preset files are."""
+    with open(ROOT / "configs" / "sweeps" / "table1.toml", "rb") as fh:
+        return {name.replace("+", "-plus"): row for name, row in tomllib.load(fh)["rows"].items()}
+
+
+def test_table1_has_a_cifar10_preset_for_every_row_of_the_table1_sweep():
+    assert {p.stem for p in TABLE1} == set(_table1_rows()) and len(TABLE1) == 6
+
+
+@pytest.mark.parametrize("preset", TABLE1, ids=lambda p: p.stem)
+def test_table1_presets_are_cifar10_with_their_rows_changes(preset):
+    """Each CIFAR-10 Table I preset is configs/cifar10.toml changed exactly as its row of the digits
+    sweep changes the default (the two tables differ in data and scale only), and it validates."""
+    with open(ROOT / "configs" / "cifar10.toml", "rb") as fh:
+        cifar10 = tomllib.load(fh)
+    with open(preset, "rb") as fh:
+        mine = tomllib.load(fh)
+    changes = dict(_table1_rows()[preset.stem])
+    if changes.get("dp-sgd"):  # on the 35.7M-parameter UNet, per-sample gradients in parts of 32
+        changes["dp-max-physical-batch"] = 32
+    assert mine == {**cifar10, **changes}
+    settings = settings_from_run_config(_pyproject_config(), mine)
+    assert settings.dataset == "cifar10" and settings.model == "cifar"
