@@ -77,12 +77,14 @@ def _readme_commands() -> list[str]:
 
 
 # what a README example may still stop at: the user's own paths (a run folder, the AFHQ images, a
-# run's pipeline to fine-tune), and the Hugging Face Hub, which this offline machine cannot reach
+# run's pipeline to fine-tune, a tracking server of their own), and the Hugging Face Hub, which this
+# offline machine cannot reach
 PLACEHOLDERS = (
     "not a run folder (no such directory)",
     "data-root: must be an existing directory",
     "init-from: must be a DDPMPipeline folder or a Hub id (owner/name), got",
     "init-from: cannot download 'google/ddpm-cifar10-32'",
+    "tracker-uri: the mlflow server http://mlflow.example:5000 cannot be reached",
 )
 
 
