@@ -518,26 +518,32 @@ class Settings:
         """Ambient Diffusion's unsound or unsupported combinations, refused naming both keys."""
         if not self.ambient:
             return
-        refused = {
-            "taa": "TAA's augmented copy is made from the clean image: its shear, rotate and translate would "
-            "show the network pixels outside the image's mask A, which Ambient Diffusion must never see; "
-            "set taa = false",
-            "init-from": "a pretrained base takes C input channels and predicts noise, Ambient's network "
-            "takes 2C (image and mask) and predicts x0; train from scratch (init-from empty)",
-            "class-conditional": "the Ambient family's condition carries the masks, not class labels "
-            "(not built yet); set class-conditional = false",
-            "dp-sgd": "Table I measures each baseline alone, and DP-SGD over masked images (Opacus' per-sample "
-            "gradients through the 2C network, the accountant over Ambient's fixed masks) is neither built "
-            "nor tested here; set dp-sgd = false",
+        refused = {  # key: (set, why it cannot go with ambient)
+            "taa": (
+                self.taa,
+                "TAA's augmented copy is made from the clean image: its shear, rotate and translate would "
+                "show the network pixels outside the image's mask A, which Ambient Diffusion must never see; "
+                "set taa = false",
+            ),
+            "init-from": (
+                bool(self.init_from),
+                "a pretrained base takes C input channels and predicts noise, Ambient's network "
+                "takes 2C (image and mask) and predicts x0; train from scratch (init-from empty)",
+            ),
+            "class-conditional": (
+                self.class_conditional,
+                "the Ambient family's condition carries the masks, not class labels "
+                "(not built yet); set class-conditional = false",
+            ),
+            "dp-sgd": (
+                self.dp_sgd,
+                "Table I measures each baseline alone, and DP-SGD over masked images (Opacus' per-sample "
+                "gradients through the 2C network, the accountant over Ambient's fixed masks) is neither built "
+                "nor tested here; set dp-sgd = false",
+            ),
         }
-        on = {
-            "taa": self.taa,
-            "init-from": bool(self.init_from),
-            "class-conditional": self.class_conditional,
-            "dp-sgd": self.dp_sgd,
-        }
-        for key, why in refused.items():
-            if on[key]:
+        for key, (on, why) in refused.items():
+            if on:
                 raise ValueError(f"ambient: cannot be combined with {key}: {why}")
 
     def _check_split(self) -> None:

@@ -18,11 +18,12 @@ line per model and mode.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing
 import statistics
 import time
-from dataclasses import replace
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,9 +31,8 @@ import torch
 from clients.trainer import ShardState, train_shard
 from ddpm.ambient import ambient_masks
 from ddpm.device import resolve_device
-from ddpm.unet import build_unet
 from fl_app.config import settings_from_run_config, train_config
-from fl_app.model import model_family
+from fl_app.model import initial_model, model_family
 from fl_app.settings import Settings
 
 SHAPES = {"tiny": (8, 1), "cifar": (32, 3), "afhq64": (64, 3)}  # image size, channels
@@ -50,28 +50,36 @@ def _settings(mode: str) -> Settings:
     return settings_from_run_config(Settings().to_run_config(), MODES[mode])
 
 
-def _shard(model_name: str, mode: str, n: int, device: torch.device):
-    """A fresh model, the shard's images and conditions, the config and family of ``mode``."""
+def _prepared(model_name: str, mode: str, batch: int, steps: int, device: torch.device) -> Callable[[], None]:
+    """One ``train_shard`` call of ``mode`` made ready: a fresh model as the app builds it
+    (``initial_model``: Ambient's 2C inputs too), random images, their masks, a fresh state; one
+    epoch of ``steps`` batches. Returns the call."""
     settings = _settings(mode)
     size, channels = SHAPES[model_name]
     torch.manual_seed(0)
-    inputs = 2 * channels if settings.ambient else channels
-    model = build_unet(model_name, size, channels, in_channels=inputs).to(device)
+    shaped = dataclasses.replace(settings, model=model_name, image_size=size)  # the shape, past the digits' checks
+    model = initial_model(shaped, channels).to(device)
+    n = batch * steps
     images = torch.rand(n, channels, size, size) * 2 - 1
     masks = None
     if settings.ambient:
         masks = ambient_masks(range(n), (size, size), settings.ambient_p, settings.ambient_delta, 0)
-    return model, images, masks, settings
+    config = dataclasses.replace(train_config(settings), local_epochs=1, batch_size=batch)
+    family = model_family(settings)
+
+    def train() -> None:
+        train_shard(model, images, config, ShardState(), device=device, seed=1, labels=masks, family=family)
+
+    return train
 
 
 def _train(model_name: str, mode: str, batch: int, steps: int, device: torch.device) -> float:
     """Seconds for one ``train_shard`` call of one epoch of ``steps`` batches (a fresh model and state)."""
-    model, images, masks, settings = _shard(model_name, mode, batch * steps, device)
-    config = replace(train_config(settings), local_epochs=1, batch_size=batch)
+    train = _prepared(model_name, mode, batch, steps, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    train_shard(model, images, config, ShardState(), device=device, seed=1, labels=masks, family=model_family(settings))
+    train()
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start
@@ -97,15 +105,14 @@ def _peak(args: tuple[str, str, int, int, str]) -> float:
     model_name, mode, batch, steps, device_name = args
     torch.set_num_threads(1)
     device = resolve_device(device_name)
-    model, images, masks, settings = _shard(model_name, mode, batch * steps, device)
-    config = replace(train_config(settings), local_epochs=1, batch_size=batch)
+    train = _prepared(model_name, mode, batch, steps, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         held = torch.cuda.memory_allocated(device)
     else:
         _reset_peak()
         held = _status_mb("VmRSS")
-    train_shard(model, images, config, ShardState(), device=device, seed=1, labels=masks, family=model_family(settings))
+    train()
     if device.type == "cuda":
         return (torch.cuda.max_memory_allocated(device) - held) / 2**20
     return _status_mb("VmHWM") - held
