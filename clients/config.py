@@ -87,6 +87,13 @@ class TrainConfig:
     input_noise_fixed : bool (default: False)
         Draw that noise once per image (``fixed_input_noise``, given to ``train_shard``) instead
         of afresh at every step.
+    precision : str (default: "auto")
+        The network's forward under autocast: ``fp32``, ``bf16``, ``fp16`` (CUDA, with a gradient
+        scaler) or ``auto`` (``ddpm.precision.resolve_precision``); weights, moments, bank and losses stay fp32.
+    channels_last : str (default: "auto")
+        NHWC weights: ``true``, ``false`` or ``auto`` (``ddpm.precision.resolve_channels_last``).
+    compile : bool (default: False)
+        ``torch.compile`` the network's forward for the round.
     privacy : PrivacyConfig | None (default: None)
         DP-SGD through Opacus (Poisson batches, per-sample clipping, noise, accountant); None: off.
         Needs ``agc`` and ``taa`` off (they read per-sample losses outside the accountant).
@@ -109,4 +116,7 @@ class TrainConfig:
     taa_interpolation: str = "bilinear"
     input_noise_variance: float = 0.0
     input_noise_fixed: bool = False
+    precision: str = "auto"
+    channels_last: str = "auto"
+    compile: bool = False
     privacy: PrivacyConfig | None = None

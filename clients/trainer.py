@@ -14,6 +14,7 @@ from diffusers.optimization import get_constant_schedule_with_warmup
 
 from ddpm.data import to_model_range
 from ddpm.family import PIXEL_DDPM, DiffusionFamily
+from ddpm.precision import FP32, Precision, choose
 from ddpm.progress import progress
 from ddpm.schedule import NUM_TRAIN_TIMESTEPS
 
@@ -124,7 +125,8 @@ def agc_taa_loss(
     idx = is_aug.nonzero().squeeze(1)
     if idx.numel():
         rho = strength(ratio[rows[idx]], threshold, config.aug_sharpness)
-        copies = augment((x0[rows[idx]] + 1) / 2, rho) * 2 - 1
+        with torch.autocast(x0.device.type, enabled=False):  # TAA's resampling in fp32 under any precision
+            copies = augment((x0[rows[idx]] + 1) / 2, rho) * 2 - 1
         copies = copies if input_noise is None else copies + input_noise[rows[idx]]
         x_train = x_train.index_copy(0, idx, family.encode(copies))
     y_train = None if class_labels is None else class_labels[rows]
@@ -205,7 +207,7 @@ def train_shard(
         augment = default_augment(config)
     torch.manual_seed(seed)  # timesteps, noise, dropout, flips and RandAugment draws
     gen = torch.Generator().manual_seed(seed)  # batch order
-    model.to(device).train()
+    precision = _ready(model, config, device, privacy is not None)
     params = [p for p in model.parameters() if p.requires_grad]  # an adapter's tensors only, when frozen
     data = to_model_range(images).to(device)
     targets = family.check_condition(model, labels, images.shape[0])
@@ -215,7 +217,7 @@ def train_shard(
     targets = None if targets is None else targets.to(device)
     fixed = _fixed_noise(config, input_noise, data.shape)
     rules = skip_rule, augment, family
-    loop = _Loop(model, params, config, state, rules, data, targets, steps_per_epoch, proximal_mu, fixed)
+    loop = _Loop(model, params, config, state, rules, data, targets, steps_per_epoch, proximal_mu, fixed, precision)
     private = _private(loop, config, state, n, batch) if privacy is not None else None
     with progress(config.local_epochs * steps_per_epoch, desc, "step") as bar:  # a line every so often
         for _ in range(config.local_epochs):
@@ -230,6 +232,7 @@ def train_shard(
         state.accountant = private.accountant_state()
         epsilon = private.epsilon()
         private.model._close()  # noqa: SLF001 - Opacus' cleanup: its hooks off the shard's model
+    precision.release(model)  # contiguous weights and the eager forward: what is saved and sent
     return ShardResult(
         mean_loss=float(loop.loss_sum / max(1, int(loop.loss_count))),
         skip_counts=loop.counts.cpu(),
@@ -239,6 +242,16 @@ def train_shard(
         samples_seen=seen,
         epsilon=epsilon,
     )
+
+
+def _ready(model: torch.nn.Module, config: TrainConfig, device: torch.device, private: bool) -> Precision:
+    """The model on ``device`` in training mode, made ready (layout, compiled forward) for the
+    precision that the config's ``precision``, ``channels_last`` and ``compile`` give it there."""
+    model.to(device).train()
+    args = config.precision, config.channels_last, config.compile
+    precision = choose(*args, device, model, private=private)
+    precision.prepare(model)
+    return precision
 
 
 def _epoch(n: int, batch: int, steps: int, gen: torch.Generator):
@@ -276,14 +289,18 @@ class _Loop:
         steps_per_epoch: int,
         proximal_mu: float,
         fixed_noise: torch.Tensor | None = None,
+        precision: Precision = FP32,
     ) -> None:
         device = data.device
+        self.precision, self.autocast = precision, precision.autocast(device)
+        self.scaler = precision.grad_scaler(device)  # fp16 only; a pass-through otherwise
         self.model, self.params, self.config, self.state = model, params, config, state
         self.skip_rule, self.augment, self.family = rules
         self.data, self.targets = data, targets
         self.scheduler = self.family.train_scheduler()
         self.scheduler.alphas_cumprod = self.scheduler.alphas_cumprod.to(device)
-        self.optimizer = torch.optim.Adam(params, lr=config.lr)
+        fused = {} if getattr(config, "privacy", None) else precision.adam_options(device)  # DP: Opacus' own path
+        self.optimizer = torch.optim.Adam(params, lr=config.lr, **fused)
         if state.optimizer is not None:
             saved = self.optimizer.state_dict()
             saved["state"] = state.optimizer
@@ -318,7 +335,8 @@ class _Loop:
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
         noise = self.family.noise_like(x0)
         rules = self.bank, self.skip_rule, self.augment
-        out = agc_taa_loss(self.model, self.scheduler, x0, t, noise, *rules, config, y, self.family, added)
+        with self.autocast:  # the network's forward in the run's precision; losses come back fp32
+            out = agc_taa_loss(self.model, self.scheduler, x0, t, noise, *rules, config, y, self.family, added)
         loss = out.loss if self.anchor is None else out.loss + proximal_term(self.params, self.anchor, self.mu)
         stepped = self._update(loss)
         self.bank = update_memory_bank(self.bank, t, out.losses, config.bank_eta)
@@ -338,9 +356,11 @@ class _Loop:
         step inside a split logical batch); the LR schedule and step count follow real steps."""
         if self.private is None:
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)  # fp16: the true gradients, clipped as in fp32
             torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)  # fp16: skipped when a gradient overflowed
+            self.scaler.update()
             stepped = True
         else:  # Opacus clips per sample (C replaces grad-clip)
             loss.backward()

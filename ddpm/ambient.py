@@ -130,7 +130,7 @@ class AmbientFamily:
         the network fed ``[A*B*x_t, A*B]``."""
         a, seen = condition[:, :1], condition[:, 1:].expand_as(x0)
         noisy = scheduler.add_noise(x0, noise, t)
-        pred = model(torch.cat([seen * noisy, seen], dim=1), t).sample
+        pred = model(torch.cat([seen * noisy, seen], dim=1), t).sample.float()  # fp32 loss under autocast
         weight = snr(scheduler.alphas_cumprod, t).clamp(max=self.max_snr)
         return masked_x0_loss(pred, x0, a, weight)
 
@@ -150,12 +150,15 @@ class AmbientFamily:
         scheduler = ambient_scheduler()
         scheduler.set_timesteps(how.steps, device=how.device)
         out = []
+        how.precision.prepare(model)
         with progress(num_images, f"Ambient DDIM sampling ({how.steps} steps)", "img") as bar:
             for start in range(0, num_images, how.batch_size):
                 rows = slice(start, start + how.batch_size)
-                x = ambient_ddim(model, scheduler, noise[rows].to(how.device), masks[rows].to(how.device))
+                with how.precision.autocast(torch.device(how.device)):
+                    x = ambient_ddim(model, scheduler, noise[rows].to(how.device), masks[rows].to(how.device))
                 out.append(((x + 1) / 2).cpu())
                 bar.update(x.shape[0])
+        how.precision.release(model)
         return torch.cat(out) if out else torch.empty((0, *noise.shape[1:]))
 
     def pipeline(self, model: nn.Module) -> AmbientPipeline:

@@ -51,7 +51,7 @@ def ambient_ddim(unet: UNet2DModel, scheduler: DDIMScheduler, noise: torch.Tenso
     x = noise
     seen = masks.to(noise).expand_as(noise)
     for t in scheduler.timesteps:
-        x0 = unet(torch.cat([seen * x, seen], dim=1), t).sample
+        x0 = unet(torch.cat([seen * x, seen], dim=1), t).sample.float()  # the step in fp32 under autocast
         x = scheduler.step(x0, t, x, eta=0.0, use_clipped_model_output=True).prev_sample
     return x.clamp(-1, 1)
 

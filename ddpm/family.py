@@ -19,6 +19,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, UNet2DMode
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import Tensor, nn
 
+from .precision import FP32, Precision
 from .schedule import ddim_sample, draw_class_labels, model_classes, train_scheduler
 
 Condition = Tensor | None  # what conditions each image: class labels, token ids, a mask; None: nothing
@@ -28,12 +29,13 @@ Schedule = SchedulerMixin  # a diffusers noise schedule (DDPMScheduler, DDIMSche
 @dataclass(frozen=True)
 class Sampling:
     """How a family samples: DDIM ``steps``, images per batch, the ``seed`` (image i depends on
-    (seed, i) alone, whatever the batch size) and the device."""
+    (seed, i) alone, whatever the batch size), the device and the network's ``precision``."""
 
     steps: int = 50
     batch_size: int = 256
     seed: int = 0
     device: torch.device | str = "cpu"
+    precision: Precision = FP32
 
 
 @runtime_checkable
@@ -140,7 +142,7 @@ class PixelDDPM:
         """Mean over pixels of the squared error of the predicted noise, one value per sample."""
         noisy = scheduler.add_noise(x0, noise, t)
         extra = {} if condition is None else {"class_labels": condition}  # unconditional: the plain call
-        pred = model(noisy, t, **extra).sample
+        pred = model(noisy, t, **extra).sample.float()  # the loss in fp32 under any autocast (AGC reads it)
         return (pred - noise).pow(2).flatten(1).mean(1)
 
     def sample(self, model: nn.Module, num_images: int, how: Sampling, condition: Condition = None) -> Tensor:
@@ -148,7 +150,14 @@ class PixelDDPM:
         gets them drawn from the seed."""
         steps, batch, seed, device = how.steps, how.batch_size, how.seed, how.device
         return ddim_sample(
-            model, num_images, steps=steps, batch_size=batch, seed=seed, device=device, class_labels=condition
+            model,
+            num_images,
+            steps=steps,
+            batch_size=batch,
+            seed=seed,
+            device=device,
+            class_labels=condition,
+            precision=how.precision,
         )
 
     def draw_condition(self, model: nn.Module, num_images: int, seed: int) -> Condition:

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
+from .precision import FP32, Precision
 from .progress import progress
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -54,8 +55,12 @@ def ddim_sample(
     seed: int = 0,
     device: torch.device | str = "cpu",
     class_labels: torch.Tensor | None = None,
+    precision: Precision = FP32,
 ) -> torch.Tensor:
     """Generate ``num_images`` images in [0, 1] with DDIM (eta 0), batch by batch.
+
+    ``precision``: the network's forward under autocast (channels-last, compiled as it says); the
+    DDIM update itself runs in fp32 on the prediction cast back.
 
     The initial noise of image i depends only on (seed, i), so another ``batch_size`` gives the
     same images but for float rounding (other batch shapes run other kernels; README
@@ -78,13 +83,17 @@ def ddim_sample(
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn((num_images, *shape), generator=gen)
     out = []
+    precision.prepare(model)
+    autocast = precision.autocast(torch.device(device))
     with progress(num_images, f"DDIM sampling ({steps} steps)", "img") as bar:
         for start in range(0, num_images, batch_size):
             x = noise[start : start + batch_size].to(device)
             y = None if class_labels is None else class_labels[start : start + batch_size].to(device)
             for t in scheduler.timesteps:
-                eps = model(x, t, class_labels=y).sample
+                with autocast:
+                    eps = model(x, t, class_labels=y).sample.float()
                 x = scheduler.step(eps, t, x, eta=0.0).prev_sample
             out.append(((x.clamp(-1, 1) + 1) / 2).cpu())
             bar.update(x.shape[0])
+    precision.release(model)
     return torch.cat(out) if out else torch.empty((0, *shape))

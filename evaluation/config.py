@@ -14,8 +14,9 @@ class EvalConfig:
     ----------
     eval_num_images : int (default: 500)
         Images generated per evaluation.
-    eval_batch_size : int (default: 256)
-        Images per DDIM batch (and per Inception batch on CUDA; at most 50 elsewhere).
+    eval_batch_size : int (default: 0)
+        Images per DDIM batch (and per Inception batch on CUDA; at most 50 elsewhere); 0: auto
+        (``ddpm.precision.fill_batch_size``: filling half the free GPU memory, 256 off CUDA).
     sample_steps : int (default: 50)
         DDIM steps.
     seed : int (default: 0)
@@ -31,10 +32,17 @@ class EvalConfig:
         A local copy of pytorch-fid's Inception weights ("" downloads them once).
     fid_cache_dir : str (default: "")
         Where training-set FID statistics and the digit classifier are cached ("" is ``~/.cache/iet-agc``).
+    precision : str (default: "auto")
+        DDIM's and the Inception network's forward under autocast (``ddpm.precision``); the kNN
+        and digit_fd's small classifier stay fp32.
+    channels_last : str (default: "auto")
+        NHWC weights while sampling (``ddpm.precision.resolve_channels_last``).
+    compile : bool (default: False)
+        ``torch.compile`` the network's forward while sampling.
     """
 
     eval_num_images: int = 500
-    eval_batch_size: int = 256
+    eval_batch_size: int = 0
     sample_steps: int = 50
     seed: int = 0
     mq_neighbours: int = 50
@@ -42,3 +50,6 @@ class EvalConfig:
     fid: bool = True
     fid_weights: str = ""
     fid_cache_dir: str = ""
+    precision: str = "auto"
+    channels_last: str = "auto"
+    compile: bool = False

@@ -16,10 +16,12 @@ from typing import Any, Protocol
 
 import torch
 from diffusers import UNet2DModel
+from torch import nn
 
 from ddpm.data import ImageSet
 from ddpm.family import PIXEL_DDPM, DiffusionFamily, Sampling
 from ddpm.files import atomic_write
+from ddpm.precision import Precision, choose, fill_batch_size, resolve_precision
 
 from .bootstrap import QualityScore
 from .config import EvalConfig
@@ -30,6 +32,7 @@ from .plots import plot_ratio_histogram, save_pair_grid, save_sample_grid
 from .report import write_report
 
 log = logging.getLogger("flwr.iet_agc.evaluation")  # a child of Flower's logger (flwr run --stream, flwr log)
+INCEPTION_SIZE = 23_885_392  # pytorch-fid's FID Inception's parameters (auto's rule, when no sampling ran)
 
 RUN_FACTS = ("n_generated", "fid_reason", "report")  # what metrics.json adds to the metrics
 
@@ -100,6 +103,8 @@ class MemorizationEvaluator:
         self._holdout_ratio: torch.Tensor | None = None
         self._digit_fd: DigitFD | None = None
         self._fid_floor: dict[int, float | None] = {}  # per generated count: Inception on the hold-out is slow
+        self._batch: int | None = None  # eval-batch-size auto, once found
+        self._precision: Precision | None = None  # what the last sampling ran in (FID's features follow it)
 
     def __call__(self, server_round: int, model: UNet2DModel) -> Evaluation:
         """Samples ``model`` and evaluates the images as ``round<NNN>``."""
@@ -111,8 +116,30 @@ class MemorizationEvaluator:
         class-conditional model gets labels drawn uniformly over its classes (None: unconditional)."""
         s = self.config
         labels = self.family.draw_condition(model, s.eval_num_images, s.seed)
-        how = Sampling(s.sample_steps, s.eval_batch_size, s.seed, self.device)
+        precision = self._precision = choose(s.precision, s.channels_last, s.compile, self.device, model)
+        how = Sampling(s.sample_steps, self.batch_size(model, precision), s.seed, self.device, precision)
         return self.family.sample(model, s.eval_num_images, how, condition=labels), labels
+
+    def batch_size(self, model: nn.Module, precision: Precision) -> int:
+        """``eval-batch-size``, or (0, auto) what fills the device (``fill_batch_size``), found once."""
+        if self.config.eval_batch_size:
+            return self.config.eval_batch_size
+        if self._batch is None:
+            self._batch = fill_batch_size(lambda b: self._probe(model, precision, b), self.device)
+            log.info("eval-batch-size auto: %d images per DDIM batch on %s", self._batch, self.device)
+        return self._batch
+
+    @torch.no_grad()
+    def _probe(self, model: nn.Module, precision: Precision, batch: int) -> None:
+        """One forward of ``model`` at ``batch`` images (its memory sizes the auto batch)."""
+        model = model.to(self.device).eval()
+        cfg = model.config
+        x = torch.zeros(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=self.device)
+        t = torch.zeros(batch, dtype=torch.long, device=self.device)
+        labels = self.family.draw_condition(model, batch, 0)
+        extra = {} if labels is None else {"class_labels": labels.to(self.device)}
+        with precision.autocast(self.device):
+            model(x, t, **extra)
 
     # ---- the metrics ---------------------------------------------------------------------
     def evaluate_images(
@@ -184,7 +211,9 @@ class MemorizationEvaluator:
     def _fid(self, images: torch.Tensor) -> QualityScore | None:
         if self.fid_reason:  # disabled, or already failed this run: do not retry the download
             return None
-        batch = self.config.eval_batch_size if self.device.type == "cuda" else min(self.config.eval_batch_size, 50)
+        batch = self._batch or self.config.eval_batch_size or 256
+        batch = batch if self.device.type == "cuda" else min(batch, 50)
+        precision = self._precision or Precision(resolve_precision(self.config.precision, self.device, INCEPTION_SIZE))
         n = images.shape[0]
         floor01 = self.data.holdout if len(self.data.holdout) >= 2 and n not in self._fid_floor else None
         try:
@@ -198,6 +227,7 @@ class MemorizationEvaluator:
                 reference_key=f"{self.data.name}-{self.data.fingerprint}",
                 cache=str(self.cache),
                 seed=self.config.seed,
+                precision=precision,
             )
         except (FIDUnavailable, ValueError) as err:
             self.fid_reason = str(err)

@@ -25,6 +25,7 @@ import torch
 import torchvision
 
 from ddpm.files import atomic_write
+from ddpm.precision import FP32, Precision
 
 from .bootstrap import DEFAULT_RESAMPLES, QualityScore, score_features
 from .frechet import model_features, rgb01, streamed_statistics
@@ -273,6 +274,7 @@ def fid_score(
     expected_sha256: str = FID_WEIGHTS_SHA256,
     resamples: int = DEFAULT_RESAMPLES,
     seed: int = 0,
+    precision: Precision = FP32,
 ) -> QualityScore:
     """FID of generated images against reference images, its split-sample interval over the generated
     images and its floor (the FID of as many held-out real images): the one FID entry point.
@@ -303,12 +305,17 @@ def fid_score(
         Random splits of the interval (>= 2; a test that only wants ``.value`` passes 2).
     seed : int (default: 0)
         Seeds the resampling.
+    precision : Precision (default: FP32)
+        The network's forward under autocast (features back in fp32; statistics in fp64); the
+        training set's cached statistics are keyed by it.
     """
     if model is None:
         model = inception(weights, str(device), expected_sha256)
         tag = weights_tag(weights)
     else:
         tag = f"custom-{type(model).__name__}"
+    if precision.dtype is not None:
+        model, tag = precision.features(model, device), f"{tag}-{precision.name}"
     feats = torch.from_numpy(inception_features(generated01, model, batch_size, device))
     if reference_key:
         directory = cache_dir(cache) / "fid"

@@ -26,6 +26,9 @@ RESUMABLE_KEYS = (
     "holdout-root",
     "data-root",  # where this machine keeps the data; the data set's fingerprint must still match
     "device",
+    "precision",  # how the network computes (a resume may move to another device), not what trains
+    "channels-last",
+    "compile",
     "round-timeout",
     "min-nodes",
     "max-failed-rounds",

@@ -23,6 +23,7 @@ from ddpm.adapters import load_trainable, trainable_state
 from ddpm.data import ImageSet, load_dataset
 from ddpm.device import resolve_device
 from ddpm.family import PIXEL_DDPM
+from ddpm.precision import choose
 from evaluation.evaluator import Evaluation, Evaluator, MemorizationEvaluator
 from strategies import protocol
 from strategies.aggregation import Resumable, make_aggregator
@@ -169,8 +170,18 @@ def _first_line(settings: Settings, data: ImageSet, start: Start, device: torch.
     return (
         f"{settings.dataset}: {len(data)} training images ({data.fingerprint}), {len(data.holdout)} held out; "
         f"K={settings.num_shards} shards of ~{len(data) // settings.num_shards}; {model_line(settings, start.model)}; "
-        f"aggregation {aggregation}; device {device}; output {start.writer.path}{resuming}"
+        f"aggregation {aggregation}; device {device} ({_precision_line(settings, device, start.model)}); "
+        f"output {start.writer.path}{resuming}"
     )
+
+
+def _precision_line(settings: Settings, device: torch.device, model: torch.nn.Module) -> str:
+    """What ``precision``, ``channels-last`` and ``compile`` give the model here (nodes resolve
+    ``auto`` for their own device the same way)."""
+    s = settings
+    chosen = choose(s.precision, s.channels_last, s.compile, device, model, private=s.dp_sgd)
+    extras = [name for name, on in (("channels-last", chosen.channels_last), ("compiled", chosen.compile)) if on]
+    return ", ".join([f"{chosen.name}{' (auto)' if s.precision == 'auto' else ''}", *extras])
 
 
 def make_server_app(overrides: Mapping[str, Any] | None = None, **run_kwargs: Any) -> ServerApp:

@@ -33,6 +33,7 @@ from ddpm.data import DATA_SPLITS, DATASETS, DIGITS_IMAGES, IMAGE_SUFFIXES, num_
 from ddpm.data import num_classes as dataset_classes
 from ddpm.device import DEVICE_PATTERN, DEVICES
 from ddpm.initialisation import MODEL_INITS
+from ddpm.precision import LAYOUTS, PRECISIONS
 from ddpm.schedule import NUM_TRAIN_TIMESTEPS
 from ddpm.unet import _SIZES, MODEL_SIZES
 from strategies.aggregation import AGGREGATIONS
@@ -76,6 +77,7 @@ class Rule:
     pattern: str = ""  # strings: must match in full
     nonempty: bool = False
     path: bool = False  # strings: a file system path (no NUL character)
+    auto: bool = False  # integers: the word "auto" is taken as 0 (the value picked at run time)
     text: str = ""  # replaces the generated description
 
     @property
@@ -114,6 +116,8 @@ class Rule:
             if isinstance(raw, str) and raw.strip().lower() in ("true", "false"):
                 return raw.strip().lower() == "true"
         elif self.kind is int:
+            if self.auto and isinstance(raw, str) and raw.strip().lower() == "auto":
+                return 0
             if isinstance(raw, int) and not isinstance(raw, bool):
                 return raw
             if isinstance(raw, float) and raw.is_integer():
@@ -136,6 +140,8 @@ class Rule:
             if self.inf and value == math.inf:
                 return
             raise self.fail(key, value)
+        if self.auto and value == 0:
+            return
         if self.kind in (int, float):
             low_bad = self.low is not None and (value <= self.low if self.low_open else value < self.low)
             high_bad = self.high is not None and (value >= self.high if self.high_open else value > self.high)
@@ -253,6 +259,10 @@ class Settings:
     node_max_failures: int = _int(2, 1, MAX_ROUNDS)
     messages_per_node: int = _int(2, 1, MAX_SHARDS)
     device: str = _setting("auto", str, pattern=DEVICE_PATTERN, text=f"one of {DEVICES} (N in 0..999)")
+    # how the network computes (ddpm/precision.py): autocast, NHWC weights, a compiled forward
+    precision: str = _choice("auto", PRECISIONS)
+    channels_last: str = _choice("auto", LAYOUTS)
+    compile: bool = _bool(False)
     # AGC (eq. 3-4), TAA (eq. 5-8), MSR (eq. 10-11)
     agc: bool = _bool(True)
     skip_threshold: float = _float(0.5, low=0, high=10, low_open=True)
@@ -297,7 +307,13 @@ class Settings:
     # evaluation
     eval_every: int = _int(5, 0, MAX_ROUNDS)
     eval_num_images: int = _int(500, 1, MAX_EVAL_IMAGES)
-    eval_batch_size: int = _int(256, 1, MAX_BATCH)
+    eval_batch_size: int = _int(
+        0,
+        1,
+        MAX_BATCH,
+        auto=True,
+        text=f"auto (or 0: what fills the device, 256 off CUDA) or an integer in [1, {MAX_BATCH}]",
+    )
     sample_steps: int = _int(50, 1, NUM_TRAIN_TIMESTEPS)
     mq_neighbours: int = _int(50, 1, MAX_NEIGHBOURS)
     mq_thresholds: str = _setting(
@@ -484,6 +500,12 @@ class Settings:
                 "FedProx's proximal term is a gradient outside Opacus' per-sample clipping",
             ),
             "adapter": (self.adapter == "difffit", "DiffFit's scale parameters have no per-sample gradients in Opacus"),
+            "precision": (
+                self.precision in ("bf16", "fp16"),
+                "Opacus' per-sample gradients under autocast are neither built nor tested here (auto picks fp32)",
+            ),
+            "channels-last": (self.channels_last == "true", "Opacus' per-sample convolution gradients assume NCHW"),
+            "compile": (self.compile, "Opacus' per-sample gradient hooks do not go through a compiled forward"),
         }
         off = {
             "agc": "false",
@@ -491,6 +513,9 @@ class Settings:
             "msr": '"none"',
             "aggregation": '"fedavg"',
             "adapter": '"none" or "lora"',
+            "precision": '"auto" or "fp32"',
+            "channels-last": '"auto" or "false"',
+            "compile": "false",
         }
         for key, (bad, why) in unsound.items():
             if bad:
@@ -641,6 +666,7 @@ class Settings:
         _writable_dir("out-dir", self.out_dir)
         if self.tracker != "none" and self.tracker_dir:
             _writable_dir("tracker-dir", self.tracker_dir)
+        _check_compute(self.device, self.precision)
         if self.dp_sgd and self.dp_target_epsilon:  # no sigma reaches the target: stop before training
             self._check_privacy_budget()
 
@@ -675,6 +701,14 @@ class Settings:
                 f"{self.init_from!r} takes {channels} channels in and gives {config.get('out_channels')} out"
             )
         check_base_classes(config, self.num_classes, self.init_from)
+
+
+def _check_compute(device: str, precision: str) -> None:
+    """The precision the server samples in must be one its device computes (``precision: ...``)."""
+    from ddpm.device import resolve_device
+    from ddpm.precision import check_precision
+
+    check_precision(precision, resolve_device(device))
 
 
 def _probe(key: str, value: str, test: Any) -> Any:

@@ -45,7 +45,7 @@ INTS = {  # key: (lowest, highest) allowed
     "randaugment-ops": (1, 14),
     "eval-every": (0, 10_000),
     "eval-num-images": (1, 1_000_000),
-    "eval-batch-size": (1, 65_536),
+    "eval-batch-size": (0, 65_536),  # 0 (or "auto"): what fills the device
     "sample-steps": (1, 1_000),
     "mq-neighbours": (1, 400),  # <= train-size
     "lora-rank": (1, 1024),
@@ -89,6 +89,7 @@ BOOLS = (
     "input-noise-fixed",
     "dp-sgd",
     "ambient",
+    "compile",
 )
 CHOICES = {
     "dataset": ("digits", "cifar10", "cifar100", "imagefolder"),
@@ -104,6 +105,8 @@ CHOICES = {
     "class-embedding": ("added", "per-block"),
     "model-init": ("diffusers", "authors"),
     "taa-interpolation": ("bilinear", "nearest"),
+    "precision": ("auto", "fp32", "bf16", "fp16"),
+    "channels-last": ("auto", "true", "false"),
 }
 PATHS = ("data-root", "holdout-root", "fid-weights", "fid-cache-dir", "out-dir", "resume", "init-from", "tracker-dir")
 NAMES = ("tracker-project", "tracker-run-name", "tracker-group")  # empty allowed but for tracker-project
@@ -140,7 +143,8 @@ def _bad_int(key: str) -> st.SearchStrategy:
     fractions = st.floats(allow_nan=True, allow_infinity=True).filter(lambda x: not float(x).is_integer())
     out_of_range = st.integers(max_value=lo - 1) | st.integers(min_value=hi + 1) | st.just(10**400)
     integral_floats = st.integers(min_value=hi + 1, max_value=10**15).map(float) | st.just(float(lo - 1))
-    bad = st.booleans() | fractions | out_of_range | integral_floats | st.text(max_size=8) | NOT_A_NUMBER
+    words = st.text(max_size=8).filter(lambda w: key != "eval-batch-size" or w.strip().lower() != "auto")
+    bad = st.booleans() | fractions | out_of_range | integral_floats | words | NOT_A_NUMBER
     if key == "image-size":
         bad = bad | st.integers(lo, hi).filter(lambda n: n & (n - 1))
     return bad
@@ -336,7 +340,7 @@ def good_values(key: str, places: dict) -> st.SearchStrategy:
         return st.booleans() | st.sampled_from(["true", "false", "True", "FALSE"])
     if key in CHOICES:
         # imagefolder needs a data-root, afhq64 a larger image, an adapter an init-from, spare a holdout-size
-        skip = ("imagefolder", "afhq64", "lora", "difffit", "spare")
+        skip = ("imagefolder", "afhq64", "lora", "difffit", "spare", "fp16")  # fp16: CUDA only
         return st.sampled_from([c for c in CHOICES[key] if c not in skip])
     if key == "device":
         return st.sampled_from(["auto", "cpu", "cuda", "mps", "xpu"]) | st.integers(0, 999).map(lambda n: f"cuda:{n}")
