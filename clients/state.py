@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -30,11 +32,48 @@ def default_state_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "iet-agc" / "state"
 
 
+def state_problem(state: ShardState, params: Sequence[torch.Tensor]) -> str | None:
+    """Why a loaded state cannot continue training ``params`` (the model's trainable tensors, in
+    the optimizer's order), or None: a bank of another length, moments of another shape, a
+    non-finite value or a negative step would fail (or poison) the shard in every later round."""
+    bank = ShardState().bank
+    if tuple(state.bank.shape) != tuple(bank.shape) or not torch.isfinite(state.bank).all():
+        shape = tuple(state.bank.shape)
+        return f"its AGC memory bank has shape {shape} or non-finite values (want {tuple(bank.shape)})"
+    if state.step < 0:
+        return f"its step is {state.step}"
+    for index, entry in (state.optimizer or {}).items():
+        if not 0 <= index < len(params):
+            return f"it holds optimizer moments of tensor {index}, but the model trains {len(params)}"
+        for name, value in entry.items():
+            if name == "step":
+                continue
+            if tuple(value.shape) != tuple(params[index].shape) or not torch.isfinite(value).all():
+                return (
+                    f"its {name} of tensor {index} has shape {tuple(value.shape)} or non-finite values "
+                    f"(the model's tensor is {tuple(params[index].shape)})"
+                )
+    return None
+
+
 class ShardStateStore:
-    """Saved shard states under one node-local directory, keyed by run and shard."""
+    """Saved shard states under one node-local directory, keyed by run and shard.
+
+    ``set_aside`` lists the files ``load`` renamed to ``*.bad`` this time, with the reason."""
 
     def __init__(self, root: str | Path | None = None) -> None:
         self.root = Path(root).expanduser() if root else default_state_dir()
+        self.set_aside: list[tuple[Path, str]] = []
+
+    def check_writable(self) -> None:
+        """Refuse (``state-dir: ...``) a state folder that cannot be made or written, before the
+        round trains rather than after it."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.root):
+                pass
+        except OSError as err:
+            raise ValueError(f"state-dir: cannot write shard states to {str(self.root)!r} ({err})") from None
 
     def _dir(self, run_key: str, shard: int) -> Path:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", run_key):
@@ -46,9 +85,13 @@ class ShardStateStore:
             return {}
         return {int(m.group(1)): p for p in folder.iterdir() if (m := ROUND_FILE.fullmatch(p.name))}
 
-    def load(self, run_key: str, shard: int, before_round: int) -> tuple[ShardState, int | None]:
+    def load(
+        self, run_key: str, shard: int, before_round: int, params: Sequence[torch.Tensor] | None = None
+    ) -> tuple[ShardState, int | None]:
         """The state after the shard's last round before ``before_round`` and that round's number,
-        or a fresh state and None where this node holds none (the shard restarts its local state)."""
+        or a fresh state and None where this node holds none (the shard restarts its local state).
+        With ``params``, a state that cannot train them (``state_problem``) is renamed ``*.bad``
+        (kept for a look, never read again) and the next older one is tried."""
         rounds = {r: p for r, p in self._rounds(self._dir(run_key, shard)).items() if r < before_round}
         for r in sorted(rounds, reverse=True):
             try:
@@ -56,7 +99,7 @@ class ShardStateStore:
                 with safe_open(rounds[r], framework="pt") as fh:  # the step is in the header
                     meta = fh.metadata()
                 step = int(meta["step"])
-            except (OSError, SafetensorError, KeyError, ValueError):
+            except (OSError, SafetensorError, KeyError, ValueError, AttributeError):
                 continue  # unreadable (a crash while writing cannot cause it; a disk fault can): older one
             moments: dict[int, dict[str, torch.Tensor]] = {}
             for key, tensor in tensors.items():
@@ -67,7 +110,13 @@ class ShardStateStore:
                 accountant = load_accountant(meta.get("accountant", ""))
             except (ValueError, KeyError, TypeError) as err:
                 raise ValueError(f"dp-sgd: shard state {rounds[r]}: {err}") from None
-            return ShardState(optimizer=moments or None, step=step, bank=tensors["bank"], accountant=accountant), r
+            state = ShardState(optimizer=moments or None, step=step, bank=tensors["bank"], accountant=accountant)
+            problem = None if params is None else state_problem(state, params)
+            if problem is None:
+                return state, r
+            bad = rounds[r].with_name(rounds[r].name + ".bad")
+            os.replace(rounds[r], bad)
+            self.set_aside.append((bad, problem))
         return ShardState(), None
 
     def save(self, run_key: str, shard: int, server_round: int, state: ShardState) -> Path:

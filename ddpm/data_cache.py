@@ -7,6 +7,12 @@ pickled CIFAR batches, scikit-learn's digits). The copy lives in ``<cache dir>/<
 fingerprint check costs nothing. The key covers everything the decoded arrays depend on: the
 loader's arguments and the source files' names, sizes and modification times, so an edited,
 added or removed image is a new key and never a stale copy.
+
+The copy proves its own content: ``meta.json`` holds each array's SHA-256, checked whenever an
+array file is not the very file last checked (``verified.json``: its inode, size, mtime and
+ctime; ctime moves on every write, rename or chmod and cannot be set back from user space). An
+array replaced under kept metadata is therefore hashed, found different, removed and decoded
+again from the sources; an untouched copy costs a few ``stat`` calls per message.
 """
 
 from __future__ import annotations
@@ -16,14 +22,16 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-FORMAT = 1  # bump when the stored layout changes: older copies are then simply not found
+FORMAT = 2  # bump when the stored layout changes: older copies are then simply not found (2: content hashes)
 META = "meta.json"
+VERIFIED = "verified.json"  # the stat of each array file when its hash last matched
 
 
 def default_cache_dir() -> Path:
@@ -46,19 +54,61 @@ def cache_key(fields: Mapping[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:32]
 
 
+def content_hash(arr: np.ndarray) -> str:
+    """SHA-256 of an array's bytes in C order (read straight from a memory map, no copy)."""
+    flat = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+    return hashlib.sha256(memoryview(flat)).hexdigest()
+
+
+def _stamp(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _stamps(folder: Path, names: Iterable[str]) -> dict[str, list[int]]:
+    return {name: _stamp(folder / f"{name}.npy") for name in names}
+
+
+def _save_stamps(folder: Path, names: Iterable[str]) -> None:
+    try:  # best effort: without it the next reader hashes again
+        (folder / VERIFIED).write_text(json.dumps(_stamps(folder, names)))
+    except OSError:
+        pass
+
+
 def read(folder: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
     """The arrays (memory-mapped copy-on-write: no read until used, writable without a copy) and
-    the metadata of a complete copy, or None where there is none or it does not match its meta."""
+    the metadata of a complete copy whose content is its own (see the module), or None. A copy
+    that is damaged or whose content is not what its metadata says is removed (warning), so that
+    the caller's decoded replacement takes its place."""
     try:
         meta = json.loads((folder / META).read_text())
         arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="c") for name in meta["arrays"]}
-    except (OSError, ValueError, KeyError, TypeError):
+        stamps = _stamps(folder, arrays)
+    except FileNotFoundError:
         return None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return _discard(folder, f"unreadable ({type(err).__name__}: {err})")
+    try:
+        verified = json.loads((folder / VERIFIED).read_text())
+    except (OSError, ValueError):
+        verified = {}
     for name, arr in arrays.items():
         want = meta["arrays"][name]
-        if list(arr.shape) != want["shape"] or str(arr.dtype) != want["dtype"]:
-            return None
+        if list(arr.shape) != want.get("shape") or str(arr.dtype) != want.get("dtype"):
+            return _discard(folder, f"{name}.npy has shape {list(arr.shape)} {arr.dtype}, its metadata says otherwise")
+        if verified.get(name) != stamps[name] and content_hash(arr) != want.get("sha256"):
+            return _discard(folder, f"{name}.npy does not hold the content its metadata's SHA-256 names")
+    if verified != stamps:
+        _save_stamps(folder, arrays)
     return arrays, meta
+
+
+def _discard(folder: Path, why: str) -> None:
+    """Remove a copy that cannot be trusted, saying why (the data set is decoded again)."""
+    warnings.warn(f"decoded data set copy {folder}: {why}; removing it and decoding again", RuntimeWarning, 2)
+    shutil.rmtree(folder, ignore_errors=True)
+    return None
 
 
 def write(folder: Path, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> bool:
@@ -68,7 +118,10 @@ def write(folder: Path, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any
     first rename wins and the other's files are removed. Returns False where the copy could not
     be written (a read-only or full disk): the data set is then used without one.
     """
-    full = {**meta, "arrays": {n: {"shape": list(a.shape), "dtype": str(a.dtype)} for n, a in arrays.items()}}
+    described = {
+        n: {"shape": list(a.shape), "dtype": str(a.dtype), "sha256": content_hash(a)} for n, a in arrays.items()
+    }
+    full = {**meta, "arrays": described}
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -79,6 +132,7 @@ def write(folder: Path, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any
             np.save(tmp / f"{name}.npy", np.ascontiguousarray(arr))
         (tmp / META).write_text(json.dumps(full, indent=1))
         os.rename(tmp, folder)
+        _save_stamps(folder, arrays)  # hashed from memory just now: the files need no second read
         return True
     except OSError:
         return folder.is_dir()  # another process renamed its copy first

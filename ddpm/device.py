@@ -22,3 +22,24 @@ def resolve_device(name: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     return torch.device(name)
+
+
+def usable_device(name: str, key: str = "device") -> torch.device:
+    """The torch device for ``name`` if this machine has it, else a ValueError naming ``key``: a
+    device that does not exist stops the run (or the node's message) before training, not in it."""
+    import re
+
+    import torch
+
+    if not isinstance(name, str) or not re.fullmatch(DEVICE_PATTERN, name):
+        raise ValueError(f"{key}: must be one of {DEVICES} (N in 0..999), got {name!r}")
+    device = resolve_device(name)
+    backend = {"cuda": torch.cuda, "xpu": getattr(torch, "xpu", None), "mps": getattr(torch.backends, "mps", None)}
+    if device.type in backend:
+        module = backend[device.type]
+        if module is None or not module.is_available():
+            raise ValueError(f"{key}: {name}: no {device.type} device on this machine; use cpu or auto")
+        count = module.device_count() if device.type != "mps" else 1
+        if (device.index or 0) >= count:
+            raise ValueError(f"{key}: {name}: this machine has {count} {device.type} device(s), numbered from 0")
+    return device

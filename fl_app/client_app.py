@@ -13,15 +13,15 @@ from flwr.common.logger import log
 
 from clients.input_noise import fixed_input_noise
 from clients.state import ShardStateStore
-from clients.trainer import shard_seed, train_shard
+from clients.trainer import ShardState, shard_seed, train_shard
 from ddpm.adapters import load_trainable, trainable_state
 from ddpm.ambient import ambient_masks
 from ddpm.base import model_fingerprint
 from ddpm.data import ImageSet, load_dataset
-from ddpm.device import resolve_device
+from ddpm.device import usable_device
 from strategies.protocol import NUM_EXAMPLES, TRAIN_SECONDS, Instruction, pack_reply, read_instruction, reply_metrics
 
-from .config import settings_from_message, train_config
+from .config import NodeConfig, read_node_config, settings_from_message, train_config
 from .model import initial_model, model_family
 from .settings import Settings
 
@@ -31,8 +31,10 @@ def train(msg: Message, context: Context, **train_kwargs) -> Message:
     (``strategies.protocol.pack_reply``) carries the trained weights, metrics and skip counts.
     ``train_kwargs`` (``skip_rule=``, ``augment=``) go to ``train_shard``."""
     ins = read_instruction(msg)
+    node = read_node_config(context.node_config)
     settings = settings_from_message(ins.config, context.node_config)
-    data = load_dataset(**settings.dataset_kwargs(), cache_dir=str(context.node_config.get("data-cache", "")))
+    device = usable_device(settings.device)  # before any work: a device this node lacks names the key
+    data = load_dataset(**settings.dataset_kwargs(), cache_dir=node.data_cache)
     if data.fingerprint != ins.fingerprint:
         raise ValueError(
             f"data set mismatch on node {context.node_id}: the server's {settings.dataset} copy has "
@@ -42,8 +44,41 @@ def train(msg: Message, context: Context, **train_kwargs) -> Message:
     if ins.ids.size == 0 or ins.ids.min() < 0 or ins.ids.max() >= len(data):
         raise ValueError(f"shard {ins.shard}: ids outside 0..{len(data) - 1}")
     model = _shard_model(ins, settings, data, context.node_id)
-    store = ShardStateStore(context.node_config.get("state-dir") or None)
-    state, loaded = store.load(ins.run_key, ins.shard, ins.server_round)
+    store, state = _shard_state(ins, settings, node, model)
+    started = time.perf_counter()
+    rows = torch.from_numpy(ins.ids)
+    result = train_shard(
+        model,
+        data.images[rows],
+        train_config(settings),
+        state,
+        device=device,
+        seed=shard_seed(settings.seed, ins.server_round, ins.shard),
+        labels=_shard_condition(ins, data, rows, settings),
+        desc=f"shard {ins.shard}, round {ins.server_round}: local training",
+        proximal_mu=ins.proximal_mu,
+        family=model_family(settings),
+        input_noise=_input_noise(ins, data, settings),
+        **train_kwargs,
+    )
+    store.save(ins.run_key, ins.shard, ins.server_round, state)
+    metrics = {m.key: getattr(result, m.source) for m in reply_metrics(ins.config) if m.source}
+    metrics |= {NUM_EXAMPLES: int(ins.ids.size), TRAIN_SECONDS: time.perf_counter() - started}
+    arrays = trainable_state(model)  # only what trains travels back
+    return pack_reply(msg, arrays, metrics, result.skip_counts, local_step=state.step, fingerprint=data.fingerprint)
+
+
+def _shard_state(
+    ins: Instruction, settings: Settings, node: NodeConfig, model: torch.nn.Module
+) -> tuple[ShardStateStore, ShardState]:
+    """The shard's saved state on this node (optimizer, warm-up, memory bank), checked against the
+    model; a file that cannot train it is set aside (logged) and the shard restarts its state."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    store = ShardStateStore(node.state_dir or None)
+    store.check_writable()
+    state, loaded = store.load(ins.run_key, ins.shard, ins.server_round, trainable)
+    for path, why in store.set_aside:
+        log(WARNING, "shard %d, round %d: set aside %s: %s", ins.shard, ins.server_round, path, why)
     if loaded is None and ins.server_round > 1 and settings.dp_sgd:
         raise ValueError(
             f"dp-sgd: shard {ins.shard}, round {ins.server_round}: no saved state of run {ins.run_key} under "
@@ -60,27 +95,7 @@ def train(msg: Message, context: Context, **train_kwargs) -> Message:
             ins.run_key,
             store.root,
         )
-    started = time.perf_counter()
-    rows = torch.from_numpy(ins.ids)
-    result = train_shard(
-        model,
-        data.images[rows],
-        train_config(settings),
-        state,
-        device=resolve_device(settings.device),
-        seed=shard_seed(settings.seed, ins.server_round, ins.shard),
-        labels=_shard_condition(ins, data, rows, settings),
-        desc=f"shard {ins.shard}, round {ins.server_round}: local training",
-        proximal_mu=ins.proximal_mu,
-        family=model_family(settings),
-        input_noise=_input_noise(ins, data, settings),
-        **train_kwargs,
-    )
-    store.save(ins.run_key, ins.shard, ins.server_round, state)
-    metrics = {m.key: getattr(result, m.source) for m in reply_metrics(ins.config) if m.source}
-    metrics |= {NUM_EXAMPLES: int(ins.ids.size), TRAIN_SECONDS: time.perf_counter() - started}
-    arrays = trainable_state(model)  # only what trains travels back
-    return pack_reply(msg, arrays, metrics, result.skip_counts, local_step=state.step, fingerprint=data.fingerprint)
+    return store, state
 
 
 def _shard_model(ins: Instruction, settings: Settings, data: ImageSet, node_id: int) -> torch.nn.Module:

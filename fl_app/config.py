@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
-from dataclasses import fields
-from typing import Any
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar
 
 from clients.config import TrainConfig
 from evaluation.config import EvalConfig
 from strategies.aggregation import AggregationConfig
 
-from .settings import Settings, privacy_config
+from .settings import Rule, Settings, privacy_config
 from .trackers import check_tracker
 
 
@@ -29,8 +31,53 @@ def settings_from_run_config(run_config: Mapping[str, Any], overrides: Mapping[s
     return settings
 
 
-NODE_KEYS = ("data-root", "device", "init-from")
+NODE_KEYS = ("data-root", "device", "init-from")  # run-config keys a node's own --node-config may replace
+FLOWER_NODE_KEYS = ("partition-id", "num-partitions")  # what Flower's simulation puts in every node-config
 SERVER_ONLY_PATHS = ("holdout-root", "fid-weights", "fid-cache-dir", "resume")
+NODE_PATH_RULE = Rule(str, path=True)
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """A SuperNode's ``--node-config``, checked key by key like the run-config (errors start with the key).
+
+    ``state_dir`` (``state-dir``): where shard states live (``clients.state``; "" = its default);
+    ``data_cache`` (``data-cache``): the decoded data sets ("" = the default, "off" = none);
+    ``overrides``: the ``NODE_KEYS`` it sets, checked by their run-config rules in ``settings_from_message``.
+    """
+
+    state_dir: str = ""
+    data_cache: str = ""
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    ALLOWED: ClassVar[dict[str, str]] = {
+        "state-dir": "an absolute path (or ~/...), or empty (~/.cache/iet-agc/state)",
+        "data-cache": '"off", an absolute path (or ~/...), or empty (~/.cache/iet-agc/decoded)',
+    }
+
+
+def read_node_config(node_config: Mapping[str, Any] | None) -> NodeConfig:
+    """The node's own keys, each checked (``ValueError('<key>: ...')``); an unknown key is refused
+    rather than ignored, so a typo never sends shard states or decoded images somewhere else."""
+    raw = dict(node_config or {})
+    known = (*NodeConfig.ALLOWED, *NODE_KEYS, *FLOWER_NODE_KEYS)
+    for key in raw:
+        if key not in known:
+            raise ValueError(f"{key}: not a node-config key of this app (known: {', '.join(known)})")
+    paths = {}
+    for key, allowed in NodeConfig.ALLOWED.items():
+        value = raw.get(key, "")
+        if not isinstance(value, str):
+            raise ValueError(f"{key}: must be {allowed}, got {value!r}")
+        NODE_PATH_RULE.check(key, value)
+        where = Path(os.path.expanduser(value))  # an unknown ~user stays relative: refused below
+        if value and not (key == "data-cache" and value == "off") and not where.is_absolute():
+            raise ValueError(
+                f"{key}: must be {allowed}, got {value!r} (a relative path would land in the working folder "
+                "Flower picks for each message)"
+            )
+        paths[key] = value
+    return NodeConfig(paths["state-dir"], paths["data-cache"], {k: v for k, v in raw.items() if k in NODE_KEYS})
 
 
 def settings_from_message(config: Mapping[str, Any], node_config: Mapping[str, Any] | None = None) -> Settings:
@@ -44,7 +91,7 @@ def settings_from_message(config: Mapping[str, Any], node_config: Mapping[str, A
     keys = set(Settings.keys())
     values = {k: v for k, v in config.items() if k in keys}
     values.update({k: "" for k in SERVER_ONLY_PATHS})  # a node never evaluates: it needs none of them
-    values.update({k: v for k, v in (node_config or {}).items() if k in NODE_KEYS})
+    values.update(read_node_config(node_config).overrides)
     return Settings.from_run_config(values)
 
 

@@ -33,6 +33,7 @@ RESUMABLE_KEYS = (
     "min-nodes",
     "max-failed-rounds",
     "node-max-failures",
+    "max-update-ratio",  # which replies count as faulty, as node-max-failures
     "messages-per-node",
     "out-dir",
     "init-from",  # where this machine keeps the base; the base's fingerprint must still match

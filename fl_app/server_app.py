@@ -151,6 +151,7 @@ def make_strategy(
         min_nodes=settings.min_nodes,
         max_failed_rounds=settings.max_failed_rounds,
         node_max_failures=settings.node_max_failures,
+        max_update_ratio=settings.max_update_ratio,
         dispatcher=NodeQueues(settings.messages_per_node),
         recorder=RunRecorder(
             start.writer,

@@ -21,7 +21,6 @@ if TYPE_CHECKING:  # torch loads lazily: `iet-agc run` does not need it
 
 import numpy as np
 
-from ddpm.device import DEVICE_PATTERN, DEVICES
 from ddpm.files import error_text as _reason
 
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
@@ -257,22 +256,12 @@ def parse_thresholds(text: str) -> tuple[float, ...]:
 
 def usable_device(name: str, option: str = "--device") -> torch.device:
     """The torch device for ``name`` (auto, cpu, cuda[:N], mps, xpu[:N]), if this machine has it."""
-    import torch
+    from ddpm.device import usable_device as device_here
 
-    from ddpm.device import resolve_device
-
-    if not re.fullmatch(DEVICE_PATTERN, name):
-        raise InputError(f"{option}: must be one of {DEVICES} (N in 0..999), got {name!r}")
-    device = resolve_device(name)
-    backend = {"cuda": torch.cuda, "xpu": getattr(torch, "xpu", None), "mps": getattr(torch.backends, "mps", None)}
-    if device.type in backend:
-        module = backend[device.type]
-        if module is None or not module.is_available():
-            raise InputError(f"{option}: {name}: no {device.type} device on this machine; use cpu or auto")
-        count = module.device_count() if device.type != "mps" else 1
-        if (device.index or 0) >= count:
-            raise InputError(f"{option}: {name}: this machine has {count} {device.type} device(s), numbered from 0")
-    return device
+    try:
+        return device_here(name, option)
+    except ValueError as err:
+        raise InputError(str(err)) from None
 
 
 # ---- wiring -------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import tomllib
 from dataclasses import fields
 from pathlib import Path
 
+from ddpm.base import is_hub_id
 from fl_app.checkpoint import CheckpointError, load_checkpoint
 from fl_app.config import settings_from_run_config, toml_value
 from fl_app.resume import resumed_settings, run_folder_lock
@@ -43,12 +44,16 @@ def _project_defaults(app_dir: Path) -> dict:
 
 
 def _absolute_paths(overrides: dict) -> dict:
-    """Relative paths (data-root, out-dir, ...) resolved here: the SuperLink may run elsewhere."""
+    """Relative paths (data-root, out-dir, ...) resolved here: the SuperLink may run elsewhere.
+    An ``init-from`` Hub id (``owner/name`` that is no folder here) is a name, not a path: kept."""
     paths = {f.name.replace("_", "-") for f in fields(Settings) if f.metadata["rule"].path}
-    return {
-        k: str((Path.cwd() / v).resolve()) if k in paths and isinstance(v, str) and v and not v.startswith("~") else v
-        for k, v in overrides.items()
-    }
+
+    def local(key: str, value: object) -> bool:
+        if key not in paths or not isinstance(value, str) or not value or value.startswith("~"):
+            return False
+        return not (key == "init-from" and is_hub_id(value))
+
+    return {k: str((Path.cwd() / v).resolve()) if local(k, v) else v for k, v in overrides.items()}
 
 
 def _stale_superlinks() -> dict[int, str]:

@@ -30,7 +30,7 @@ from .dispatch import DEADLINE, LATE, NodeQueues
 from .ledger import ShardLedger
 from .msr import Moves, Redistribution, apply_moves, check_partition, hold_moves_into
 from .protocol import ARRAYS, FINGERPRINT, METRICS, NUM_EXAMPLES, instruction_shard, reply_metrics, train_message
-from .replies import BadReply, Sent, ShardReply, check_train_reply
+from .replies import BadReply, Sent, ShardReply, check_train_reply, outlier_updates, update_norms
 
 NO_NODES = "no node connected"
 
@@ -109,6 +109,9 @@ class IETStrategy(Strategy):
     aggregator : Strategy | None (default: None)
         The Flower strategy that builds the instruction and combines the replies (FedAvg weighted
         by shard size: the paper's IET).
+    max_update_ratio : float (default: inf)
+        Drop a reply whose update ||w_k - w|| exceeds this many times the median of the round's
+        other replies' (``outlier_updates``); inf checks nothing.
     """
 
     def __init__(
@@ -127,8 +130,11 @@ class IETStrategy(Strategy):
         dispatcher: NodeQueues | None = None,
         should_stop: Callable[[], str | None] | None = None,
         aggregator: Strategy | None = None,
+        max_update_ratio: float = float("inf"),
     ) -> None:
         self.aggregator = fedavg() if aggregator is None else aggregator
+        self.max_update_ratio = max_update_ratio
+        self.sent_arrays: dict[str, np.ndarray] = {}  # this round's weights, as sent
         self.min_available_nodes = min_nodes
         self.ledger = shards if isinstance(shards, ShardLedger) else ShardLedger(list(shards), num_samples, seed)
         self.train_config = dict(train_config)
@@ -279,6 +285,7 @@ class IETStrategy(Strategy):
         nodes_used = sorted(set(placement.node_of_shard.values()))
         self.array_key, arrays, config = instruction(self.aggregator, server_round, arrays, config, nodes_used)
         self.expected_arrays = {k: (a.dtype, tuple(a.shape)) for k, a in arrays.items()}
+        self.sent_arrays = {k: a.numpy() for k, a in arrays.items()} if np.isfinite(self.max_update_ratio) else {}
         self.outgoing = []
         common = {**self.train_config, **dict(config)}
         for shard, ids in enumerate(self.shards):
@@ -336,6 +343,19 @@ class IETStrategy(Strategy):
                 node = node if target is None else target.node  # an error reply may come from the SuperLink
                 log(WARNING, "round %d: dropped a reply from node %d (shard %d): %s", server_round, node, shard, err)
                 rlog.dropped.append((shard, node, str(err)))
+        return self._drop_outliers(server_round, accepted)
+
+    def _drop_outliers(self, server_round: int, accepted: dict[int, ShardReply]) -> dict[int, ShardReply]:
+        """Drop the replies whose update is far larger than the others' (``max_update_ratio``)."""
+        if not self.sent_arrays or len(accepted) < 2:
+            return accepted
+        shards = sorted(accepted)
+        norms = update_norms(self.sent_arrays, [accepted[s].arrays for s in shards])
+        for k, why in outlier_updates(norms, self.max_update_ratio).items():
+            shard = shards[k]
+            node = accepted.pop(shard).node
+            log(WARNING, "round %d: dropped a reply from node %d (shard %d): %s", server_round, node, shard, why)
+            self.log[server_round].dropped.append((shard, node, why))
         return accepted
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):

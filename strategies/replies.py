@@ -195,3 +195,31 @@ def check_skips(skips: ArrayRecord, sent: Sent) -> np.ndarray:
 def _wraps_int64(arr: np.ndarray) -> bool:
     """True for unsigned values that would wrap when read as int64."""
     return arr.dtype.kind == "u" and arr.size > 0 and int(arr.max()) > INT64_MAX
+
+
+def update_norms(sent: Mapping[str, np.ndarray], replies: list[ArrayRecord]) -> np.ndarray:
+    """||w_k - w|| per reply over every array it returns (float64: finite but enormous weights
+    give a large norm, not an overflow)."""
+    norms = np.zeros(len(replies))
+    for key, before in sent.items():
+        base = np.asarray(before, dtype=np.float64)
+        for k, record in enumerate(replies):
+            diff = record[key].numpy().astype(np.float64) - base
+            norms[k] += float(np.dot(diff.ravel(), diff.ravel()))
+    return np.sqrt(norms)
+
+
+def outlier_updates(norms: np.ndarray, max_ratio: float) -> dict[int, str]:
+    """Replies whose update norm is more than ``max_ratio`` times the median of the other replies'
+    (index -> reason); nothing with one reply, when the others did not move, or ``max_ratio`` inf."""
+    out: dict[int, str] = {}
+    if len(norms) < 2 or not np.isfinite(max_ratio):
+        return out
+    for k, norm in enumerate(norms):
+        others = float(np.median(np.delete(norms, k)))
+        if others > 0 and norm > max_ratio * others:
+            out[k] = (
+                f"its update's norm {norm:.3g} is {norm / others:.3g}x the median of the other replies' "
+                f"({others:.3g}), above max-update-ratio {max_ratio:g}"
+            )
+    return out

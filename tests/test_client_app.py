@@ -108,3 +108,82 @@ def test_the_node_adds_each_images_fixed_noise_from_the_seed_and_its_id(tmp_path
     assert torch.equal(got[0], fixed_input_noise([4, 9, 2, 30], (1, 8, 8), SETTINGS.seed))
     app(_message([4, 9]), _context(tmp_path / "b"))  # the default: no fixed noise
     assert got[1] is None
+
+
+# ---- the node's door: --node-config, its device, its saved shard states -------------------------
+BAD_NODE_CONFIGS = [
+    ({"state-dir": 5}, "state-dir"),
+    ({"state-dir": "relative/state"}, "state-dir"),
+    ({"state-dir": "~nosuchuser_iet/state"}, "state-dir"),
+    ({"state-dir": "/tmp/a\0b"}, "state-dir"),
+    ({"data-cache": 5}, "data-cache"),
+    ({"data-cache": "cache"}, "data-cache"),
+    ({"data-cache": "OFF"}, "data-cache"),
+    ({"data-cache": True}, "data-cache"),
+    ({"device": 5}, "device"),
+    ({"device": "gpu0"}, "device"),
+    ({"device": "cuda:999"}, "device"),  # well-formed, but not on this machine
+    ({"data-root": 5}, "data-root"),
+    ({"init-from": 3}, "init-from"),
+    ({"statedir": "/tmp/x"}, "statedir"),  # a typo is refused, not ignored
+    ({"lr": 0.5}, "lr"),  # a run-config key a node may not change
+]
+
+
+@pytest.mark.parametrize(("node_config", "key"), BAD_NODE_CONFIGS, ids=[k for _, k in BAD_NODE_CONFIGS])
+def test_bad_node_config_values_are_refused_naming_the_key(tmp_path, node_config, key):
+    config = {"state-dir": str(tmp_path), **node_config}
+    ctx = Context(run_id=1, node_id=0, node_config=config, state=RecordDict(), run_config={})
+    with pytest.raises(ValueError, match=f"^{key}: "):
+        app(_message(range(0, 60, 2)), ctx)
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
+
+
+def test_good_node_config_values_and_flowers_own_keys_are_taken(tmp_path):
+    from fl_app.config import read_node_config
+
+    node = read_node_config(
+        {"state-dir": "~/s", "data-cache": "off", "device": "cpu", "partition-id": 0, "num-partitions": 2}
+    )
+    assert node.state_dir == "~/s" and node.data_cache == "off" and node.overrides == {"device": "cpu"}
+    assert read_node_config(None) == read_node_config({})
+
+
+def test_an_unwritable_state_dir_is_refused_before_training(tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    with pytest.raises(ValueError, match="^state-dir: cannot write shard states"):
+        app(_message(range(0, 60, 2)), _context(blocked / "state"))
+
+
+def test_a_saved_state_that_cannot_train_the_model_is_set_aside_and_the_shard_restarts(tmp_path, caplog):
+    from clients.trainer import ShardState
+
+    store = ShardStateStore(tmp_path)
+    app(_message(range(0, 60, 2)), _context(tmp_path))  # round 1: a good state
+    good, _ = store.load("run-a", 1, before_round=2)
+    bad = ShardState(optimizer=good.optimizer, step=good.step, bank=torch.zeros(7))  # a bank of another length
+    store.save("run-a", 1, 2, bad)
+    with caplog.at_level("WARNING"):
+        reply = app(_message(range(0, 60, 2), server_round=3), _context(tmp_path))
+    assert reply.content["info"]["local-step"] == 2  # went on from round 1's good state
+    assert "memory bank has shape (7,)" in caplog.text and "set aside" in caplog.text
+    names = sorted(p.name for p in (tmp_path / "run-a" / "shard-1").iterdir())
+    assert "round-000002.safetensors.bad" in names
+
+
+def test_state_problems_are_named(tmp_path):
+    from clients.state import state_problem
+    from clients.trainer import ShardState
+
+    params = [torch.zeros(2, 3), torch.zeros(4)]
+    moments = {0: {"exp_avg": torch.zeros(2, 3), "exp_avg_sq": torch.zeros(2, 3), "step": torch.tensor(3.0)}}
+    assert state_problem(ShardState(optimizer=moments), params) is None
+    assert "tensor 0 has shape (3, 2)" in state_problem(
+        ShardState(optimizer={0: {"exp_avg": torch.zeros(3, 2)}}), params
+    )
+    assert "tensor 5" in state_problem(ShardState(optimizer={5: {"exp_avg": torch.zeros(4)}}), params)
+    assert "non-finite" in state_problem(ShardState(bank=torch.full((1000,), float("nan"))), params)
+    assert "step is -1" in state_problem(ShardState(step=-1), params)
+    nan = {1: {"exp_avg_sq": torch.tensor([0.0, float("inf"), 0.0, 0.0])}}
+    assert "non-finite" in state_problem(ShardState(optimizer=nan), params)

@@ -248,3 +248,41 @@ def test_the_split_cannot_change_on_resume():
     older = {k: v for k, v in saved.items() if k not in ("data-seed", "holdout-size", "data-split")}
     merged = resumed_settings(older, {"data-seed": -1, "holdout-size": 0}, Settings().to_run_config())
     assert merged["data-seed"] == -1 and merged["holdout-size"] == 0  # a run from before the keys
+
+
+def test_a_copy_whose_arrays_were_replaced_is_refused_and_decoded_again(tmp_path, monkeypatch):
+    """The issue's case: images.npy replaced (same shape and dtype), meta.json kept. The copy must
+    not pass the server's fingerprint: its hash is checked, it is removed and decoded again."""
+    from ddpm import data_cache
+
+    root, cache = _folder(tmp_path / "imgs", 4), tmp_path / "cache"
+    calls = _decodes(monkeypatch)
+    hashed = []
+    real_hash = data_cache.content_hash
+    monkeypatch.setattr(data_cache, "content_hash", lambda a: hashed.append(a.shape) or real_hash(a))
+
+    def load():
+        load_dataset.cache_clear()
+        return load_dataset("imagefolder", root=str(root), image_size=6, cache_dir=str(cache))
+
+    good = load()
+    hashed.clear()
+    assert torch.equal(load().images, good.images) and hashed == []  # untouched: stat only, no hash
+    (copy,) = cache.iterdir()
+    other = np.load(copy / "images.npy")[::-1].copy()  # other images, same shape and dtype
+    np.save(copy / "images.npy", other)
+    with pytest.warns(RuntimeWarning, match="images.npy does not hold the content"):
+        again = load()
+    assert len(calls) == 2 and torch.equal(again.images, good.images) and again.fingerprint == good.fingerprint
+    assert len(calls) == 2 and torch.equal(load().images, good.images) and len(calls) == 2  # replaced copy is good
+    (copy,) = cache.iterdir()
+    (copy / "images.npy").touch()  # same bytes, new mtime: hashed once more, kept
+    hashed.clear()
+    assert torch.equal(load().images, good.images) and len(calls) == 2 and hashed
+    hashed.clear()
+    load()
+    assert hashed == []
+    (copy / "meta.json").write_text("{not json")  # a damaged copy is removed too, not kept forever
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        assert torch.equal(load().images, good.images)
+    assert len(calls) == 3 and len(list(cache.iterdir())) == 1

@@ -82,8 +82,8 @@ def _readme_commands() -> list[str]:
 PLACEHOLDERS = (
     "not a run folder (no such directory)",
     "data-root: must be an existing directory",
-    "init-from: must be a DDPMPipeline folder or a Hub id (owner/name), got",
-    "init-from: cannot download 'google/ddpm-cifar10-32'",
+    "-digits-seed0/pipeline' (no such directory)",  # a run's pipeline the user made before
+    "init-from: cannot download 'google/ddpm-cifar10-32'",  # the Hub id kept as a Hub id
     "tracker-uri: the mlflow server http://mlflow.example:5000 cannot be reached",
 )
 
@@ -106,3 +106,15 @@ def test_every_readme_example_of_iet_agc_run_is_accepted(tmp_path, monkeypatch):
             assert any(p in str(err) for p in PLACEHOLDERS), f"{line}: {err}"
             continue
         assert cmd[:2] == ["flwr", "run"] and "--stream" in cmd, line
+
+
+def test_a_hub_id_stays_a_hub_id_and_a_relative_folder_becomes_absolute(tmp_path, monkeypatch):
+    from iet_agc.run import _absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "pipeline").mkdir(parents=True)
+    (tmp_path / "owner" / "local").mkdir(parents=True)  # owner/name that is a folder here: a path
+    given = {"init-from": "google/ddpm-cifar10-32", "out-dir": "runs", "data-root": "~/data"}
+    assert _absolute_paths(given) == {**given, "out-dir": str(tmp_path / "runs")}
+    assert _absolute_paths({"init-from": "runs/pipeline"}) == {"init-from": str(tmp_path / "runs" / "pipeline")}
+    assert _absolute_paths({"init-from": "owner/local"}) == {"init-from": str(tmp_path / "owner" / "local")}

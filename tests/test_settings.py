@@ -93,8 +93,10 @@ def test_afhq_preset_without_data_stops_naming_data_root():
 
 def test_node_config_may_relocate_data_but_not_change_the_method(tmp_path):
     sent = {**Settings().to_run_config(), "shard": 2, "ids": [1, 2]}
-    s = settings_from_message(sent, {"device": "cpu", "skip-threshold": 0.9, "partition-id": 0})
+    s = settings_from_message(sent, {"device": "cpu", "partition-id": 0})
     assert s.device == "cpu" and s.skip_threshold == Settings().skip_threshold
+    with pytest.raises(ValueError, match="^skip-threshold: not a node-config key"):  # refused, not ignored
+        settings_from_message(sent, {"device": "cpu", "skip-threshold": 0.9})
 
 
 def test_readme_documents_every_setting():
@@ -219,7 +221,9 @@ def test_bad_settings_are_refused_naming_the_key_and_range(override, key, match)
 
 def test_good_edge_values_are_accepted():
     base = _pyproject_config()
-    for device in ("auto", "cpu", "cuda", "cuda:0", "cuda:12", "mps", "xpu", "xpu:3"):
+    for device in ("auto", "cpu", "cuda", "cuda:0", "cuda:12", "mps", "xpu", "xpu:3"):  # the rule; the full
+        assert Settings.from_run_config({**base, "device": device}).device == device  # check wants it here too
+    for device in ("auto", "cpu"):
         assert settings_from_run_config(base, {"device": device}).device == device
     s = settings_from_run_config(
         base,
@@ -418,3 +422,12 @@ def test_table1_presets_are_cifar10_with_their_rows_changes(preset):
     assert mine == {**cifar10, **changes}
     settings = settings_from_run_config(_pyproject_config(), mine)
     assert settings.dataset == "cifar10" and settings.model == "cifar"
+
+
+def test_a_device_this_machine_lacks_is_refused_before_the_run(tmp_path):
+    from fl_app.config import settings_from_run_config
+
+    for device in ("cuda:999", "xpu:999"):
+        with pytest.raises(ValueError, match=f"^device: {device}: "):
+            settings_from_run_config({"device": device, "out-dir": str(tmp_path)})
+    assert settings_from_run_config({"device": "cpu", "out-dir": str(tmp_path)}).device == "cpu"

@@ -59,6 +59,7 @@ FLOATS = {  # key: (low, low included, high or None, high included, +inf allowed
     "skip-threshold": (0.0, False, 10.0, True, False),
     "bank-eta": (0.0, False, 1.0, False, False),
     "aug-range": (1.0, False, None, False, True),
+    "max-update-ratio": (1.0, False, None, False, True),
     "aug-sharpness": (0.0, False, None, False, False),
     "input-noise-variance": (0.0, True, 10.0, True, False),
     "dp-noise-multiplier": (0.0, True, 1000.0, True, False),
@@ -342,8 +343,11 @@ def good_values(key: str, places: dict) -> st.SearchStrategy:
         # imagefolder needs a data-root, afhq64 a larger image, an adapter an init-from, spare a holdout-size
         skip = ("imagefolder", "afhq64", "lora", "difffit", "spare", "fp16")  # fp16: CUDA only
         return st.sampled_from([c for c in CHOICES[key] if c not in skip])
-    if key == "device":
-        return st.sampled_from(["auto", "cpu", "cuda", "mps", "xpu"]) | st.integers(0, 999).map(lambda n: f"cuda:{n}")
+    if key == "device":  # the full check also wants the device on this machine
+        import torch
+
+        cuda = ["cuda", *(f"cuda:{n}" for n in range(torch.cuda.device_count()))] if torch.cuda.is_available() else []
+        return st.sampled_from(["auto", "cpu", *cuda])
     if key == "init-from":
         return st.sampled_from(["", places["base"]])
     if key == "mq-thresholds":

@@ -235,3 +235,34 @@ def test_a_node_that_dies_never_stalls_the_run_and_no_nodes_is_a_failed_round():
     assert {m["node"] for m in s.log[2].shard_metrics.values()} == {1}
     assert s.log[3].failed and s.log[4].failed and s.ledger.last_round == 4
     check_partition(s.shards, 4)
+
+
+def test_update_norms_and_outliers_are_exact_on_tiny_arrays():
+    from strategies.replies import outlier_updates, update_norms
+
+    sent = {"a": np.zeros((2,), np.float32), "b": np.ones((1,), np.float32)}
+    replies = [ArrayRecord({"a": torch.tensor([3.0, 4.0]), "b": torch.tensor([1.0])})]
+    replies.append(ArrayRecord({"a": torch.tensor([0.0, 0.0]), "b": torch.tensor([3.0e30])}))  # finite, enormous
+    norms = update_norms(sent, replies)
+    assert norms[0] == 5.0 and norms[1] == pytest.approx(3.0e30) and np.isfinite(norms).all()
+    assert outlier_updates(np.array([1.0, 1.2, 0.9, 50.0]), 10.0).keys() == {3}
+    assert "50 is 50x the median of the other replies' (1)" in outlier_updates(np.array([1.0, 1.2, 0.9, 50.0]), 10.0)[3]
+    assert outlier_updates(np.array([1.0, 1.2, 0.9, 50.0]), float("inf")) == {}  # off
+    assert outlier_updates(np.array([50.0]), 10.0) == {}  # nothing to compare with
+    assert outlier_updates(np.array([0.0, 0.0, 3.0]), 10.0) == {}  # the others did not move: no scale
+    assert outlier_updates(np.array([1.0, 11.0]), 10.0).keys() == {1}  # two replies: each against the other
+
+
+def test_a_reply_with_an_absurdly_large_update_is_dropped_and_its_shard_keeps_its_samples():
+    s = _strategy([[0, 1], [2, 3], [4, 5]], 6, max_update_ratio=10.0)
+    msgs = _round(s, 1, [1])
+    replies = [reply(msgs[0], 1.0, [0, 5]), reply(msgs[1], 1.2, [5, 0]), reply(msgs[2], 1e30, [5, 0])]
+    arrays, _ = s.aggregate_train(1, replies)
+    assert np.allclose(arrays["w"].numpy(), (1.0 + 1.2) / 2)  # the huge one is not averaged in
+    assert [(shard, node) for shard, node, _ in s.log[1].dropped] == [(2, 1)]
+    assert "above max-update-ratio 10" in s.log[1].dropped[0][2]
+    assert s.shards[2].tolist() == [4, 5]  # failed shard: nothing moved out of or into it
+    off = _strategy([[0, 1], [2, 3], [4, 5]], 6)  # the strategy's own default checks nothing
+    msgs = _round(off, 1, [1])
+    arrays, _ = off.aggregate_train(1, [reply(msgs[0], 1.0), reply(msgs[1], 1.2), reply(msgs[2], 1e30)])
+    assert arrays["w"].numpy().max() > 1e29 and off.log[1].dropped == []

@@ -186,8 +186,11 @@ def test_wandb_offline_files_hold_every_round_once_the_images_and_config(tensorb
     run, _ = tensorboard_run
     copy, settings = _replay(tmp_path, run, "wandb", tracker_group="table3", tracker_tags="cell=agc+iet;seed=0")
     run_id = read_state(copy)["wandb"]["run_id"]
-    files = sorted((tmp_path / "runs" / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
-    assert len(files) == 2  # the stopped run and its resume: one W&B run id, synced in order
+    files = sorted((tmp_path / "runs" / "wandb").glob(f"offline-run-*-{run_id}*/run-{run_id}.wandb"))
+    # the stopped run and its resume: one W&B run id, synced in order (W&B appends -1 to a folder
+    # name already taken, as when both start within the same second)
+    files.sort(key=lambda f: (f.parent.name.rsplit(run_id, 1)[0], f.parent.name))
+    assert len(files) == 2
     records = [r for f in files for r in _wandb_records(f)]
     history = [(f, r["history"]) for f in files for r in _wandb_records(f) if r["type"] == "history"]
     steps = [h["step"]["num"] for _, h in history]
