@@ -194,13 +194,14 @@ def write(p: Plan) -> None:
         else:
             _merge(stage, p)
     except BaseException:
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
         for folder in reversed(made):
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
-    finally:
-        if stage is not None:
-            shutil.rmtree(stage, ignore_errors=True)
+    if stage is not None:  # merged into the existing kit: the staged copies go
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def _make_folders(folder: Path) -> list[Path]:
@@ -350,7 +351,7 @@ def host_problem(name: str) -> str:
             return "an empty label (two dots, or a leading dot)"
         if len(label) > 63:
             return f"label {label[:20]}... is {len(label)} characters, at most 63"
-        if not LABEL.match(label):
+        if not LABEL.fullmatch(label):
             return f"label {label!r}: letters, digits and inner hyphens only (RFC 1123)"
     if labels[-1].isdigit():
         return "its last label is all digits: neither a host name nor an IP address"
@@ -401,8 +402,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise KitError(f"--days: {args.days}: must be 1..{MAX_DAYS}")
     if not 1 <= args.port <= 65535:
         raise KitError(f"--port: {args.port}: must be 1..65535")
-    if not str(args.out).strip():
-        raise KitError("out: empty folder name")
     if (args.out.exists() or args.out.is_symlink()) and not args.out.is_dir():
         raise KitError(f"out: {str(args.out)!r} exists and is not a folder")
     for option, values, problem in (("--host", args.host, host_problem), ("--ip", args.ip, ip_problem)):
@@ -417,11 +416,18 @@ def check_args(args: argparse.Namespace) -> None:
     if len(args.node) > MAX_NODES:
         raise KitError(f"--node: {len(args.node)} nodes, at most {MAX_NODES} in one call")
     for node in args.node:
-        if not NODE_NAME.match(node):
+        if not NODE_NAME.fullmatch(node):
             raise KitError(f"--node: {node!r}: a name must match {NODE_NAME.pattern}")
     _distinct("--node", args.node, str.lower)  # gpu1 and GPU1 would be one file on some file systems
     if not (args.host or args.ip or args.node):
         raise KitError("give --host/--ip (CA and SuperLink certificate) and/or --node (SuperNode key pairs)")
+
+
+def _folder(text: str) -> Path:
+    """The positional ``out``: a folder name (an empty one would be the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty folder name")
+    return Path(text)
 
 
 def _distinct(option: str, values: list[str], key) -> None:
@@ -444,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.exit(2, f"{ap.prog}: error: {' '.join(message.removeprefix('argument ').split())}\n")
 
     ap.error = one_line  # type: ignore[method-assign]
-    ap.add_argument("out", type=Path, help="folder to write into (made if missing; existing files are never replaced)")
+    ap.add_argument("out", type=_folder, help="folder to write into (made if missing; files in it are never replaced)")
     ap.add_argument("--host", action="append", default=[], help="a DNS name of the SuperLink (repeat for more)")
     ap.add_argument("--ip", action="append", default=[], help="an IP address of the SuperLink (repeat for more)")
     ap.add_argument("--node", action="append", default=[], help="a SuperNode name: one key pair each (repeat)")
