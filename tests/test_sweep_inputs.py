@@ -19,6 +19,7 @@ from fl_app.settings import Settings
 from iet_agc import cli
 from iet_agc import sweep as sw
 from iet_agc import sweep_file as sf
+from iet_agc import sweep_report as sr
 from iet_agc.inputs import InputError, read_table, read_text, read_toml
 
 PREFIX = "iet-agc sweep: error: "
@@ -220,6 +221,8 @@ def stand_in(monkeypatch, **folder) -> list:
         finished_folder(config, **folder)
 
     monkeypatch.setattr(sw, "run_sweep", functools.partial(sw.run_sweep, runner=runner, progress=False))
+    for plot in ("plot_tradeoff", "plot_metrics"):  # a second each; the tables are what is read here
+        monkeypatch.setattr(sr, plot, lambda *a: None)
     return calls
 
 
@@ -230,6 +233,7 @@ def test_a_sweep_through_the_stand_in_records_its_row_and_does_not_rerun(tmp_pat
     assert cli.main(["sweep", str(path), "--out", out]) == 0 and len(calls) == 1
     frame = sw.read_results(tmp_path / "out" / sw.RESULTS)
     assert frame["cell"].tolist() == ["a"] and frame["seed"].tolist() == [0] and frame["copy_5"].tolist() == [0.01]
+    assert "| a " in (tmp_path / "out" / sr.SUMMARY).read_text()
     (tmp_path / "out" / sw.RESULTS).unlink()  # lost: the finished folder gives the row back
     assert cli.main(["sweep", str(path), "--out", out]) == 0 and len(calls) == 1
     assert sw.read_results(tmp_path / "out" / sw.RESULTS)["cell"].tolist() == ["a"]
