@@ -12,18 +12,30 @@ writes into ``certs/``:
   format (what ``flower-supernode --auth-supernode-private-key`` loads with ``load_ssh_private_key``), the
   public key as an ``ecdsa-sha2-nistp384`` SSH line (what ``flwr supernode register`` takes)
 
-It never overwrites a file: when any target exists it stops before writing anything. With ``--node``
-alone (no ``--host``/``--ip``) it only adds node key pairs, e.g. for a machine that joins later.
+It never overwrites a file: when any target exists it stops before writing anything (exit 1). With
+``--node`` alone (no ``--host``/``--ip``) it only adds node key pairs, e.g. for a machine that joins later.
+
+Every argument is checked before anything is made; a bad one exits 2 with one line naming the option
+and the value: ``--host`` takes one DNS name (RFC 1123 labels; no wildcard, URL, port, space, comma or
+IP address), ``--ip`` one IPv4 or IPv6 address (no brackets, port, prefix or zone), ``--days`` 1..3650.
+The kit is written atomically: staged in a temporary sibling folder and renamed into place (or, added
+to an existing kit, linked in file by file and taken out again on a failure), so a failed write (exit 1)
+leaves nothing behind and an earlier kit as it was. Private keys are mode 0600 whatever the umask.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import errno
 import ipaddress
 import os
 import re
+import shutil
+import stat
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +46,17 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 CURVE = ec.SECP384R1()
 NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")  # RFC 1123: letters, digits, inner hyphens
+MAX_HOST = 253  # characters of a DNS name (RFC 1035), dots included
+MAX_DAYS = 3650  # ten years: a longer-lived CA is a key nobody will remember to rotate
+MAX_NODES = 1000  # SuperNode key pairs in one call
+MAX_NAMES = 100  # host names and IP addresses in one certificate
+PRIVATE_MODE, PUBLIC_MODE = 0o600, 0o644
+CN_LIMIT = 64  # X.509's upper bound on a common name
+
+
+class KitError(ValueError):
+    """A bad argument: the message names the option and the value."""
 
 
 @dataclass
@@ -42,6 +65,7 @@ class Plan:
 
     files: dict[Path, bytes]
     private: set[Path]
+    out: Path  # the kit's folder: every file lies under it
 
 
 def _name(common_name: str) -> x509.Name:
@@ -96,7 +120,7 @@ def make_server_cert(
     san += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
     cert = (
         x509.CertificateBuilder()
-        .subject_name(_name((hosts or ips)[0]))
+        .subject_name(_name(next((n for n in hosts + ips if len(n) <= CN_LIMIT), "iet-agc SuperLink")))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -144,20 +168,124 @@ def plan(out: Path, hosts: list[str], ips: list[str], nodes: list[str], days: in
         files[out / "nodes" / f"{node}.key"] = priv
         files[out / "nodes" / f"{node}.pub"] = pub
         private.add(out / "nodes" / f"{node}.key")
-    return Plan(files, private)
+    return Plan(files, private, out)
 
 
 def write(p: Plan) -> None:
-    """Write every file, or none when any exists already (never overwrites)."""
+    """Write every file, or none: never overwrites, and leaves nothing behind when a write fails.
+
+    The files are staged in a temporary sibling folder of ``p.out`` first. A new kit folder is that
+    folder renamed into place; files added to an existing kit are linked (or copied) in one by one
+    without replacing anything, and taken out again if one of them fails. Private keys are mode 0600.
+    """
     existing = sorted(str(f) for f in p.files if f.exists() or f.is_symlink())
     if existing:
         raise FileExistsError("refusing to overwrite existing files: " + ", ".join(existing))
-    for path, data in p.files.items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        mode = 0o600 if path in p.private else 0o644
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)  # O_EXCL: never clobber, even in a race
-        with os.fdopen(fd, "wb") as fh:
+    made = _make_folders(p.out.parent)
+    stage: Path | None = None
+    try:
+        stage = Path(tempfile.mkdtemp(prefix=f".{p.out.name}.kit-", dir=p.out.parent))
+        for path, data in p.files.items():
+            staged = stage / path.relative_to(p.out)
+            staged.parent.mkdir(exist_ok=True)
+            _write_file(staged, data, PRIVATE_MODE if path in p.private else PUBLIC_MODE)
+        if _rename_into_place(stage, p.out):
+            stage = None  # it is the kit now
+        else:
+            _merge(stage, p)
+    except BaseException:
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    if stage is not None:  # merged into the existing kit: the staged copies go
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """Make ``folder`` and its missing parents; returns those made, outermost first (to undo)."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    made = []
+    try:
+        for path in reversed(missing):
+            path.mkdir()
+            made.append(path)
+    except OSError:
+        for path in reversed(made):
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise
+    return made
+
+
+def _write_file(path: Path, data: bytes, mode: int) -> None:
+    """One new file with exactly ``mode`` (whatever the umask), flushed to disk."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)  # O_EXCL: never clobber, even in a race
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb", closefd=False) as fh:
             fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)  # ours (O_EXCL made it): no half-written file stays
+        raise
+    finally:
+        os.close(fd)
+
+
+def _rename_into_place(stage: Path, out: Path) -> bool:
+    """Rename the staged folder to ``out`` when there is none yet (True), else leave it (False)."""
+    if out.exists() or out.is_symlink():
+        return False
+    umask = os.umask(0)
+    os.umask(umask)
+    for folder in (stage, *(p for p in stage.rglob("*") if p.is_dir())):
+        folder.chmod(0o777 & ~umask)  # as mkdir would have made it (mkdtemp makes 0700)
+    try:
+        os.rename(stage, out)
+    except OSError as err:
+        if err.errno in (errno.EEXIST, errno.ENOTEMPTY):  # made meanwhile: add to it instead
+            return False
+        raise
+    return True
+
+
+def _merge(stage: Path, p: Plan) -> None:
+    """Add the staged files to the existing folder ``p.out``, none replacing a file; on any failure
+    the files and folders added so far are removed again, so the kit there is as it was."""
+    placed: list[Path] = []
+    made: list[Path] = []
+    try:
+        for path in p.files:
+            if not path.parent.is_dir():
+                path.parent.mkdir()
+                made.append(path.parent)
+            _place(stage / path.relative_to(p.out), path)
+            placed.append(path)
+    except BaseException:
+        for path in reversed(placed):
+            with contextlib.suppress(OSError):
+                path.unlink()
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def _place(staged: Path, target: Path) -> None:
+    """``staged`` at ``target``, which must not exist: a hard link, or a copy where links fail."""
+    try:
+        os.link(staged, target)
+    except FileExistsError:
+        raise FileExistsError(f"refusing to overwrite existing files: {target}") from None
+    except OSError:  # no hard links here (another file system under a symlink, some network mounts)
+        _write_file(target, staged.read_bytes(), stat.S_IMODE(staged.stat().st_mode))
 
 
 def placement(out: Path, hosts: list[str], ips: list[str], nodes: list[str], port: int) -> str:
@@ -192,36 +320,155 @@ def placement(out: Path, hosts: list[str], ips: list[str], nodes: list[str], por
     return "\n".join(lines)
 
 
+# ---- checking the arguments ---------------------------------------------------------------
+def host_problem(name: str) -> str:
+    """Why ``name`` is no DNS name for a certificate ('' when it is one): RFC 1123 labels of letters,
+    digits and inner hyphens, at most 63 characters each and 253 in all; no wildcard, URL, port,
+    IP address (that is ``--ip``), space, comma, trailing dot or all-numeric last label."""
+    if not name.strip():
+        return "empty"
+    if any(c.isspace() for c in name):
+        return "contains white space; give one name per --host"
+    if "," in name:
+        return "one name per --host (repeat --host for more)"
+    if "://" in name or "/" in name:
+        return "a host name, not a URL or a path (e.g. superlink.example.org)"
+    if "*" in name:
+        return "no wildcards: name each host the SuperLink is reached by"
+    if _ip(name) is not None or (name.startswith("[") and _ip(name.strip("[]")) is not None):
+        return "an IP address: give it with --ip"
+    if ":" in name:
+        return "no port here (the port is --port)"
+    if not name.isascii():
+        return "not ASCII: give an internationalised name in its xn-- form"
+    if name.endswith("."):
+        return "no trailing dot"
+    if len(name) > MAX_HOST:
+        return f"{len(name)} characters, at most {MAX_HOST}"
+    labels = name.split(".")
+    for label in labels:
+        if not label:
+            return "an empty label (two dots, or a leading dot)"
+        if len(label) > 63:
+            return f"label {label[:20]}... is {len(label)} characters, at most 63"
+        if not LABEL.fullmatch(label):
+            return f"label {label!r}: letters, digits and inner hyphens only (RFC 1123)"
+    if labels[-1].isdigit():
+        return "its last label is all digits: neither a host name nor an IP address"
+    return ""
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def ip_problem(text: str) -> str:
+    """Why ``text`` is no IP address for a certificate ('' when it is one): one IPv4 or IPv6 address,
+    without brackets, port, prefix length or zone, and not the unspecified or a multicast address."""
+    if not text.strip():
+        return "empty"
+    if any(c.isspace() for c in text):
+        return "contains white space; give one address per --ip"
+    if "," in text:
+        return "one address per --ip (repeat --ip for more)"
+    if "://" in text:
+        return "an IP address, not a URL"
+    if "/" in text:
+        return "one address, not a network (no /prefix)"
+    if text.startswith("["):
+        return "without brackets (e.g. --ip ::1)"
+    if "%" in text:
+        return "no zone index (%...): a certificate holds the address alone"
+    address = _ip(text)
+    if address is None:
+        if re.fullmatch(r"[0-9.]+:[0-9]*", text):
+            return "no port here (the port is --port)"
+        if not host_problem(text):
+            return "not an IPv4 or IPv6 address (a host name goes to --host)"
+        return "not an IPv4 or IPv6 address"
+    if address.is_unspecified:
+        return "the unspecified address names no host; give the address clients connect to"
+    if address.is_multicast:
+        return "a multicast address names no host"
+    return ""
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every argument, before anything is made: a KitError names the option and the value."""
+    if not 1 <= args.days <= MAX_DAYS:
+        raise KitError(f"--days: {args.days}: must be 1..{MAX_DAYS}")
+    if not 1 <= args.port <= 65535:
+        raise KitError(f"--port: {args.port}: must be 1..65535")
+    if (args.out.exists() or args.out.is_symlink()) and not args.out.is_dir():
+        raise KitError(f"out: {str(args.out)!r} exists and is not a folder")
+    for option, values, problem in (("--host", args.host, host_problem), ("--ip", args.ip, ip_problem)):
+        for value in values:
+            reason = problem(value)
+            if reason:
+                raise KitError(f"{option}: {value!r}: {reason}")
+    _distinct("--host", args.host, str.lower)
+    _distinct("--ip", args.ip, ipaddress.ip_address)
+    if len(args.host) + len(args.ip) > MAX_NAMES:
+        raise KitError(f"--host/--ip: {len(args.host) + len(args.ip)} names, at most {MAX_NAMES} in one certificate")
+    if len(args.node) > MAX_NODES:
+        raise KitError(f"--node: {len(args.node)} nodes, at most {MAX_NODES} in one call")
+    for node in args.node:
+        if not NODE_NAME.fullmatch(node):
+            raise KitError(f"--node: {node!r}: a name must match {NODE_NAME.pattern}")
+    _distinct("--node", args.node, str.lower)  # gpu1 and GPU1 would be one file on some file systems
+    if not (args.host or args.ip or args.node):
+        raise KitError("give --host/--ip (CA and SuperLink certificate) and/or --node (SuperNode key pairs)")
+
+
+def _folder(text: str) -> Path:
+    """The positional ``out``: a folder name (an empty one would be the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty folder name")
+    return Path(text)
+
+
+def _distinct(option: str, values: list[str], key) -> None:
+    seen: dict = {}
+    for value in values:
+        if key(value) in seen:
+            raise KitError(f"{option}: {value!r}: given twice (as {seen[key(value)]!r})")
+        seen[key(value)] = value
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``python -m deploy.kit``: 0 written, 1 not written (a file exists, a write failed), 2 bad arguments.
+    An error is one line on stderr; nothing is written before every argument has been checked."""
     ap = argparse.ArgumentParser(
         prog="python -m deploy.kit",
         description="Make a CA, a SuperLink TLS certificate and SuperNode key pairs for a Flower deployment.",
     )
-    ap.add_argument("out", type=Path, help="folder to write into (made if missing; existing files are never replaced)")
+
+    def one_line(message: str):
+        ap.exit(2, f"{ap.prog}: error: {' '.join(message.removeprefix('argument ').split())}\n")
+
+    ap.error = one_line  # type: ignore[method-assign]
+    ap.add_argument("out", type=_folder, help="folder to write into (made if missing; files in it are never replaced)")
     ap.add_argument("--host", action="append", default=[], help="a DNS name of the SuperLink (repeat for more)")
     ap.add_argument("--ip", action="append", default=[], help="an IP address of the SuperLink (repeat for more)")
     ap.add_argument("--node", action="append", default=[], help="a SuperNode name: one key pair each (repeat)")
-    ap.add_argument("--days", type=int, default=825, help="certificate validity in days (default 825)")
+    ap.add_argument("--days", type=int, default=825, help=f"certificate validity in days, 1..{MAX_DAYS} (default 825)")
     ap.add_argument("--port", type=int, default=8000, help="SuperLink port, for the printed hints (default 8000)")
     args = ap.parse_args(argv)
     try:
-        for ip in args.ip:
-            ipaddress.ip_address(ip)
-    except ValueError as err:
-        ap.error(f"--ip: {err}")
-    bad = [n for n in args.node if not NODE_NAME.match(n)]
-    if bad:
-        ap.error(f"--node: names must match {NODE_NAME.pattern}: {', '.join(bad)}")
-    if len(set(args.node)) != len(args.node):
-        ap.error("--node: names must be distinct")
-    if not (args.host or args.ip or args.node):
-        ap.error("give --host/--ip (CA and SuperLink certificate) and/or --node (SuperNode key pairs)")
-    if args.days < 1:
-        ap.error("--days: at least 1")
+        check_args(args)
+    except KitError as err:
+        ap.error(str(err))
     try:
         write(plan(args.out, args.host, args.ip, args.node, args.days))
     except FileExistsError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"{ap.prog}: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        reason = " ".join((err.strerror or str(err)).split()) + (f": {err.filename}" if err.filename else "")
+        print(f"{ap.prog}: error: cannot write the kit into {args.out} ({reason}); wrote nothing", file=sys.stderr)
         return 1
     print(placement(args.out, args.host, args.ip, args.node, args.port))
     return 0

@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from . import evaluate, run, sweep
+from .inputs import InputError, fail
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown and args.command != "run":
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.flwr_args = unknown  # `iet-agc run` passes options of flwr run's own through, in any position
-    return args.func(args)
+    try:
+        return args.func(args)
+    except InputError as err:  # a file read mid-way (a run folder's table, ...): one line, exit 2
+        return fail(args.command, err)
 
 
 if __name__ == "__main__":

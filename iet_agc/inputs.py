@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import stat
 import sys
 import tomllib
 from collections.abc import Callable, Iterable
@@ -96,18 +97,83 @@ def _read_toml(item: str) -> dict:
     path = Path(item).expanduser()
     if not path.is_file():
         raise InputError(f"--run-config: file {item} does not exist")
+    return read_toml(path, what=f"--run-config: {item}")
+
+
+# ---- reading files ------------------------------------------------------------------------
+# Every file a command reads goes through these: a file that is missing, a folder, unreadable, not
+# UTF-8, too large, bad TOML or a table that is no CSV (or lacks a column) is an InputError that
+# names the file (``what``, default its path) and says what is wrong, never a traceback.
+def read_text(path: Path | str, *, what: str | None = None, max_bytes: int | None = None) -> str:
+    """The UTF-8 text of the file ``path``; ``max_bytes`` refuses a larger file before reading it."""
+    path = Path(path)
+    what = what or str(path)
     try:
-        text = path.read_bytes().decode()
-        return tomllib.loads(text)
+        mode = path.stat().st_mode
+        if stat.S_ISDIR(mode):
+            raise InputError(f"{what}: is a folder, not a file")
+        if not stat.S_ISREG(mode):  # a pipe or a device would be read forever
+            raise InputError(f"{what}: is not a regular file")
+        size = path.stat().st_size
+        if max_bytes is not None and size > max_bytes:
+            raise InputError(f"{what}: {size / 2**20:.1f} MiB, larger than any such file ({max_bytes // 2**20} MiB)")
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"{what}: does not exist") from None
+    except OSError as err:
+        raise InputError(f"{what}: cannot read it ({_reason(err)})") from None
+    try:
+        return data.decode()
     except UnicodeDecodeError as err:
-        raise InputError(f"--run-config: {item}: not UTF-8 text ({err})") from None
+        line = data[: err.start].count(b"\n") + 1
+        raise InputError(f"{what}: not UTF-8 text (byte 0x{data[err.start]:02x} on line {line})") from None
+
+
+def read_toml(path: Path | str, *, what: str | None = None, max_bytes: int | None = None) -> dict[str, Any]:
+    """The TOML document in the file ``path``; a syntax error names its line (and key)."""
+    what = what or str(path)
+    text = read_text(path, what=what, max_bytes=max_bytes)
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         line = re.search(r"at line (\d+)", str(err))
         where = ""
         if line and 0 < int(line.group(1)) <= len(text.splitlines()):
             key = text.splitlines()[int(line.group(1)) - 1].partition("=")[0].strip()
+            key = key[:40] if key.isprintable() else ""
             where = f"line {line.group(1)}" + (f" ({key})" if key else "") + ": "
-        raise InputError(f"--run-config: {item}: {where}invalid TOML ({err})") from None
+        raise InputError(f"{what}: {where}invalid TOML ({err})") from None
+
+
+def read_table(
+    path: Path | str,
+    *,
+    columns: Iterable[str] = (),
+    min_rows: int = 0,
+    dtype: dict[str, Any] | None = None,
+    what: str | None = None,
+):
+    """The CSV table in the file ``path`` as a pandas DataFrame, with every one of ``columns`` and at
+    least ``min_rows`` rows."""
+    import io
+
+    import pandas as pd
+
+    what = what or str(path)
+    text = read_text(path, what=what)
+    try:
+        frame = pd.read_csv(io.StringIO(text), dtype=dtype)
+    except pd.errors.EmptyDataError:
+        raise InputError(f"{what}: empty (no header line)") from None
+    except (pd.errors.ParserError, ValueError, TypeError) as err:
+        raise InputError(f"{what}: cannot read it as CSV ({_reason(err)})") from None
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        found = ", ".join(str(c)[:40] for c in frame.columns[:12]) + (", ..." if len(frame.columns) > 12 else "")
+        raise InputError(f"{what}: no column {', '.join(missing)} (its columns: {found})")
+    if len(frame) < min_rows:
+        raise InputError(f"{what}: {len(frame)} rows, expected at least {min_rows}")
+    return frame
 
 
 # ---- paths --------------------------------------------------------------------------------

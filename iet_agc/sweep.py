@@ -5,7 +5,8 @@ Each cell and seed is one run (flwr.simulation in this process, ``fl_app.simulat
 evaluation becomes one row of ``results.csv``, written as soon as the run ends, so an interrupted
 sweep continues where it stopped (a finished cell is recognised by its row and the hash of its
 settings; a cell stopped mid-run is resumed from its checkpoint). The file and its checks:
-``sweep_file``; the tables and plots: ``sweep_report``.
+``sweep_file``; the tables and plots: ``sweep_report``. A ``results.csv`` that cannot be read (not
+CSV, a key column missing, a seed that is no integer) is refused naming it, before anything runs.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import dataclasses
 import os
 import sys
 import time
-import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,11 +24,11 @@ import pandas as pd
 
 from ddpm.files import atomic_write
 from fl_app.config import eval_config, settings_from_run_config
-from fl_app.run_folder import run_folders, run_result, settings_of
+from fl_app.run_folder import run_folders
 from fl_app.simulation import run_in_process
 
-from .inputs import InputError, fail, parse_pairs
-from .sweep_file import REFERENCE, Sweep, SweepError, config_hash, finished_run, load_sweep
+from .inputs import InputError, fail, parse_pairs, read_table
+from .sweep_file import MAX_SEEDS, REFERENCE, Sweep, config_hash, finished_run, load_sweep, run_row, saved_hash
 from .sweep_report import METRICS_PLOT, SUMMARY, TRADEOFF, write_outputs
 
 RESULTS = "results.csv"
@@ -45,8 +45,8 @@ def run_sweep(
     ``reference``, default ``evaluate_base``, per seed). Returns the results frame."""
     from tqdm import tqdm
 
-    sweep.out.mkdir(parents=True, exist_ok=True)
     results = read_results(sweep.out / RESULTS)
+    sweep.out.mkdir(parents=True, exist_ok=True)
     if sweep.pretrain is not None:
         sweep = run_base(sweep, runner, progress)
         results = reference_rows(sweep, results, reference or evaluate_base, progress)
@@ -67,7 +67,7 @@ def run_sweep(
     for cell, seed, key in bar:
         bar.set_postfix_str(f"{cell.name} seed {seed}")
         finished, wall = run_once(sweep.config(cell, seed), runner, f"cell {cell.name!r}, seed {seed}")
-        row = {"cell": cell.name, "row": cell.row, "seed": seed, **cell.params, **run_result(finished)}
+        row = {"cell": cell.name, "row": cell.row, "seed": seed, **cell.params, **run_row(finished)}
         row["wall_minutes"] = wall
         row.update(config_hash=key, run=str(finished))
         results = results[~((results["cell"] == cell.name) & (results["seed"] == seed))]
@@ -84,8 +84,8 @@ def _trained_as(run: Any, key: str) -> bool:
     with today's defaults, so a setting added since (at its default, the behaviour before it
     existed) does not make a finished run stale; a changed value does."""
     try:
-        return isinstance(run, str) and config_hash(settings_of(Path(run))) == key
-    except (OSError, ValueError, tomllib.TOMLDecodeError):
+        return isinstance(run, str) and saved_hash(Path(run)) == key
+    except (OSError, ValueError):  # InputError too: a folder gone or unreadable is run again
         return False
 
 
@@ -97,7 +97,7 @@ def run_once(config: Mapping[str, Any], runner: Callable[[Mapping[str, Any]], No
     if finished is not None:
         return finished, float("nan")
     _, stopped = run_folders(folder)
-    if stopped is not None and config_hash(settings_of(stopped)) == key:
+    if stopped is not None and saved_hash(stopped) == key:
         config = {**config, "resume": str(stopped)}
     started = time.monotonic()
     runner(config)
@@ -158,12 +158,31 @@ def evaluate_base(config: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in summary.items() if k not in RUN_FACTS and v is not None}
 
 
+KEY_COLUMNS = ("cell", "seed", "config_hash", "run")
+
+
 def read_results(path: Path) -> pd.DataFrame:
-    """``results.csv``, or an empty frame with its key columns."""
-    if path.is_file():
-        return pd.read_csv(path, dtype={"cell": str, "row": str, "config_hash": str})
-    empty = {"cell": str, "seed": int, "config_hash": str, "run": str}
-    return pd.DataFrame({k: pd.Series(dtype=t) for k, t in empty.items()})
+    """``results.csv``, or an empty frame with its key columns when there is none yet. A table this
+    sweep cannot use (not UTF-8 or CSV, a key column missing, a cell without a name, a seed that is
+    no integer) is an InputError naming it: moved aside, its finished runs are found again in their
+    folders."""
+    if not (path.exists() or path.is_symlink()):
+        empty = {"cell": str, "seed": int, "config_hash": str, "run": str}
+        return pd.DataFrame({k: pd.Series(dtype=t) for k, t in empty.items()})
+    hint = "; move it aside to rebuild it from the finished run folders"
+    try:
+        frame = read_table(path, columns=KEY_COLUMNS, dtype={"cell": str, "row": str, "config_hash": str, "seed": str})
+    except InputError as err:
+        raise InputError(f"{err}{hint}") from None
+    seeds = pd.to_numeric(frame["seed"], errors="coerce")
+    bad = frame.index[seeds.isna() | (seeds % 1 != 0) | (seeds < 0) | frame["cell"].isna()]
+    if len(bad):
+        i = bad[0]
+        seed = frame.at[i, "seed"]
+        what = f"seed {'empty' if pd.isna(seed) else repr(seed)}"
+        what = "a row without a cell name" if pd.isna(frame.at[i, "cell"]) else what
+        raise InputError(f"{path}: line {i + 2}: {what}, not a results row{hint}")
+    return frame.assign(seed=seeds.astype(int))
 
 
 def write_results(frame: pd.DataFrame, path: Path) -> None:
@@ -182,7 +201,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             extra=parse_pairs(args.set, "--set"),
             out=args.out,
         )
-    except (InputError, SweepError) as err:
+        read_results(sweep.out / RESULTS)  # an unusable table is refused before anything runs
+    except InputError as err:  # SweepError too
         return fail("sweep", err)
     print(
         f"[iet-agc] sweep {sweep.path}: {len(sweep.cells)} cells x {len(sweep.seeds)} seeds -> {sweep.out}",
@@ -207,10 +227,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def _seeds(text: str) -> list[int] | None:
     """``--seeds``: comma-separated integers (the file's seeds without it)."""
+    if text.count(",") >= MAX_SEEDS:
+        raise InputError(f"--seeds: {text.count(',') + 1} seeds; a sweep has at most {MAX_SEEDS} (MAX_SEEDS)")
     try:
         return [int(s) for s in text.split(",")] if text else None
     except ValueError:
-        raise InputError(f"--seeds: expected comma-separated integers, got {text!r}") from None
+        raise InputError(f"--seeds: expected comma-separated integers, got {text[:80]!r}") from None
 
 
 def _cells(text: str) -> list[str] | None:

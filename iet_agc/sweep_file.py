@@ -5,6 +5,10 @@ A sweep file names a base preset, the run-config values every cell shares (``[se
 (``[vary]``), and the ``seeds``. With ``[pretrain]`` the sweep first trains a base model once
 (``<out>/base/``) and fine-tunes it in every cell; the base trains on the spare digits of the same
 split. Every (cell, seed) run's settings are checked here; a refusal names the file and the key.
+
+A sweep has at most ``MAX_CELLS`` cells, ``MAX_SEEDS`` seeds and ``MAX_RUNS`` cells x seeds, refused
+before any cell is expanded or checked. Every file read (the sweep file, its base preset, a run
+folder's settings.toml and rounds.csv) goes through ``inputs``: a bad one names the file.
 """
 
 from __future__ import annotations
@@ -13,8 +17,8 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
 import re
-import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +26,11 @@ from typing import Any
 
 from evaluation.columns import QUALITY_FIGURES
 from fl_app.config import settings_from_run_config
-from fl_app.run_folder import run_folders, settings_of
+from fl_app.run_folder import run_folders, run_result
 from fl_app.settings import Settings
 from fl_app.trackers import TRACKER_KEYS, default_tracker_dir, tracker_name
+
+from .inputs import InputError, read_table, read_toml
 
 SECTIONS = ("base", "seeds", "quality", "out", "set", "pretrain", "rows", "grid", "vary")
 RESERVED = ("seed", "out-dir", "resume")  # the sweep sets these itself
@@ -33,9 +39,15 @@ BASE_FOLDER = "base"  # <out>/base/: the run [pretrain] makes before the cells
 REFERENCE = "base (not fine-tuned)"  # the results row of the base itself, evaluated as a cell is
 # what makes the split and the base's shape: the base and every cell must agree on them
 SPLIT_KEYS = ("dataset", "image-size", "train-size", "holdout-size", "data-seed", "class-conditional")
+# the most one sweep may ask for: a typo (a grid of 10 keys x 10 values) must not queue 10^10 runs
+MAX_CELLS = 1000  # rows x grid points + vary values, before duplicates are dropped
+MAX_SEEDS = 100
+MAX_RUNS = 10_000  # cells x seeds
+MAX_FILE_BYTES = 2**20  # a sweep file or base preset: far more than any real one
+ROUND_COLUMNS = ("skip_rate", "aug_rate", "moved", "seconds")  # what a run's row is made from
 
 
-class SweepError(ValueError):
+class SweepError(InputError):
     """A sweep file the runner refuses; the message names the file and the key."""
 
 
@@ -194,7 +206,9 @@ def load_sweep(
     grid, vary = _lists(doc, "grid", where), _lists(doc, "vary", where)
     if set(grid) & set(vary):
         raise SweepError(f"{where}: {sorted(set(grid) & set(vary))[0]}: in both [grid] and [vary]; pick one")
-    seed_list = _seed_list(list(seeds) if seeds is not None else doc.get("seeds", [0]), where)
+    _check_cell_count(where, rows, grid, vary)
+    given = "--seeds" if seeds is not None else "seeds"
+    seed_list = _seed_list(list(seeds) if seeds is not None else doc.get("seeds", [0]), where, given)
     if pretrain is not None:
         _check_pretrain_places(where, base, shared, pretrain, rows, grid, vary, extra or {})
     _check_given(extra or {}, {**base, **fill})
@@ -207,6 +221,11 @@ def load_sweep(
                 _check(where, f"{section}.{key}", {**base, **shared, **fill, key: value})
     expanded = expand_cells(rows, grid, vary, lambda changes: config_hash({**base, **shared, **fill, **changes}))
     cells = _selected([Cell(c.name, {**shared, **fill, **c.changes}, c.params, c.row) for c in expanded], only, where)
+    if len(cells) * len(seed_list) > MAX_RUNS:
+        raise SweepError(
+            f"{where}: {len(cells)} cells x {len(seed_list)} seeds = {len(cells) * len(seed_list)} runs; "
+            f"a sweep runs at most {MAX_RUNS} (MAX_RUNS): split it into several sweep files, or pick --cells/--seeds"
+        )
     quality = doc.get("quality", "digit_fd" if {**base, **shared}.get("dataset", "digits") == "digits" else "fid")
     if quality not in QUALITY:
         raise SweepError(f"{where}: quality: must be one of {', '.join(QUALITY)}, got {quality!r}")
@@ -223,19 +242,29 @@ def _read_sweep_file(path: Path) -> dict[str, Any]:
     """The sweep file's TOML, with only the known sections; a SweepError names the file."""
     where = str(path)
     try:
-        doc = tomllib.loads(path.read_text())
-    except OSError as err:
-        raise SweepError(f"{where}: cannot read the sweep file ({err.strerror or err})") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise SweepError(f"{where}: invalid TOML ({err})") from None
+        doc = read_toml(path, max_bytes=MAX_FILE_BYTES)
+    except InputError as err:
+        raise SweepError(str(err)) from None
     unknown = [k for k in doc if k not in SECTIONS]
     if unknown:
         raise SweepError(f"{where}: {unknown[0]}: unknown key; a sweep file has {', '.join(SECTIONS)}")
     return doc
 
 
-def _seed_list(seed_list: object, where: str) -> list[int]:
-    """The sweep's seeds: a non-empty list of distinct integers >= 0."""
+def _check_cell_count(where: str, rows: Mapping[str, Any], grid: Mapping[str, list], vary: Mapping[str, list]) -> None:
+    """At most MAX_CELLS cells (named rows x grid points + vary values), counted before any is made."""
+    named, points, alone = max(len(rows), 1), math.prod(len(v) for v in grid.values()), sum(map(len, vary.values()))
+    if named * points + alone > MAX_CELLS:
+        raise SweepError(
+            f"{where}: asks for {named * points + alone} cells ({named} rows x {points} grid points + {alone} vary "
+            f"values); a sweep has at most {MAX_CELLS} cells (MAX_CELLS): split it into several sweep files"
+        )
+
+
+def _seed_list(seed_list: object, where: str, given: str = "seeds") -> list[int]:
+    """The sweep's seeds: a non-empty list of at most MAX_SEEDS distinct integers >= 0."""
+    if isinstance(seed_list, list) and len(seed_list) > MAX_SEEDS:
+        raise SweepError(f"{where}: {given}: {len(seed_list)} seeds; a sweep has at most {MAX_SEEDS} (MAX_SEEDS)")
     if (
         not isinstance(seed_list, list)
         or not seed_list
@@ -335,11 +364,9 @@ def _base(spec: Any, sweep_path: Path) -> dict[str, Any]:
         return {}
     preset = (sweep_path.parent / spec).expanduser()
     try:
-        values = tomllib.loads(preset.read_text())
-    except OSError as err:
-        raise SweepError(f"{sweep_path}: base: cannot read preset {preset} ({err.strerror or err})") from None
-    except tomllib.TOMLDecodeError as err:
-        raise SweepError(f"{sweep_path}: base: preset {preset} is not valid TOML ({err})") from None
+        values = read_toml(preset, what=f"{sweep_path}: base: preset {preset}", max_bytes=MAX_FILE_BYTES)
+    except InputError as err:
+        raise SweepError(str(err)) from None
     reserved = [k for k in values if k in RESERVED]
     for key in reserved:
         values.pop(key)
@@ -390,4 +417,31 @@ def _check_given(extra: Mapping[str, Any], base: Mapping[str, Any]) -> None:
 def finished_run(config: Mapping[str, Any]) -> Path | None:
     """The run folder under ``config``'s out-dir that finished with these settings, or None."""
     finished, _ = run_folders(Path(config["out-dir"]))
-    return finished if finished is not None and config_hash(settings_of(finished)) == config_hash(config) else None
+    return finished if finished is not None and saved_hash(finished) == config_hash(config) else None
+
+
+def saved_settings(run_dir: Path) -> dict[str, Any]:
+    """The run config a run folder was made with (its settings.toml), without where it wrote; an
+    InputError names the file."""
+    saved = read_toml(run_dir / "settings.toml", max_bytes=MAX_FILE_BYTES)
+    return {k: v for k, v in saved.items() if k not in ("out-dir", "resume")}
+
+
+def saved_hash(run_dir: Path) -> str:
+    """``config_hash`` of a run folder's settings.toml; settings it cannot hold name the file."""
+    saved = saved_settings(run_dir)
+    try:
+        return config_hash(saved)
+    except ValueError as err:
+        raise InputError(f"{run_dir / 'settings.toml'}: {err}") from None
+
+
+def run_row(run_dir: Path) -> dict[str, Any]:
+    """``run_result`` of a finished run folder, its rounds.csv read and checked first (an InputError
+    names the file: unreadable, not CSV, a column or every row missing, values that are no numbers)."""
+    rounds = run_dir / "rounds.csv"
+    read_table(rounds, columns=ROUND_COLUMNS, min_rows=1)
+    try:
+        return run_result(run_dir)
+    except (ValueError, TypeError, KeyError, IndexError) as err:
+        raise InputError(f"{rounds}: cannot make the run's row ({type(err).__name__}: {err})") from None

@@ -10,10 +10,9 @@ from typing import Any
 
 import pandas as pd
 
-from fl_app.run_folder import run_result
 from fl_app.settings import Settings
 
-from .sweep_file import REFERENCE, Sweep
+from .sweep_file import REFERENCE, Sweep, run_row
 
 SUMMARY, TRADEOFF, METRICS_PLOT = "summary.md", "tradeoff.png", "metrics.png"
 RUN_COLUMNS = ("skip_rate", "aug_rate", "moved", "round_MB", "minutes")  # per-run figures beside the evaluation
@@ -105,7 +104,7 @@ def _base_lines(sweep: Sweep, quality: str) -> list[str]:
     if sweep.pretrain is None or not sweep.init_from:
         return []
     run = Path(sweep.init_from).parent
-    r = run_result(run)
+    r = run_row(run)
     got = ", ".join(f"{k} {r[k]:.3g}" for k in ("copy_5", quality) if k in r and r[k] == r[k])
     return [
         f"Every cell fine-tunes the base run `{run}` ([pretrain]: trained once on the spare digits, "
