@@ -205,9 +205,8 @@ def _json(path: Path, data: bytes | None = None) -> dict:
     return value
 
 
-def _checked_files(path: Path, manifest: dict, read: tuple[str, ...] | None) -> dict[str, bytes]:
-    """The files the manifest lists, each checked against its size and sha256 (only those in
-    ``read`` when given: the others are checked for presence and size); none missing, none added."""
+def _checked_files(path: Path, manifest: dict) -> dict[str, bytes]:
+    """The files the manifest lists, each checked against its size and sha256; none missing, none added."""
     files = manifest.get("files")
     required = ("weights.safetensors", "ledger.safetensors", "state.json")
     if not isinstance(files, dict) or any(name not in files for name in required):
@@ -226,8 +225,6 @@ def _checked_files(path: Path, manifest: dict, read: tuple[str, ...] | None) -> 
             raise CheckpointError(f"{path / MANIFEST}: unreadable checkpoint ({type(err).__name__}: {err})") from None
         if (found := file.stat().st_size) != size:
             raise CheckpointError(f"{file}: {found} bytes, {MANIFEST} says {size} (truncated or edited)")
-        if read is not None and name not in read:
-            continue
         try:
             data = file.read_bytes()
         except OSError as err:
@@ -253,6 +250,14 @@ def _last_round(table: Path) -> int | None:
     return None
 
 
+def _check_name(path: Path, r: object, source: str) -> None:
+    named = _ROUND_FOLDER.fullmatch(path.name)
+    if named is None or int(named.group(1)) != r:
+        raise CheckpointError(
+            f"{path}: the folder's name does not match the round it holds ({r!r}, {source}): renamed or out of order"
+        )
+
+
 def _check_belongs(run_dir: Path, path: Path, state: dict, fmt: int) -> None:
     """The checkpoint is this run's, named for its round, and not older than the rows written."""
     state_file = path / "state.json"
@@ -261,11 +266,7 @@ def _check_belongs(run_dir: Path, path: Path, state: dict, fmt: int) -> None:
         row_rounds = [row.get("round") for row in rows]
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise CheckpointError(f"{state_file}: unreadable checkpoint ({type(err).__name__}: {err})") from None
-    named = _ROUND_FOLDER.fullmatch(path.name)
-    if named is None or int(named.group(1)) != r:
-        raise CheckpointError(
-            f"{path}: the folder's name does not match the round it holds ({r}, state.json): renamed or out of order"
-        )
+    _check_name(path, r, "state.json")
     if row_rounds != list(range(1, r + 1)):
         raise CheckpointError(f"{state_file}: its rows are for rounds {row_rounds}, not 1..{r}")
     own = read_run_key(run_dir)
@@ -300,11 +301,11 @@ def _check_tables(run_dir: Path, path: Path, manifest: dict) -> dict[str, int]:
         if name not in CARRIED_TABLES:
             raise CheckpointError(f"{path / MANIFEST}: unreadable checkpoint (unknown table {name})")
         if not table.is_file():
-            raise CheckpointError(f"{table}: missing (checkpoint {path.name} was written after its first {size} bytes)")
+            raise CheckpointError(f"{table}: missing (it had {size} bytes when checkpoint {path.name} was written)")
         if table.stat().st_size < size:
             raise CheckpointError(
-                f"{table}: {table.stat().st_size} bytes, shorter than the {size} checkpoint {path.name} was written "
-                "after (truncated)"
+                f"{table}: {table.stat().st_size} bytes, fewer than the {size} it had when checkpoint {path.name} "
+                "was written (truncated)"
             )
         if _prefix_digest(table, size) != digest:
             raise CheckpointError(f"{table}: its rows up to checkpoint {path.name} changed since it was written")
@@ -312,9 +313,9 @@ def _check_tables(run_dir: Path, path: Path, manifest: dict) -> dict[str, int]:
     return sizes
 
 
-def _verified(run_dir: Path, read: tuple[str, ...] | None = None) -> tuple[Path, dict, dict[str, bytes], dict, int]:
-    """(the newest checkpoint folder, its state, its checked files, the carried tables' sizes, its
-    format), every check passed; ``read`` limits which files are read and hashed."""
+def _verified(run_dir: Path) -> tuple[Path, dict, dict[str, bytes], dict, int]:
+    """(the newest checkpoint folder, its state, its checked files' contents, the carried tables'
+    sizes, its format), every check passed."""
     run_dir = Path(run_dir)
     path = latest_checkpoint(run_dir)
     if not (path / MANIFEST).is_file():
@@ -323,7 +324,7 @@ def _verified(run_dir: Path, read: tuple[str, ...] | None = None) -> tuple[Path,
             raise CheckpointError(f"{path / MANIFEST}: missing (checkpoint format {state.get('format')!r})")
         _check_belongs(run_dir, path, state, int(state["format"]))
         names = ("weights.safetensors", "ledger.safetensors", AGGREGATOR_FILE)
-        blobs = {n: (path / n).read_bytes() for n in names if (path / n).is_file() and (read is None or n in read)}
+        blobs = {n: (path / n).read_bytes() for n in names if (path / n).is_file()}
         for name in names[:2]:
             if not (path / name).is_file():
                 raise CheckpointError(f"{path / name}: missing")
@@ -332,7 +333,8 @@ def _verified(run_dir: Path, read: tuple[str, ...] | None = None) -> tuple[Path,
     if manifest.get("format") != FORMAT:
         found = manifest.get("format")
         raise CheckpointError(f"{path / MANIFEST}: unreadable checkpoint (format {found!r}, expected {FORMAT})")
-    blobs = _checked_files(path, manifest, None if read is None else ("state.json", *read))
+    _check_name(path, manifest.get("round"), MANIFEST)
+    blobs = _checked_files(path, manifest)
     state = _json(path / "state.json", blobs["state.json"])
     if state.get("format") != FORMAT or state.get("round") != manifest.get("round"):
         raise CheckpointError(f"{path / 'state.json'}: its format or round is not the one in {MANIFEST}")
@@ -351,9 +353,9 @@ def legacy_warning(run_dir: Path, ckpt: Checkpoint) -> str:
 
 
 def checkpoint_settings(run_dir: Path) -> dict:
-    """The settings of the run whose newest checkpoint is in ``run_dir``, checked as
-    ``load_checkpoint`` checks it but for the weights' and the ledger's checksums (not read)."""
-    path, state, _, _, _ = _verified(run_dir, read=())
+    """The settings of the run whose newest checkpoint is in ``run_dir``, every check of
+    ``load_checkpoint`` passed (the ServerApp reads them before it takes the run folder's lock)."""
+    path, state, _, _, _ = _verified(run_dir)
     try:
         return dict(state["settings"])
     except (KeyError, TypeError, ValueError) as err:
