@@ -41,6 +41,9 @@ MANIFEST = "manifest.json"
 RUN_KEY_FILE = "run-key"  # RUN_DIR/run-key: the run's key, written with its first checkpoint
 ROUNDS_TABLE = "rounds.csv"  # rewritten from state.json's rows on resume: read only for its last round
 CARRIED_TABLES = ("assignments.csv", "moved.csv", "shards.csv", "dropped.csv")  # kept up to the round on resume
+# the tables of numbers only, whose last line's first field is the last round written (dropped.csv's
+# reasons are text, which may hold a line break)
+ORDER_TABLES = (ROUNDS_TABLE, "assignments.csv", "moved.csv", "shards.csv")
 FORMAT = 2  # 2: manifest.json; 1 (no checksums) is still read
 LEGACY_FORMATS = (1,)
 _ROUND_FOLDER = re.compile(r"round-(\d{6})")
@@ -239,13 +242,14 @@ def _last_round(table: Path) -> int | None:
     """The round of a table's last row (its first column), None for a table without rows."""
     try:
         with open(table, "rb") as fh:
-            fh.seek(max(0, fh.seek(0, os.SEEK_END) - 4096))
+            start = max(0, fh.seek(0, os.SEEK_END) - (1 << 16))
+            fh.seek(start)
             lines = fh.read().splitlines()
     except FileNotFoundError:
         return None
-    for line in reversed(lines):
+    for line in reversed(lines[1:] if start else lines):  # from a middle, the first line may be a part
         head = line.split(b",", 1)[0].strip()
-        if head.isdigit():  # a header, a partial last line or a quoted field's continuation is no round
+        if head.isdigit():  # the header is no round, nor a partial last line of a table being rewritten
             return int(head)
     return None
 
@@ -277,7 +281,7 @@ def _check_belongs(run_dir: Path, path: Path, state: dict, fmt: int) -> None:
             f"{path}: a checkpoint of run {key} (state.json), but this folder is run {own} ({run_dir / RUN_KEY_FILE}): "
             "another run's checkpoint"
         )
-    for name in (ROUNDS_TABLE, *CARRIED_TABLES):  # a crash between the tables and the checkpoint: one round ahead
+    for name in ORDER_TABLES:  # a crash between the tables and the checkpoint: one round ahead
         last = _last_round(run_dir / name)
         if last is not None and last > r + 1:
             raise CheckpointError(

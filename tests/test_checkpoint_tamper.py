@@ -286,3 +286,12 @@ def test_the_lock_probe_refuses_a_held_folder(tmp_path):
         with pytest.raises(RuntimeError, match="in use by process"):
             check_run_folder_free(tmp_path)
     check_run_folder_free(tmp_path)
+
+
+def test_the_checked_tables_are_the_ones_a_resume_carries_on():
+    from fl_app.checkpoint import CARRIED_TABLES, ORDER_TABLES
+    from fl_app.run_folder import round_columns, tables
+
+    assert set(CARRIED_TABLES) == set(tables())
+    assert all(h.startswith("round,") for n, h in tables().items() if n in ORDER_TABLES)
+    assert round_columns()[0] == "round"
