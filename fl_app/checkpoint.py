@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.numpy import load, save
+from safetensors.numpy import load_file, save_file
 
 CHECKPOINT_DIR = "checkpoint"
 AGGREGATOR_FILE = "aggregator.safetensors"
@@ -93,10 +93,6 @@ def _write(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
-def _digest(data: bytes) -> dict:
-    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-
 def _prefix_digest(path: Path, size: int) -> str:
     """sha256 of the first ``size`` bytes of ``path``."""
     h, left = hashlib.sha256(), size
@@ -149,14 +145,15 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> Path:
         "rows": [{k: _json_safe(v) for k, v in row.items()} for row in ckpt.rows],
         "settings": ckpt.settings,
     }
-    blobs = {
-        "weights.safetensors": _safetensors(ckpt.weights),
-        "ledger.safetensors": _safetensors(ckpt.ledger_arrays),
-        **({AGGREGATOR_FILE: _safetensors(ckpt.aggregator)} if ckpt.aggregator else {}),
-        "state.json": json.dumps(state, indent=1).encode(),
-    }
-    for name, data in blobs.items():
-        _write(tmp / name, data)
+    arrays = {"weights.safetensors": ckpt.weights, "ledger.safetensors": ckpt.ledger_arrays}
+    for name, values in {**arrays, **({AGGREGATOR_FILE: ckpt.aggregator} if ckpt.aggregator else {})}.items():
+        save_file({k: np.ascontiguousarray(v) for k, v in values.items()}, tmp / name)
+    _write(tmp / "state.json", json.dumps(state, indent=1).encode())
+    files = {}
+    for file in sorted(tmp.iterdir()):  # hashed as written, read back from the page cache
+        with open(file, "rb") as fh:
+            os.fsync(fh.fileno())
+        files[file.name] = {"bytes": file.stat().st_size, "sha256": _prefix_digest(file, file.stat().st_size)}
     tables = {}
     for name in CARRIED_TABLES:  # appended before the checkpoint: they hold exactly the rows up to this round
         if (run_dir / name).is_file():
@@ -166,7 +163,7 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> Path:
         "format": FORMAT,
         "round": ckpt.server_round,
         "run-key": ckpt.run_key,
-        "files": {name: _digest(data) for name, data in blobs.items()},
+        "files": files,
         "tables": tables,
     }
     _write(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
@@ -178,10 +175,6 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> Path:
         if old.name < final.name:
             shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def _safetensors(arrays: dict[str, np.ndarray]) -> bytes:
-    return save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
 
 
 def latest_checkpoint(run_dir: Path) -> Path:
@@ -208,8 +201,9 @@ def _json(path: Path, data: bytes | None = None) -> dict:
     return value
 
 
-def _checked_files(path: Path, manifest: dict) -> dict[str, bytes]:
-    """The files the manifest lists, each checked against its size and sha256; none missing, none added."""
+def _checked_files(path: Path, manifest: dict) -> bytes:
+    """The files the manifest lists, each checked against its size and sha256, none missing, none
+    added; the contents of ``state.json`` (what was hashed is what is parsed)."""
     files = manifest.get("files")
     required = ("weights.safetensors", "ledger.safetensors", "state.json")
     if not isinstance(files, dict) or any(name not in files for name in required):
@@ -217,7 +211,7 @@ def _checked_files(path: Path, manifest: dict) -> dict[str, bytes]:
     present = {p.name for p in path.iterdir()} - {MANIFEST}
     if extra := sorted(present - set(files)):
         raise CheckpointError(f"{path / extra[0]}: not in {MANIFEST} (a file added to the checkpoint)")
-    blobs = {}
+    state = b""
     for name, want in sorted(files.items()):
         file = path / name
         if name not in present:
@@ -229,13 +223,16 @@ def _checked_files(path: Path, manifest: dict) -> dict[str, bytes]:
         if (found := file.stat().st_size) != size:
             raise CheckpointError(f"{file}: {found} bytes, {MANIFEST} says {size} (truncated or edited)")
         try:
-            data = file.read_bytes()
+            if name == "state.json":
+                state = file.read_bytes()
+                found_digest = hashlib.sha256(state).hexdigest()
+            else:  # streamed: the arrays are read again by safetensors
+                found_digest = _prefix_digest(file, size)
         except OSError as err:
             raise CheckpointError(f"{file}: unreadable checkpoint ({type(err).__name__}: {err})") from None
-        if hashlib.sha256(data).hexdigest() != digest:
+        if found_digest != digest:
             raise CheckpointError(f"{file}: changed since it was written (its sha256 is not the one in {MANIFEST})")
-        blobs[name] = data
-    return blobs
+    return state
 
 
 def _last_round(table: Path) -> int | None:
@@ -317,9 +314,9 @@ def _check_tables(run_dir: Path, path: Path, manifest: dict) -> dict[str, int]:
     return sizes
 
 
-def _verified(run_dir: Path) -> tuple[Path, dict, dict[str, bytes], dict, int]:
-    """(the newest checkpoint folder, its state, its checked files' contents, the carried tables'
-    sizes, its format), every check passed."""
+def _verified(run_dir: Path) -> tuple[Path, dict, dict[str, int], int]:
+    """(the newest checkpoint folder, its state, the carried tables' sizes, its format), every
+    check passed."""
     run_dir = Path(run_dir)
     path = latest_checkpoint(run_dir)
     if not (path / MANIFEST).is_file():
@@ -327,25 +324,22 @@ def _verified(run_dir: Path) -> tuple[Path, dict, dict[str, bytes], dict, int]:
         if state.get("format") not in LEGACY_FORMATS:
             raise CheckpointError(f"{path / MANIFEST}: missing (checkpoint format {state.get('format')!r})")
         _check_belongs(run_dir, path, state, int(state["format"]))
-        names = ("weights.safetensors", "ledger.safetensors", AGGREGATOR_FILE)
-        blobs = {n: (path / n).read_bytes() for n in names if (path / n).is_file()}
-        for name in names[:2]:
+        for name in ("weights.safetensors", "ledger.safetensors"):
             if not (path / name).is_file():
                 raise CheckpointError(f"{path / name}: missing")
-        return path, state, blobs, {}, int(state["format"])
+        return path, state, {}, int(state["format"])
     manifest = _json(path / MANIFEST)
     if manifest.get("format") != FORMAT:
         found = manifest.get("format")
         raise CheckpointError(f"{path / MANIFEST}: unreadable checkpoint (format {found!r}, expected {FORMAT})")
     _check_name(path, manifest.get("round"), MANIFEST)
-    blobs = _checked_files(path, manifest)
-    state = _json(path / "state.json", blobs["state.json"])
+    state = _json(path / "state.json", _checked_files(path, manifest))
     if state.get("format") != FORMAT or state.get("round") != manifest.get("round"):
         raise CheckpointError(f"{path / 'state.json'}: its format or round is not the one in {MANIFEST}")
     if state.get("run-key") != manifest.get("run-key"):
         raise CheckpointError(f"{path / 'state.json'}: its run key is not the one in {MANIFEST}")
     _check_belongs(run_dir, path, state, FORMAT)
-    return path, state, blobs, _check_tables(run_dir, path, manifest), FORMAT
+    return path, state, _check_tables(run_dir, path, manifest), FORMAT
 
 
 def legacy_warning(run_dir: Path, ckpt: Checkpoint) -> str:
@@ -359,7 +353,7 @@ def legacy_warning(run_dir: Path, ckpt: Checkpoint) -> str:
 def checkpoint_settings(run_dir: Path) -> dict:
     """The settings of the run whose newest checkpoint is in ``run_dir``, every check of
     ``load_checkpoint`` passed (the ServerApp reads them before it takes the run folder's lock)."""
-    path, state, _, _, _ = _verified(run_dir)
+    path, state, _, _ = _verified(run_dir)
     try:
         return dict(state["settings"])
     except (KeyError, TypeError, ValueError) as err:
@@ -369,19 +363,19 @@ def checkpoint_settings(run_dir: Path) -> dict:
 def load_checkpoint(run_dir: Path) -> Checkpoint:
     """Read the newest checkpoint of ``run_dir``, every check passed (see the module's docstring);
     CheckpointError naming the file otherwise."""
-    path, state, blobs, tables, fmt = _verified(run_dir)
+    path, state, tables, fmt = _verified(run_dir)
     try:
         return Checkpoint(
             int(state["round"]),
-            load(blobs["weights.safetensors"]),
+            load_file(path / "weights.safetensors"),
             state["ledger"],
-            load(blobs["ledger.safetensors"]),
+            load_file(path / "ledger.safetensors"),
             list(state["rows"]),
             dict(state["settings"]),
             str(state["run-key"]),
             str(state["fingerprint"]),
             str(state.get("base-fingerprint", "")),
-            load(blobs[AGGREGATOR_FILE]) if AGGREGATOR_FILE in blobs else {},
+            load_file(path / AGGREGATOR_FILE) if (path / AGGREGATOR_FILE).is_file() else {},
             tables,
             fmt,
         )
