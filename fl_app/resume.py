@@ -73,11 +73,19 @@ def resumed_settings(saved: Mapping[str, Any], given: Mapping[str, Any], default
     return merged
 
 
+def _in_use(run_dir: Path, fh) -> RuntimeError:
+    fh.seek(0)
+    holder = fh.read().strip() or "another process"
+    return RuntimeError(f"{run_dir}: the run folder is in use by {holder}; stop it before resuming")
+
+
 @contextmanager
 def run_folder_lock(run_dir: Path) -> Iterator[None]:
     """Hold ``RUN_DIR/.lock`` while a ServerApp writes the folder; a second writer is refused.
 
-    The lock is released by the kernel when its process dies, SIGKILL included.
+    The lock is released by the kernel when its process dies, SIGKILL included, and on leaving the
+    block, an exception included (the ``.lock`` file itself stays: removing it would let two
+    writers lock two files of one name).
     """
     path = Path(run_dir) / ".lock"
     fh = open(path, "a+")  # noqa: SIM115 - held for the whole run
@@ -85,9 +93,7 @@ def run_folder_lock(run_dir: Path) -> Iterator[None]:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            raise RuntimeError(f"{run_dir}: the run folder is in use by {holder}; stop it before resuming") from None
+            raise _in_use(run_dir, fh) from None
         fh.seek(0)
         fh.truncate()
         fh.write(f"process {os.getpid()}\n")
@@ -95,3 +101,17 @@ def run_folder_lock(run_dir: Path) -> Iterator[None]:
         yield
     finally:
         fh.close()
+
+
+def check_run_folder_free(run_dir: Path) -> None:
+    """Refuse (RuntimeError) a run folder whose ``.lock`` a process holds; creates, writes and keeps
+    nothing (a folder without ``.lock`` has no writer)."""
+    try:
+        fh = open(Path(run_dir) / ".lock")  # noqa: SIM115 - closed below; read-only, flock needs no write access
+    except FileNotFoundError:
+        return
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _in_use(run_dir, fh) from None

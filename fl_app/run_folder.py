@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -73,9 +74,21 @@ class RunWriter:
         A resumed run's ``rounds.csv`` rows from its checkpoint (None: a new run).
     completed_round : int (default: 0)
         The last round the checkpoint holds: per-round tables are cut back to it.
+    table_bytes : dict[str, int] | None (default: None)
+        A resumed run's tables' sizes when its checkpoint was written (``Checkpoint.tables``, checked
+        against their checksums): those tables are cut back to exactly these bytes; the others (a
+        format-1 checkpoint) by their round column.
     """
 
-    def __init__(self, path: Path, settings: Settings, *, rows: list[dict] | None = None, completed_round: int = 0):
+    def __init__(
+        self,
+        path: Path,
+        settings: Settings,
+        *,
+        rows: list[dict] | None = None,
+        completed_round: int = 0,
+        table_bytes: dict[str, int] | None = None,
+    ):
         self.path = Path(path)
         self.settings = settings
         self.rows: list[dict] = []
@@ -88,6 +101,8 @@ class RunWriter:
             table = self.path / name
             if rows is None or not table.is_file():
                 table.write_text(header + "\n")
+            elif name in (table_bytes or {}):
+                os.truncate(table, table_bytes[name])
             else:
                 frame = pd.read_csv(table, keep_default_na=False, dtype=str)
                 frame[frame["round"].astype(int) <= completed_round].to_csv(table, index=False)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from logging import WARNING
 from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import UNet2DModel
+from flwr.common.logger import log
 
 from ddpm.adapters import load_trainable
 from ddpm.base import model_fingerprint
@@ -16,7 +18,7 @@ from ddpm.data import ImageSet
 from strategies.ledger import ShardLedger
 from strategies.shards import make_shards
 
-from .checkpoint import Checkpoint, load_checkpoint
+from .checkpoint import FORMAT, Checkpoint, legacy_warning, load_checkpoint
 from .model import initial_model
 from .run_folder import RunWriter
 from .settings import Settings
@@ -47,10 +49,12 @@ def start_point(settings: Settings, data: ImageSet, run_dir: Path) -> Start:
         ledger = ShardLedger(shards, len(data), settings.seed)
         return Start(model, RunWriter(run_dir, settings), ledger, uuid.uuid4().hex, base_fingerprint, 1)
     ckpt = _resume_point(settings, data.fingerprint, base_fingerprint)
+    if ckpt.format < FORMAT:
+        log(WARNING, "resume: %s", legacy_warning(run_dir, ckpt))
     load_trainable(model, {k: torch.from_numpy(v) for k, v in ckpt.weights.items()})
     return Start(
         model,
-        RunWriter(run_dir, settings, rows=ckpt.rows, completed_round=ckpt.server_round),
+        RunWriter(run_dir, settings, rows=ckpt.rows, completed_round=ckpt.server_round, table_bytes=ckpt.tables),
         ShardLedger.from_state_dict(ckpt.ledger_meta, ckpt.ledger_arrays),
         ckpt.run_key,
         base_fingerprint,

@@ -22,9 +22,9 @@ from dataclasses import fields
 from pathlib import Path
 
 from ddpm.base import is_hub_id
-from fl_app.checkpoint import CheckpointError, load_checkpoint
+from fl_app.checkpoint import FORMAT, CheckpointError, legacy_warning, load_checkpoint
 from fl_app.config import settings_from_run_config, toml_value
-from fl_app.resume import resumed_settings, run_folder_lock
+from fl_app.resume import check_run_folder_free, resumed_settings
 from fl_app.settings import Settings
 
 from .inputs import InputError, fail, parse_pairs, parse_run_config
@@ -183,9 +183,10 @@ def _resume_overrides(run_dir: Path, given: dict) -> tuple[dict, int]:
     them, and the round it completed."""
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir}: not a run folder (no such directory)")
-    ckpt = load_checkpoint(run_dir)
-    with run_folder_lock(run_dir):  # refused here, before submitting, if a run still writes it
-        pass
+    check_run_folder_free(run_dir)  # a run still writing it is refused first; nothing is written here
+    ckpt = load_checkpoint(run_dir)  # every file against its checksum, the run key, the round: before submitting
+    if ckpt.format < FORMAT:
+        say(f"warning: {legacy_warning(run_dir, ckpt)}")
     merged = resumed_settings(ckpt.settings, given, defaults={})
     merged["resume"] = str(run_dir.resolve())
     return merged, ckpt.server_round

@@ -54,7 +54,7 @@ def _checkpoint(r: int) -> Checkpoint:
         weights={"w": np.full((2, 2), r, np.float32)},
         ledger_meta={"k": r},
         ledger_arrays={"shard-0": np.arange(3)},
-        rows=[{"round": 1, "fid": float("nan")}],
+        rows=[{"round": i, "fid": float("nan")} for i in range(1, r + 1)],
         settings=Settings().to_run_config(),
         run_key="abc",
         fingerprint="3-x",
@@ -67,17 +67,17 @@ def test_checkpoint_is_atomic_keeps_the_newest_and_loads_without_pickle(tmp_path
     (tmp_path / "checkpoint" / ".round-000003.tmp-1").mkdir()  # a crash while writing round 3
     ckpt = load_checkpoint(tmp_path)
     assert ckpt.server_round == 2 and ckpt.weights["w"].tolist() == [[2, 2], [2, 2]]
-    assert ckpt.rows == [{"round": 1, "fid": None}] and ckpt.run_key == "abc"
+    assert ckpt.rows == [{"round": 1, "fid": None}, {"round": 2, "fid": None}] and ckpt.run_key == "abc"
     assert [p.name for p in (tmp_path / "checkpoint").glob("round-*")] == ["round-000002"]
 
 
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
-        (lambda d: (d / "state.json").write_text("{not json"), "unreadable checkpoint"),
-        (lambda d: (d / "weights.safetensors").write_bytes(b"\x00" * 5), "unreadable checkpoint"),
-        (lambda d: (d / "ledger.safetensors").unlink(), "missing ledger.safetensors"),
-        (lambda d: (d / "state.json").write_text(json.dumps({"format": 99})), "unreadable checkpoint"),
+        (lambda d: (d / "state.json").write_text("{not json"), "state.json: 9 bytes"),
+        (lambda d: (d / "weights.safetensors").write_bytes(b"\x00" * 5), "weights.safetensors: 5 bytes"),
+        (lambda d: (d / "ledger.safetensors").unlink(), "ledger.safetensors: missing"),
+        (lambda d: (d / "state.json").write_text(json.dumps({"format": 99})), "state.json: 14 bytes"),
     ],
 )
 def test_a_damaged_checkpoint_is_refused_naming_the_file(tmp_path, damage, message):
@@ -110,7 +110,7 @@ def test_a_run_folder_has_one_writer(tmp_path):
         (
             lambda t: (save_checkpoint(t, _checkpoint(1)) / "weights.safetensors").write_bytes(b"\x01" * 9),
             ["--resume", "{tmp}"],
-            "unreadable checkpoint",
+            "weights.safetensors: 9 bytes",
         ),
         (lambda t: (t / "afile").write_text("x"), ["--resume", "{tmp}/afile"], "no such directory"),
         (lambda t: (t / "empty").mkdir(), ["--resume", "{tmp}/empty"], "no checkpoint"),
@@ -118,7 +118,7 @@ def test_a_run_folder_has_one_writer(tmp_path):
         (
             lambda t: (save_checkpoint(t, _checkpoint(1)) / "state.json").write_text("{"),
             ["--resume", "{tmp}"],
-            "unreadable checkpoint",
+            "state.json: 1 bytes",
         ),
     ],
 )
