@@ -13,9 +13,9 @@ retried with exponential backoff and jitter (``Retry``), each retry logged, neve
 round's deadline. The same Message objects are pushed again: Flower 1.41 names a message by the
 hash of its content (``HttpGrid.push_messages`` sets ``message_id = object_id``) and a SuperLink
 that already holds that id answers with the same id and asks only for the objects it still lacks,
-so a push that failed half-way is completed, never duplicated. A SuperLink that keeps failing for
-``Retry.give_up_after`` seconds, no call succeeding in between, raises ``SuperLinkFailing``: the
-strategy stops the run there, its last checkpoint kept.
+so a push that failed half-way is completed, never duplicated. A Grid method that keeps failing
+for ``Retry.give_up_after`` seconds, none of its calls succeeding in between, raises
+``SuperLinkFailing``: the strategy stops the run there, its last checkpoint kept.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ GRPC_TRANSIENT = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUS
 
 
 class SuperLinkFailing(RuntimeError):
-    """The SuperLink kept failing for ``Retry.give_up_after`` seconds: the run stops, its last
+    """A Grid method kept failing for ``Retry.give_up_after`` seconds: the run stops, its last
     checkpoint kept."""
 
 
@@ -94,6 +94,11 @@ def transient(err: BaseException) -> bool:
     return LOCKED in str(err).lower()
 
 
+def _kind(name: str) -> str:
+    """The Grid method a call name names ("pull_messages (late replies)" -> "pull_messages")."""
+    return name.split()[0]
+
+
 def describe(err: BaseException) -> str:
     """One line for the log: the HTTP status, path and body, or the error's type and text."""
     if isinstance(err, httpx.HTTPStatusError):
@@ -112,9 +117,9 @@ class Retry:
 
     Attempt n of a call that failed waits ``first_delay * 2**(n-1)`` seconds, at most
     ``max_delay``, times a jitter factor drawn in [0.5, 1) from the dispatcher's seeded generator,
-    and never past the round's deadline (the last attempt comes at the deadline). A SuperLink that
-    keeps failing for ``give_up_after`` seconds, no call succeeding in between (across calls and
-    rounds), stops the run (``SuperLinkFailing``).
+    and never past the round's deadline (the last attempt comes at the deadline). A Grid method
+    (push_messages, pull_messages, get_node_ids) that keeps failing for ``give_up_after`` seconds,
+    none of its calls succeeding in between (across rounds), stops the run (``SuperLinkFailing``).
     """
 
     first_delay: float = 0.5
@@ -170,7 +175,7 @@ class NodeQueues:
         self.max_poll_interval = max_poll_interval
         self.retry = retry or Retry()
         self.rng = random.Random(seed)
-        self.failing_since: float | None = None  # when the SuperLink's current run of failures began
+        self.failing_since: dict[str, float] = {}  # call -> when its current run of failures began
         self.outstanding: dict[str, int] = {}
 
     def busy_nodes(self) -> set[int]:
@@ -192,19 +197,18 @@ class NodeQueues:
                 continue
             if attempt > 1:
                 log(INFO, "SuperLink: %s succeeded on attempt %d", name, attempt)
-            self.failing_since = None
+            self.failing_since.pop(_kind(name), None)
             return result
 
     def _failed(self, name: str, attempt: int, err: Exception, deadline: float | None) -> None:
         """Log a failed attempt and wait before the next, or raise when no next one may come."""
         now = time.monotonic()
-        if self.failing_since is None:
-            self.failing_since = now
-        give_up = self.failing_since + self.retry.give_up_after
+        since = self.failing_since.setdefault(_kind(name), now)
+        give_up = since + self.retry.give_up_after
         if now >= give_up:
             raise SuperLinkFailing(
-                f"the SuperLink kept failing for {now - self.failing_since:.0f} s; {name} failed {attempt} "
-                f"times, last: {describe(err)}"
+                f"the SuperLink kept failing {_kind(name)} for {now - since:.0f} s ({attempt} attempts of "
+                f"this call), last: {describe(err)}"
             ) from err
         if deadline is not None and now >= deadline:
             log(WARNING, "SuperLink: %s failed (attempt %d) at the round's deadline: %s", name, attempt, describe(err))
