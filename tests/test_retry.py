@@ -5,6 +5,7 @@ keeps failing ends the round at its deadline and, past ``Retry.give_up_after``, 
 
 import logging
 from collections import Counter, deque
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -316,3 +317,52 @@ def test_retries_inside_a_strategy_run_leave_its_rounds_as_an_uninterrupted_run_
         assert a.shard_metrics == b.shard_metrics and a.timed_out == b.timed_out == {} and a.dropped == []
         assert [x.tolist() for x in a.assignment] == [x.tolist() for x in b.assignment]
         assert [x.tolist() for x in a.moved] == [x.tolist() for x in b.moved] and a.metrics == b.metrics
+
+
+def test_a_whole_run_through_a_flaky_superlink_writes_the_rows_of_an_uninterrupted_run(
+    clock, tmp_path, tiny_run, caplog
+):
+    """The app's own ServerApp loop (``fl_app.server_app.run``: evaluation, run folder, checkpoint)
+    and its ClientApp, 3 shards on 2 nodes, against a SuperLink that fails on pushes and pulls: the
+    run's tables and weights equal those of a run against a SuperLink that never fails."""
+    import pandas as pd
+    from flwr.app import Context, RecordDict
+    from safetensors.numpy import load_file
+
+    from fl_app.client_app import app as client_app
+    from fl_app.config import settings_from_run_config
+    from fl_app.server_app import run
+
+    def node(m):
+        state = tmp_path / "state" / f"{len(runs)}-{m.metadata.dst_node_id}"
+        ctx = Context(
+            run_id=1,
+            node_id=m.metadata.dst_node_id,
+            node_config={"state-dir": str(state)},
+            state=RecordDict(),
+            run_config={},
+        )
+        return client_app(m, ctx)
+
+    runs = []
+    for faults in (
+        None,
+        {"push": ["half", http_error(500)], "pull": [http_error(500), None, http_error(503), "x"] * 4},
+    ):
+        clock.t = 0.0
+        grid = FlakyGrid(clock, [11, 22], delay=lambda m: 2.0, answer=node, faults=faults)
+        small = {"train-size": 36, "local-epochs": 1, "eval-num-images": 20}  # one step per shard and round
+        config = {**tiny_run, **small, "num-shards": 3, "num-rounds": 3, "out-dir": str(tmp_path / f"runs{len(runs)}")}
+        with caplog.at_level(logging.WARNING, logger="flwr"):
+            runs.append(run(grid, settings_from_run_config(config)).path)
+    assert "SuperLink: pull_messages failed (attempt 1): HTTP 500" in caplog.text
+    clean, flaky = runs
+    a, b = (pd.read_csv(p / "rounds.csv") for p in (clean, flaky))
+    timing = [c for c in a.columns if "seconds" in c]
+    pd.testing.assert_frame_equal(a.drop(columns=timing), b.drop(columns=timing), check_exact=True)
+    assert len(a) == 3 and (a["replies"] == 3).all()
+    for name in ("assignments.csv", "moved.csv", "skip_counts.csv"):
+        assert (clean / name).read_bytes() == (flaky / name).read_bytes(), name
+    weights = Path("pipeline") / "unet" / "diffusion_pytorch_model.safetensors"
+    wa, wb = load_file(clean / weights), load_file(flaky / weights)
+    assert wa.keys() == wb.keys() and all(np.array_equal(wa[k], wb[k]) for k in wa)
