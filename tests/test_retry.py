@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from flwr.app import ArrayRecord, Message
@@ -325,7 +326,7 @@ def test_a_whole_run_through_a_flaky_superlink_writes_the_rows_of_an_uninterrupt
     """The app's own ServerApp loop (``fl_app.server_app.run``: evaluation, run folder, checkpoint)
     and its ClientApp, 3 shards on 2 nodes, against a SuperLink that fails on pushes and pulls: the
     run's tables and weights equal those of a run against a SuperLink that never fails."""
-    import pandas as pd
+
     from flwr.app import Context, RecordDict
     from safetensors.numpy import load_file
 
@@ -366,3 +367,19 @@ def test_a_whole_run_through_a_flaky_superlink_writes_the_rows_of_an_uninterrupt
     weights = Path("pipeline") / "unet" / "diffusion_pytorch_model.safetensors"
     wa, wb = load_file(clean / weights), load_file(flaky / weights)
     assert wa.keys() == wb.keys() and all(np.array_equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_run_whose_superlink_keeps_failing_stops_with_its_checkpoint_and_the_resume_command(
+    clock, tmp_path, tiny_run, caplog
+):
+    from fl_app.config import settings_from_run_config
+    from fl_app.server_app import run
+
+    grid = FlakyGrid(clock, [11, 22], faults={"pull": [http_error(500)] * 10_000})
+    config = {**tiny_run, "num-shards": 3, "num-rounds": 20, "round-timeout": 100.0, "max-failed-rounds": 50}
+    with caplog.at_level(logging.INFO, logger="flwr"), pytest.raises(RunStopped, match="kept failing pull_messages"):
+        run(grid, settings_from_run_config(config))
+    (run_dir,) = Path(tiny_run["out-dir"]).iterdir()
+    assert "round 6: the SuperLink kept failing pull_messages for 600 s" in caplog.text  # rounds 1-5 end at 100 s each
+    assert f"The checkpoint is kept; to continue: iet-agc run --resume {run_dir}" in caplog.text
+    assert len(pd.read_csv(run_dir / "rounds.csv")) == 5 and (run_dir / "checkpoint").is_dir()
