@@ -18,6 +18,7 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
+from flwr.superlink.grid import InMemoryGrid
 
 from ddpm.adapters import load_trainable, trainable_state
 from ddpm.data import ImageSet, load_dataset
@@ -27,7 +28,7 @@ from ddpm.precision import choose
 from evaluation.evaluator import Evaluation, Evaluator, MemorizationEvaluator
 from strategies import protocol
 from strategies.aggregation import Resumable, make_aggregator
-from strategies.dispatch import NodeQueues
+from strategies.dispatch import DEPLOYMENT_MAX_POLL, NodeQueues
 from strategies.iet import IETStrategy, RunStopped
 from strategies.msr import Redistribution, make_redistribution
 
@@ -97,7 +98,9 @@ def run(
         extra = {} if family is PIXEL_DDPM else {"family": family}
         evaluator = evaluator_factory(eval_config(settings), data, start.writer.path, device, **extra)
         with tracking(settings, run_dir, start.writer.rows) as tracker:  # before training: refused here
-            strategy = make_strategy(settings, data, start, redistribution, aggregator, tracker)
+            strategy = make_strategy(
+                settings, data, start, redistribution, aggregator, tracker, simulated=isinstance(grid, InMemoryGrid)
+            )
             evaluate_fn = EvaluateFn(evaluator, start.model, eval_rounds(settings))
             try:
                 result = strategy.start(
@@ -126,9 +129,13 @@ def make_strategy(
     redistribution: Redistribution | None,
     aggregator: Strategy,
     tracker: RunTracker | None = None,
+    *,
+    simulated: bool = False,
 ) -> IETStrategy:
     """The IET strategy of this run: its ledger, what every message carries (never how the server
-    tracks the run: nodes need no tracker credentials), its rules and recorder."""
+    tracks the run: nodes need no tracker credentials), its rules and recorder. In a deployment
+    (not ``simulated``: Flower's in-memory grid) the pulls back off while no reply comes: each is
+    two write transactions on the SuperLink's SQLite file."""
     if start.aggregator_state:
         if not isinstance(aggregator, Resumable):
             raise ValueError(
@@ -152,7 +159,11 @@ def make_strategy(
         max_failed_rounds=settings.max_failed_rounds,
         node_max_failures=settings.node_max_failures,
         max_update_ratio=settings.max_update_ratio,
-        dispatcher=NodeQueues(settings.messages_per_node),
+        dispatcher=NodeQueues(
+            settings.messages_per_node,
+            max_poll_interval=None if simulated else DEPLOYMENT_MAX_POLL,
+            seed=settings.seed,
+        ),
         recorder=RunRecorder(
             start.writer,
             run_key=start.run_key,

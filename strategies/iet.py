@@ -4,7 +4,8 @@ K (shards) is independent of the number of nodes: shards are mapped onto the con
 and stay on their node while it stays healthy (``ShardLedger``). Each node's messages go out in
 order, a few at a time, under the round's deadline (``NodeQueues``); every reply is checked
 before anything reads it (``check_train_reply``). A round without a valid reply keeps the
-global model; the run stops only after ``max_failed_rounds`` such rounds in a row. After every
+global model; the run stops only after ``max_failed_rounds`` such rounds in a row, or when the
+SuperLink keeps failing past ``NodeQueues``' retries (``SuperLinkFailing``). After every
 round the ``recorder`` gets the round and the strategy's state, which is enough to resume.
 """
 
@@ -26,7 +27,7 @@ from flwr.serverapp.strategy.result import Result
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from .aggregation import Resumable, aggregate, fedavg, instruction
-from .dispatch import DEADLINE, LATE, NodeQueues
+from .dispatch import LATE, NOT_THE_NODES, NodeQueues, SuperLinkFailing
 from .ledger import ShardLedger
 from .msr import Moves, Redistribution, apply_moves, check_partition, hold_moves_into
 from .protocol import ARRAYS, FINGERPRINT, METRICS, NUM_EXAMPLES, instruction_shard, reply_metrics, train_message
@@ -36,7 +37,8 @@ NO_NODES = "no node connected"
 
 
 class RunStopped(RuntimeError):
-    """Too many failed rounds in a row: the run stops with its last checkpoint kept."""
+    """Too many failed rounds in a row, or a SuperLink that keeps failing: the run stops with its
+    last checkpoint kept."""
 
 
 @dataclass
@@ -214,8 +216,11 @@ class IETStrategy(Strategy):
             log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
             if self.should_stop is not None and (reason := self.should_stop()):
                 raise RunStopped(reason)
-            messages = self.configure_train(server_round, arrays, train_config, grid)
-            dispatch = self.dispatcher.send(grid, messages, timeout)
+            try:
+                messages = self.configure_train(server_round, arrays, train_config, grid)
+                dispatch = self.dispatcher.send(grid, messages, timeout)
+            except SuperLinkFailing as err:  # the round is lost; the last checkpoint stays
+                raise RunStopped(f"round {server_round}: {err}") from err
             rlog = self.log[server_round]
             if dispatch.discarded:
                 log(
@@ -228,6 +233,8 @@ class IETStrategy(Strategy):
                 rlog.timed_out[instruction_shard(msg)] = reason
             for msg in dispatch.late:
                 rlog.timed_out[instruction_shard(msg)] = LATE
+            for msg, reason in dispatch.failed:
+                rlog.timed_out[instruction_shard(msg)] = reason
             new_arrays, train_metrics = self.aggregate_train(server_round, dispatch.replies)
             if new_arrays is not None:
                 arrays = result.arrays = new_arrays
@@ -298,7 +305,7 @@ class IETStrategy(Strategy):
         limit) whatever is connected. Only the first round waits for ``min-nodes``: later rounds
         go on with the nodes that are left, so a node that dies never stalls the run."""
         started, waited = time.monotonic(), 0
-        while len(nodes := list(grid.get_node_ids())) < need:
+        while len(nodes := self.dispatcher.call("get_node_ids", lambda: list(grid.get_node_ids()))) < need:
             if patience is not None and time.monotonic() - started >= patience:
                 break
             if waited % 10 == 0:
@@ -401,14 +408,15 @@ class IETStrategy(Strategy):
 
     def _record_health(self, server_round: int, accepted: dict[int, ShardReply]) -> None:
         """A node's round fails when any shard it was given got no valid reply (late, busy,
-        dropped); shards not sent because the deadline passed count against no node."""
+        dropped); shards not sent because the deadline passed, or on which the SuperLink kept
+        failing, count against no node."""
         rlog = self.log[server_round]
         outcomes: dict[int, str | None] = {}
         reasons = {s: r for s, _, r in rlog.dropped if s >= 0} | rlog.timed_out
         for shard, node in self.ledger.node_of_shard.items():
             if shard in accepted:
                 outcomes.setdefault(node, None)
-            elif rlog.timed_out.get(shard) != DEADLINE:
+            elif rlog.timed_out.get(shard) not in NOT_THE_NODES:
                 outcomes[node] = reasons.get(shard, "no reply")
         self.ledger.shard_failed = [s not in accepted for s in range(len(self.shards))]
         rlog.set_aside = self.ledger.record_health(outcomes, self.node_max_failures)
