@@ -324,7 +324,7 @@ def test_a_whole_run_through_a_flaky_superlink_writes_the_rows_of_an_uninterrupt
     clock, tmp_path, tiny_run, caplog
 ):
     """The app's own ServerApp loop (``fl_app.server_app.run``: evaluation, run folder, checkpoint)
-    and its ClientApp, 3 shards on 2 nodes, against a SuperLink that fails on pushes and pulls: the
+    and its ClientApp, 3 shards on 2 nodes, 2 rounds (MSR moves between them), against a SuperLink that fails on pushes and pulls: the
     run's tables and weights equal those of a run against a SuperLink that never fails."""
 
     from flwr.app import Context, RecordDict
@@ -348,12 +348,12 @@ def test_a_whole_run_through_a_flaky_superlink_writes_the_rows_of_an_uninterrupt
     runs = []
     for faults in (
         None,
-        {"push": ["half", http_error(500)], "pull": [http_error(500), None, http_error(503), "x"] * 4},
+        {"push": ["half", http_error(500)], "pull": [http_error(500), None, http_error(503), "x"] * 3},
     ):
         clock.t = 0.0
         grid = FlakyGrid(clock, [11, 22], delay=lambda m: 2.0, answer=node, faults=faults)
         small = {"train-size": 36, "local-epochs": 1, "eval-num-images": 20}  # one step per shard and round
-        config = {**tiny_run, **small, "num-shards": 3, "num-rounds": 3, "out-dir": str(tmp_path / f"runs{len(runs)}")}
+        config = {**tiny_run, **small, "num-shards": 3, "num-rounds": 2, "out-dir": str(tmp_path / f"runs{len(runs)}")}
         with caplog.at_level(logging.WARNING, logger="flwr"):
             runs.append(run(grid, settings_from_run_config(config)).path)
     assert "SuperLink: pull_messages failed (attempt 1): HTTP 500" in caplog.text
@@ -361,7 +361,7 @@ def test_a_whole_run_through_a_flaky_superlink_writes_the_rows_of_an_uninterrupt
     a, b = (pd.read_csv(p / "rounds.csv") for p in (clean, flaky))
     timing = [c for c in a.columns if "seconds" in c]
     pd.testing.assert_frame_equal(a.drop(columns=timing), b.drop(columns=timing), check_exact=True)
-    assert len(a) == 3 and (a["replies"] == 3).all()
+    assert len(a) == 2 and (a["replies"] == 3).all() and a.at[0, "moved"] > 0
     for name in ("assignments.csv", "moved.csv", "skip_counts.csv"):
         assert (clean / name).read_bytes() == (flaky / name).read_bytes(), name
     weights = Path("pipeline") / "unet" / "diffusion_pytorch_model.safetensors"
@@ -376,10 +376,10 @@ def test_a_run_whose_superlink_keeps_failing_stops_with_its_checkpoint_and_the_r
     from fl_app.server_app import run
 
     grid = FlakyGrid(clock, [11, 22], faults={"pull": [http_error(500)] * 10_000})
-    config = {**tiny_run, "num-shards": 3, "num-rounds": 20, "round-timeout": 100.0, "max-failed-rounds": 50}
+    config = {**tiny_run, "num-shards": 3, "num-rounds": 20, "round-timeout": 250.0, "max-failed-rounds": 50}
     with caplog.at_level(logging.INFO, logger="flwr"), pytest.raises(RunStopped, match="kept failing pull_messages"):
         run(grid, settings_from_run_config(config))
     (run_dir,) = Path(tiny_run["out-dir"]).iterdir()
-    assert "round 6: the SuperLink kept failing pull_messages for 600 s" in caplog.text  # rounds 1-5 end at 100 s each
+    assert "round 3: the SuperLink kept failing pull_messages for 600 s" in caplog.text  # rounds 1-2 end at 250 s each
     assert f"The checkpoint is kept; to continue: iet-agc run --resume {run_dir}" in caplog.text
-    assert len(pd.read_csv(run_dir / "rounds.csv")) == 5 and (run_dir / "checkpoint").is_dir()
+    assert len(pd.read_csv(run_dir / "rounds.csv")) == 2 and (run_dir / "checkpoint").is_dir()
