@@ -79,6 +79,6 @@ def run_in_process(config: Mapping[str, Any], num_supernodes: int = 2, num_cpus:
 
 
 def stop_recording() -> None:
-    """The simulation in this process records no more rounds (its process is about to end): a round
+    """The simulation in this process records no more rounds (the process is about to end): a round
     failed by the stop itself, as Ray's actors end under it, would otherwise be checkpointed."""
     hold_records()

@@ -16,6 +16,7 @@ monitor) with the raylet's agents and actors below it. Two things went wrong bef
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -23,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import psutil
 
@@ -82,8 +84,8 @@ def _alive(proc: psutil.Process) -> bool:
 
 def end_processes(procs: Iterable[psutil.Process], grace: float = GRACE) -> list[psutil.Process]:
     """SIGTERM to every process, SIGKILL to those still alive ``grace`` seconds later (Ray's agents
-    ignore SIGTERM). Returns after all have ended (at most ~1 s after the SIGKILL); returns the
-    processes that needed SIGKILL."""
+    ignore SIGTERM). Returns once all have ended (waiting at most 5 s more after the SIGKILL), with
+    the processes that needed SIGKILL."""
     procs = [p for p in procs if _alive(p)]
     for p in procs:
         try:
@@ -99,7 +101,9 @@ def end_processes(procs: Iterable[psutil.Process], grace: float = GRACE) -> list
             p.kill()
         except psutil.Error:
             pass
-    psutil.wait_procs(killed, timeout=1)
+    deadline = time.monotonic() + 5  # a killed process with a large memory takes a moment to go
+    while time.monotonic() < deadline and any(_alive(p) for p in killed):
+        time.sleep(0.05)
     return killed
 
 
@@ -114,15 +118,70 @@ def _raise(signum: int, frame: object) -> None:
     raise Stopped(signum, process_tree(os.getpid()))
 
 
+# What this process becomes once stopped: a small program under the same pid that ends the tree and
+# exits with the code (``_end_listed``). Its own SIGINT and SIGTERM are ignored while it works.
+_ENDING = """
+import signal, sys
+for sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(sig, signal.SIG_IGN)
+sys.path.insert(0, sys.argv[1])
+from iet_agc.stopping import _end_listed
+sys.exit(_end_listed(sys.argv[2:]))
+"""
+
+
+def _end_listed(argv: list[str]) -> int:
+    """``CODE GRACE PID:START ...``: end the listed processes (those still alive, started when listed)
+    and return CODE; this process's own children, Ray's head among them, are reaped."""
+    code, grace, listed = int(argv[0]), float(argv[1]), argv[2:]
+    procs = []
+    for item in listed:
+        pid, started = item.split(":")
+        try:
+            p = psutil.Process(int(pid))
+            if abs(p.create_time() - float(started)) < 0.01:  # not another process under a reused pid
+                procs.append(p)
+        except psutil.Error:
+            continue
+    killed = end_processes(procs, float(grace))
+    if os.environ.get("IET_AGC_STOP_DEBUG"):  # what needed SIGKILL, for whoever measures a stop
+        print(f"[iet-agc] ended {len(procs)} processes, SIGKILL for {[p.pid for p in killed]}", file=sys.stderr)
+    psutil.wait_procs(psutil.Process().children(), timeout=0.5)  # reaped: no zombies left behind
+    return code
+
+
+def _become_ending(procs: list[psutil.Process], grace: float, code: int) -> None:
+    """Replace this process (``os.execv``: same pid, its threads gone at once) by ``_ENDING``.
+
+    Ending Ray's processes from here would not do: Ray's driver in this process ends the process
+    itself (exit code 1) as soon as the raylet it is connected to goes ("the connection to the
+    plasma store is failed"), and ``ray.shutdown`` races with the simulation's threads still in
+    ``ray.get``. After the exec there is no driver, no ServerApp thread that could record a round
+    failed by the stop, and the run folder's lock is released (its descriptor closes on exec).
+    """
+    listed = []
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            listed.append(f"{p.pid}:{p.create_time()!r}")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    home = str(Path(__file__).resolve().parents[1])
+    try:
+        os.execv(sys.executable, [sys.executable, "-c", _ENDING, home, str(code), str(grace), *listed])
+    except OSError:  # no exec here: end them from this process
+        end_processes(procs, grace)
+        os._exit(code)
+
+
 @contextmanager
 def exit_on_signals(
     on_stop: Callable[[Stopped], Iterable[psutil.Process] | None] | None = None, grace: float = GRACE
 ) -> Iterator[None]:
     """Within the block, SIGINT and SIGTERM stop the command: :class:`Stopped` is raised in the main
     thread (the block's ``finally`` clauses run), then ``on_stop(err)`` (say how to continue; it may
-    return more processes to end), then every process of the tree taken when the signal arrived is
-    ended (:func:`end_processes`) and this process exits at once with 128 + the signal's number
-    (``os._exit``: Flower's in-process ServerApp thread is no daemon and would wait out its round).
+    return more processes to end), then this process becomes a small program (same pid) that ends
+    every process of the tree taken when the signal arrived (:func:`end_processes`) and exits with
+    128 + the signal's number (130, 143).
 
     A ``KeyboardInterrupt`` raised otherwise counts as SIGINT. Outside the main thread the block
     runs as it is (no handler can be set there).
@@ -138,10 +197,7 @@ def exit_on_signals(
         for sig in SIGNALS:
             signal.signal(sig, _noted)
         more = on_stop(stop) if on_stop is not None else None
-        end_processes([*stop.tree, *(more or [])], grace)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(stop.code)
+        _become_ending([*stop.tree, *(more or [])], grace, stop.code)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -192,12 +192,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     started = time.monotonic()
 
     def stopped(err: Stopped) -> None:
-        stop_recording()  # the run's checkpoint (its last whole round) and results.csv stay as they are
         print(
             f"\n[iet-agc] sweep stopped by {signal.Signals(err.signum).name} (exit {err.code}); "
             f"run the same command to continue ({sweep.out / RESULTS})",
             flush=True,
         )
+        stop_recording()  # the run's checkpoint (its last whole round) and results.csv stay as they are
 
     with exit_on_signals(stopped):  # SIGINT or SIGTERM: Ray's processes end too, exit 130 or 143
         run_sweep(sweep)
