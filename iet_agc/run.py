@@ -94,6 +94,36 @@ def _stop(stale: dict[int, str]) -> None:
         time.sleep(0.2)
 
 
+def _stopped(
+    err: Stopped, args: argparse.Namespace, env: dict, running: dict, earlier: list[int], since: float
+) -> list:
+    """After SIGINT or SIGTERM: the ServerApp killed at once, ``flwr stop`` on the SuperLink while the rest
+    of the tree (Ray, SuperExec, flwr run) ends, the line saying how to continue; returns the SuperLinks
+    this command started (``exit_on_signals`` ends them last)."""
+    procs = [*err.tree, *_started_since(earlier, since)]
+    apps = [p for p in procs if _named(p, "flwr-simulation", "flwr-serverapp")]
+    links = [p for p in procs if _named(p, "flower-superlink")]
+    for p in apps:  # the ServerApp first, at once: it records no round failed by the stop
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    stopping = None  # the SuperLink, while still up, marks the run stopped (in parallel with the rest)
+    if running["run_id"] is not None and (args.superlink or _local_superlinks()):
+        stopping = _flwr_stop(running["run_id"], args, env)  # local: never with none up (it would start one)
+    end_processes([p for p in procs if p not in links and p not in apps])  # Ray, SuperExec, flwr run
+    if stopping is not None:
+        try:
+            stopping.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            stopping.kill()
+            say("flwr stop took over 20 s; the SuperLink will mark the run failed when its task expires")
+    name = signal.Signals(err.signum).name
+    if running["run_dir"]:
+        say(f"stopped by {name} (exit {err.code}); to continue: iet-agc run --resume {running['run_dir']}")
+    else:
+        say(f"stopped by {name} (exit {err.code}) before the run had a folder")
+    return links  # ended last, by exit_on_signals, with whatever is left of the tree
+
+
 def _local_superlinks() -> list[int]:
     """Local simulation SuperLinks running now (Linux /proc; none found elsewhere)."""
     pids = []
@@ -210,31 +240,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     earlier = _local_superlinks()  # not ours to end; what they start for this run is
     submitted = time.time()
 
-    def stopped(err: Stopped) -> list[psutil.Process]:
-        procs = [*err.tree, *_started_since(earlier, submitted)]
-        apps = [p for p in procs if _named(p, "flwr-simulation", "flwr-serverapp")]
-        links = [p for p in procs if _named(p, "flower-superlink")]
-        for p in apps:  # the ServerApp first, at once: it records no round failed by the stop
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-        stopping = None  # the SuperLink, while still up, marks the run stopped (in parallel with the rest)
-        if running["run_id"] is not None and (args.superlink or _local_superlinks()):
-            stopping = _flwr_stop(running["run_id"], args, env)  # local: never with none up (it would start one)
-        end_processes([p for p in procs if p not in links and p not in apps])  # Ray, SuperExec, flwr run
-        if stopping is not None:
-            try:
-                stopping.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                stopping.kill()
-                say("flwr stop took over 20 s; the SuperLink will mark the run failed when its task expires")
-        name = signal.Signals(err.signum).name
-        if running["run_dir"]:
-            say(f"stopped by {name} (exit {err.code}); to continue: iet-agc run --resume {running['run_dir']}")
-        else:
-            say(f"stopped by {name} (exit {err.code}) before the run had a folder")
-        return links  # ended last, by exit_on_signals, with whatever is left of the tree
-
-    with exit_on_signals(stopped):  # SIGINT or SIGTERM: flwr, the SuperLink it started and Ray end too
+    with exit_on_signals(
+        lambda err: _stopped(err, args, env, running, earlier, submitted)
+    ):  # SIGINT or SIGTERM: flwr, the SuperLink it started and Ray end too
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
             sys.stdout.write(line)

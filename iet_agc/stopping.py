@@ -12,6 +12,10 @@ monitor) with the raylet's agents and actors below it. Two things went wrong bef
   children (DashboardAgent, RuntimeEnvAgent) lose their parent and are no longer anyone's
   descendants, and they ignored SIGTERM. The tree is therefore taken when the signal arrives,
   before anything ends, and what is left of it after a grace period gets SIGKILL.
+- In a sweep the simulation's Ray driver lives in the command's own process: Ray's core worker
+  takes SIGTERM at the C level and aborts (``fl_app.simulation`` turns that handler off), and it
+  ends the process itself, exit code 1, once the raylet goes. So the stopped command first
+  becomes a small program under its own pid (``os.execv``) that then ends the tree.
 """
 
 from __future__ import annotations
