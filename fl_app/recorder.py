@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from logging import INFO, WARNING
 from typing import Any
@@ -25,6 +26,17 @@ from .settings import Settings
 from .trackers import RunTracker
 
 EVAL_SECONDS = "eval-seconds"  # reported by the evaluation function, printed, not kept in rounds.csv
+
+# Held while a round (rows, checkpoint, tracker) or the run's end is written; a command that stops
+# takes it for good (``hold_records``), so that nothing is recorded after its stop: a round that
+# fails only because the stop ends Ray's actors under it never reaches rounds.csv or the checkpoint.
+_RECORDS = threading.Lock()
+
+
+def hold_records(timeout: float = 10.0) -> bool:
+    """From now on, this process records no round and no run end (their threads wait for good);
+    a record under way is finished first (up to ``timeout`` seconds; each one is atomic anyway)."""
+    return _RECORDS.acquire(timeout=timeout)
 
 
 def fmt(value: Any) -> str:
@@ -60,6 +72,12 @@ class RunRecorder:
         self.last_time = time.monotonic()
 
     def round_done(
+        self, rlog: RoundLog, arrays: ArrayRecord, evaluation: MetricRecord | None, state: StrategyState
+    ) -> None:
+        with _RECORDS:
+            self._record(rlog, arrays, evaluation, state)
+
+    def _record(
         self, rlog: RoundLog, arrays: ArrayRecord, evaluation: MetricRecord | None, state: StrategyState
     ) -> None:
         r, m, w = rlog.server_round, rlog.metrics, self.writer
@@ -145,6 +163,19 @@ def finish_run(
 ) -> None:
     """The final pipeline, skip counts, samples (the last ``evaluation``'s images) and report; the
     summary line (``fid_reason``: why FID is unavailable, "" when it is not)."""
+    with _RECORDS:
+        _finish(writer, settings, model, strategy, evaluation, fid_reason, started)
+
+
+def _finish(
+    writer: RunWriter,
+    settings: Settings,
+    model: torch.nn.Module,
+    strategy: IETStrategy,
+    evaluation: Evaluation | None,
+    fid_reason: str,
+    started: float,
+) -> None:
     counts = strategy.total_counts
     pipeline = writer.save_model(merged_unet(model), model_family(settings))  # adapters folded in
     if settings.adapter != "none" and settings.save_adapter:

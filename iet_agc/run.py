@@ -9,6 +9,7 @@ the settings before submitting, streams the logs, and exits non-zero when the ru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -21,6 +22,8 @@ import tomllib
 from dataclasses import fields
 from pathlib import Path
 
+import psutil
+
 from ddpm.base import is_hub_id
 from fl_app.checkpoint import FORMAT, CheckpointError, legacy_warning, load_checkpoint
 from fl_app.config import settings_from_run_config, toml_value
@@ -28,6 +31,7 @@ from fl_app.resume import check_run_folder_free, resumed_settings
 from fl_app.settings import Settings
 
 from .inputs import InputError, fail, parse_pairs, parse_run_config
+from .stopping import Stopped, end_processes, exit_on_signals
 
 ENV_FLAG = "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"
 GPUS = "client-resources-num-gpus"
@@ -88,6 +92,77 @@ def _stop(stale: dict[int, str]) -> None:
     while pids and time.monotonic() < deadline:
         pids = [p for p in pids if Path(f"/proc/{p}").exists()]
         time.sleep(0.2)
+
+
+def _stopped(
+    err: Stopped, args: argparse.Namespace, env: dict, running: dict, earlier: list[int], since: float
+) -> list:
+    """After SIGINT or SIGTERM: the ServerApp killed at once, ``flwr stop`` on the SuperLink while the rest
+    of the tree (Ray, SuperExec, flwr run) ends, the line saying how to continue; returns the SuperLinks
+    this command started (``exit_on_signals`` ends them last)."""
+    procs = [*err.tree, *_started_since(earlier, since)]
+    apps = [p for p in procs if _named(p, "flwr-simulation", "flwr-serverapp")]
+    links = [p for p in procs if _named(p, "flower-superlink")]
+    for p in apps:  # the ServerApp first, at once: it records no round failed by the stop
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    stopping = None  # the SuperLink, while still up, marks the run stopped (in parallel with the rest)
+    if running["run_id"] is not None and (args.superlink or _local_superlinks()):
+        stopping = _flwr_stop(running["run_id"], args, env)  # local: never with none up (it would start one)
+    end_processes([p for p in procs if p not in links and p not in apps])  # Ray, SuperExec, flwr run
+    if stopping is not None:
+        try:
+            stopping.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            stopping.kill()
+            say("flwr stop took over 20 s; the SuperLink will mark the run failed when its task expires")
+    name = signal.Signals(err.signum).name
+    if running["run_dir"]:
+        say(f"stopped by {name} (exit {err.code}); to continue: iet-agc run --resume {running['run_dir']}")
+    else:
+        say(f"stopped by {name} (exit {err.code}) before the run had a folder")
+    return links  # ended last, by exit_on_signals, with whatever is left of the tree
+
+
+def _local_superlinks() -> list[int]:
+    """Local simulation SuperLinks running now (Linux /proc; none found elsewhere)."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(part.endswith(b"flower-superlink") for part in cmd[:2]) and b"--simulation" in cmd:
+            pids.append(int(proc.name))
+    return pids
+
+
+def _started_since(superlinks: list[int], since: float) -> list[psutil.Process]:
+    """What the SuperLinks ``superlinks`` started at ``since`` or later: this run's ServerApp, Ray."""
+    found = []
+    for pid in superlinks:
+        with contextlib.suppress(psutil.Error):
+            found += [p for p in psutil.Process(pid).children(recursive=True) if p.create_time() >= since - 1]
+    return found
+
+
+def _named(proc: psutil.Process, *names: str) -> bool:
+    """``proc`` runs one of the console scripts ``names`` (``python .../flwr-simulation ...``)."""
+    with contextlib.suppress(psutil.Error):
+        return any(Path(part).name in names for part in proc.cmdline()[:2])
+    return False
+
+
+def _flwr_stop(run_id: str, args: argparse.Namespace, env: dict) -> subprocess.Popen | None:
+    """``flwr stop RUN_ID`` started on the run's SuperLink: the run ends as stopped, not running."""
+    cmd = ["flwr", "stop", run_id, *([args.superlink] if args.superlink else [])]
+    try:
+        return subprocess.Popen(
+            cmd, cwd=Path(args.app).resolve(), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+    except OSError as err:
+        say(f"{shlex.join(cmd)}: {err}")
+        return None
 
 
 def _run_status(run_id: str, app_dir: Path, env: dict) -> tuple[str, str]:
@@ -161,14 +236,23 @@ def cmd_run(args: argparse.Namespace) -> int:
             "stop it once if so (it restarts on the next run)"
         )
     say(shlex.join(cmd))
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    run_id = None
-    for line in proc.stdout:
-        sys.stdout.write(line)
-        sys.stdout.flush()
-        if run_id is None and (m := re.search(r"started run (\d+)|\"run-id\": (\d+)", line)):
-            run_id = m.group(1) or m.group(2)
-    code = proc.wait()
+    running = {"run_id": None, "run_dir": args.resume}
+    earlier = _local_superlinks()  # not ours to end; what they start for this run is
+    submitted = time.time()
+
+    with exit_on_signals(
+        lambda err: _stopped(err, args, env, running, earlier, submitted)
+    ):  # SIGINT or SIGTERM: flwr, the SuperLink it started and Ray end too
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            if running["run_id"] is None and (m := re.search(r"started run (\d+)|\"run-id\": (\d+)", line)):
+                running["run_id"] = m.group(1) or m.group(2)
+            elif running["run_dir"] is None and (m := re.search(r"; output (.+?)\s*$", line)):
+                running["run_dir"] = m.group(1)
+        code = proc.wait()
+    run_id = running["run_id"]
     if code or run_id is None:
         return code or 1
     status, details = _run_status(run_id, Path(args.app).resolve(), env)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -25,10 +25,20 @@ import pandas as pd
 from ddpm.files import atomic_write
 from fl_app.config import eval_config, settings_from_run_config
 from fl_app.run_folder import run_folders
-from fl_app.simulation import run_in_process
+from fl_app.simulation import run_in_process, stop_recording
 
 from .inputs import InputError, fail, parse_pairs, read_table
-from .sweep_file import MAX_SEEDS, REFERENCE, Sweep, config_hash, finished_run, load_sweep, run_row, saved_hash
+from .stopping import Stopped, exit_on_signals
+from .sweep_file import (
+    MAX_SEEDS,
+    REFERENCE,
+    Sweep,
+    config_hash,
+    finished_run,
+    load_sweep,
+    run_row,
+    saved_hash,
+)
 from .sweep_report import METRICS_PLOT, SUMMARY, TRADEOFF, write_outputs
 
 RESULTS = "results.csv"
@@ -209,14 +219,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         flush=True,
     )
     started = time.monotonic()
-    try:
+
+    def stopped(err: Stopped) -> None:
+        print(
+            f"\n[iet-agc] sweep stopped by {signal.Signals(err.signum).name} (exit {err.code}); "
+            f"run the same command to continue ({sweep.out / RESULTS})",
+            flush=True,
+        )
+        stop_recording()  # the run's checkpoint (its last whole round) and results.csv stay as they are
+
+    with exit_on_signals(stopped):  # SIGINT or SIGTERM: Ray's processes end too, exit 130 or 143
         run_sweep(sweep)
-    except KeyboardInterrupt:
-        print(f"\n[iet-agc] sweep interrupted; run the same command to continue ({sweep.out / RESULTS})", flush=True)
-        sys.stderr.flush()
-        # Flower's in-process ServerApp thread is not a daemon and would wait out the round timeout
-        # for replies that never come; the run's checkpoint and results.csv are already on disk.
-        os._exit(130)
     print(
         f"[iet-agc] sweep done in {(time.monotonic() - started) / 60:.1f} min: {sweep.out / SUMMARY}, "
         f"{sweep.out / TRADEOFF}, {sweep.out / METRICS_PLOT}",

@@ -324,8 +324,9 @@ def test_a_whole_run_through_a_flaky_superlink_writes_the_rows_of_an_uninterrupt
     clock, tmp_path, tiny_run, caplog
 ):
     """The app's own ServerApp loop (``fl_app.server_app.run``: evaluation, run folder, checkpoint)
-    and its ClientApp, 3 shards on 2 nodes, 2 rounds (MSR moves between them), against a SuperLink that fails on pushes and pulls: the
-    run's tables and weights equal those of a run against a SuperLink that never fails."""
+    and its ClientApp, 3 shards on 2 nodes, 2 rounds (MSR moves between them), against a SuperLink
+    that fails on pushes and pulls: the run's tables and weights equal those of a run against a
+    SuperLink that never fails."""
 
     from flwr.app import Context, RecordDict
     from safetensors.numpy import load_file
