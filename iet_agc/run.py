@@ -31,7 +31,7 @@ from fl_app.resume import check_run_folder_free, resumed_settings
 from fl_app.settings import Settings
 
 from .inputs import InputError, fail, parse_pairs, parse_run_config
-from .stopping import Stopped, end_processes, exit_on_signals
+from .stopping import Stopped, end_processes, exit_on_signals, process_tree
 
 ENV_FLAG = "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"
 GPUS = "client-resources-num-gpus"
@@ -100,7 +100,7 @@ def _stopped(
     """After SIGINT or SIGTERM: the ServerApp killed at once, ``flwr stop`` on the SuperLink while the rest
     of the tree (Ray, SuperExec, flwr run) ends, the line saying how to continue; returns the SuperLinks
     this command started (``exit_on_signals`` ends them last)."""
-    procs = [*err.tree, *_started_since(earlier, since)]
+    procs = [*err.tree, *_this_runs(_started_since(earlier, since), running["run_dir"])]
     apps = [p for p in procs if _named(p, "flwr-simulation", "flwr-serverapp")]
     links = [p for p in procs if _named(p, "flower-superlink")]
     for p in apps:  # the ServerApp first, at once: it records no round failed by the stop
@@ -144,6 +144,23 @@ def _started_since(superlinks: list[int], since: float) -> list[psutil.Process]:
         with contextlib.suppress(psutil.Error):
             found += [p for p in psutil.Process(pid).children(recursive=True) if p.create_time() >= since - 1]
     return found
+
+
+def _this_runs(candidates: list[psutil.Process], run_dir: str | None) -> list[psutil.Process]:
+    """Of what a SuperLink that was already running started since the submission, this run's
+    ServerApp (the process holding the run folder's ``.lock``) and what it started (Ray): Flower's
+    local SuperLink listens on one fixed port, so other runs on this machine share it and their
+    ServerApps are its children too. Nothing while the run has no folder yet (``flwr stop`` ends it)."""
+    if not run_dir:
+        return []
+    lock = os.path.realpath(Path(run_dir) / ".lock")
+    for proc in candidates:
+        if not _named(proc, "flwr-simulation", "flwr-serverapp"):
+            continue
+        with contextlib.suppress(psutil.Error):
+            if any(os.path.realpath(f.path) == lock for f in proc.open_files()):
+                return [proc, *process_tree(proc.pid)]
+    return []
 
 
 def _named(proc: psutil.Process, *names: str) -> bool:

@@ -194,3 +194,35 @@ def test_end_processes_ends_a_tree_with_orphans_and_one_that_ignores_sigterm():
     finally:
         root.kill()
         root.wait()
+
+
+def test_a_stop_ends_only_its_own_serverapp_on_a_superlink_other_runs_share(tmp_path):
+    """Flower's local SuperLink listens on one fixed port: a second run on the machine uses the
+    first one's, so its children include other runs' ServerApps. Only the one holding this run's
+    ``.lock`` (and what it started) is this run's."""
+    from iet_agc.run import _this_runs
+
+    script = tmp_path / "flwr-simulation"  # named as the console script the SuperExec starts
+    script.write_text(
+        "import fcntl, subprocess, sys, time\n"
+        "fh = open(sys.argv[1], 'a+'); fcntl.flock(fh, fcntl.LOCK_EX)\n"
+        "subprocess.Popen(['sleep', '30']); print('ready', flush=True); time.sleep(30)\n"
+    )
+    procs = []
+    try:
+        for name in ("ours", "theirs"):
+            (tmp_path / name).mkdir()
+            argv = [sys.executable, str(script), str(tmp_path / name / ".lock")]
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE)
+            assert proc.stdout.readline().strip() == b"ready"
+            procs.append(proc)
+        candidates = [psutil.Process(p.pid) for p in procs]
+        found = _this_runs(candidates, str(tmp_path / "ours"))
+        assert [p.pid for p in found[:1]] == [procs[0].pid]
+        assert [p.cmdline() for p in found[1:]] == [["sleep", "30"]]  # what it started, nothing of theirs
+        assert _this_runs(candidates, None) == []  # no folder yet: flwr stop ends the run, nothing is killed
+        assert _this_runs(candidates, str(tmp_path / "elsewhere")) == []
+    finally:
+        for proc in procs:
+            end_processes([*process_tree(proc.pid), psutil.Process(proc.pid)], grace=0.5)
+            proc.wait()
