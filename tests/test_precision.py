@@ -8,6 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from diffusers import UNet2DModel
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 from clients.agc import RatioSkip
@@ -87,11 +88,19 @@ class _Recorder(RatioSkip):
         return skip
 
 
-def _train(precision: str, steps: int = 50, **kw):
+def _small_unet() -> UNet2DModel:
+    """One block each way: the fewest kernels for inductor to build (compiling `tiny` took minutes)."""
+    blocks = {"down_block_types": ("DownBlock2D",), "up_block_types": ("UpBlock2D",), "norm_num_groups": 4}
+    return UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8,), layers_per_block=1, **blocks
+    )
+
+
+def _train(precision: str, steps: int = 50, small: bool = False, **kw):
     """``steps`` (whole epochs of 4) AGC + TAA steps of a tiny UNet on 64 digits, from the same start."""
     data = load_dataset(**Settings(train_size=64).dataset_kwargs())
     torch.manual_seed(0)
-    model = build_unet("tiny", 8, 1)
+    model = _small_unet() if small else build_unet("tiny", 8, 1)
     config = TrainConfig(local_epochs=-(-steps // 4), batch_size=16, warmup_epochs=1, skip_threshold=0.7)
     config = dataclasses.replace(config, precision=precision, **kw)
     rule = _Recorder(config.skip_threshold)
@@ -138,8 +147,8 @@ def test_bf16_sampling_stays_close_to_fp32():
 
 def test_a_compiled_step_and_sampling_equal_eager(tmp_path, monkeypatch):
     monkeypatch.setenv(P.COMPILE_CACHE_ENV, str(tmp_path / "inductor"))
-    eager, _, r_eager, _ = _train("fp32", steps=4, agc=False, taa=False)
-    compiled, _, r_comp, _ = _train("fp32", steps=4, agc=False, taa=False, compile=True)
+    eager, _, r_eager, _ = _train("fp32", steps=4, small=True, agc=False, taa=False)
+    compiled, _, r_comp, _ = _train("fp32", steps=4, small=True, agc=False, taa=False, compile=True)
     for va, vb in zip(eager.state_dict().values(), compiled.state_dict().values(), strict=True):
         torch.testing.assert_close(va, vb, atol=1e-4, rtol=1e-3)
     assert abs(r_eager.mean_loss - r_comp.mean_loss) < 1e-4
