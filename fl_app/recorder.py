@@ -164,57 +164,47 @@ def finish_run(
     """The final pipeline, skip counts, samples (the last ``evaluation``'s images) and report; the
     summary line (``fid_reason``: why FID is unavailable, "" when it is not)."""
     with _RECORDS:
-        _finish(writer, settings, model, strategy, evaluation, fid_reason, started)
-
-
-def _finish(
-    writer: RunWriter,
-    settings: Settings,
-    model: torch.nn.Module,
-    strategy: IETStrategy,
-    evaluation: Evaluation | None,
-    fid_reason: str,
-    started: float,
-) -> None:
-    counts = strategy.total_counts
-    pipeline = writer.save_model(merged_unet(model), model_family(settings))  # adapters folded in
-    if settings.adapter != "none" and settings.save_adapter:
-        writer.save_adapter(adapter_state(model), settings)
-    writer.save_skip_counts(counts)
-    if settings.agc:
-        plot_skip_histogram(counts, writer.path / "skip_counts.png")
-    notes = [f"final weights: `{pipeline.name}/` ({_loading(settings)})"]
-    if settings.class_conditional:
-        notes.append(
-            f"class-conditional ({settings.num_classes} classes): `DDPMPipeline.__call__` passes no labels; "
-            "sample with `ddpm.schedule.ddim_sample(pipe.unet, n, class_labels=labels)` "
-            "or the UNet's `class_labels` argument"
+        counts = strategy.total_counts
+        pipeline = writer.save_model(merged_unet(model), model_family(settings))  # adapters folded in
+        if settings.adapter != "none" and settings.save_adapter:
+            writer.save_adapter(adapter_state(model), settings)
+        writer.save_skip_counts(counts)
+        if settings.agc:
+            plot_skip_histogram(counts, writer.path / "skip_counts.png")
+        notes = [f"final weights: `{pipeline.name}/` ({_loading(settings)})"]
+        if settings.class_conditional:
+            notes.append(
+                f"class-conditional ({settings.num_classes} classes): `DDPMPipeline.__call__` passes no labels; "
+                "sample with `ddpm.schedule.ddim_sample(pipe.unet, n, class_labels=labels)` "
+                "or the UNet's `class_labels` argument"
+            )
+        if evaluation is not None:
+            writer.save_samples(evaluation.images)
+        if fid_reason:
+            notes.append(f"FID unavailable: {fid_reason}")
+        final = writer.rows[-1] if writer.rows else {}
+        privacy = privacy_words(settings, final.get("dp_epsilon"))
+        if privacy:
+            notes.append(privacy)
+        set_aside = [f"node {n} ({why})" for n, why in strategy.ledger.set_aside.items()]
+        failed = [str(r) for r, rlog in sorted(strategy.log.items()) if rlog.failed]
+        if set_aside:
+            notes.append("nodes set aside (node-max-failures), their shards trained elsewhere: " + "; ".join(set_aside))
+        if failed:
+            notes.append(f"failed rounds (no valid reply, the global model kept): {', '.join(failed)}")
+        writer.write_report(notes)
+        log(
+            INFO,
+            f"done in {time.monotonic() - started:.0f}s: "
+            + ", ".join(
+                f"{k} {fmt(final.get(k))}" for k in evaluation_columns(writer.columns) if not k.startswith("fid")
+            )
+            + (f", FID unavailable ({fid_reason})" if fid_reason else f", FID {fmt(final.get('fid'))}")
+            + (f", epsilon {final['dp_epsilon']:.2f} (delta {settings.dp_delta:g})" if privacy else "")
+            + (f"; set aside: {'; '.join(set_aside)}" if set_aside else "")
+            + (f"; failed rounds: {', '.join(failed)}" if failed else "")
+            + f"; results in {writer.path}",
         )
-    if evaluation is not None:
-        writer.save_samples(evaluation.images)
-    if fid_reason:
-        notes.append(f"FID unavailable: {fid_reason}")
-    final = writer.rows[-1] if writer.rows else {}
-    privacy = privacy_words(settings, final.get("dp_epsilon"))
-    if privacy:
-        notes.append(privacy)
-    set_aside = [f"node {n} ({why})" for n, why in strategy.ledger.set_aside.items()]
-    failed = [str(r) for r, rlog in sorted(strategy.log.items()) if rlog.failed]
-    if set_aside:
-        notes.append("nodes set aside (node-max-failures), their shards trained elsewhere: " + "; ".join(set_aside))
-    if failed:
-        notes.append(f"failed rounds (no valid reply, the global model kept): {', '.join(failed)}")
-    writer.write_report(notes)
-    log(
-        INFO,
-        f"done in {time.monotonic() - started:.0f}s: "
-        + ", ".join(f"{k} {fmt(final.get(k))}" for k in evaluation_columns(writer.columns) if not k.startswith("fid"))
-        + (f", FID unavailable ({fid_reason})" if fid_reason else f", FID {fmt(final.get('fid'))}")
-        + (f", epsilon {final['dp_epsilon']:.2f} (delta {settings.dp_delta:g})" if privacy else "")
-        + (f"; set aside: {'; '.join(set_aside)}" if set_aside else "")
-        + (f"; failed rounds: {', '.join(failed)}" if failed else "")
-        + f"; results in {writer.path}",
-    )
 
 
 def privacy_words(settings: Settings, epsilon: float | None) -> str:
