@@ -96,19 +96,24 @@ def end_processes(procs: Iterable[psutil.Process], grace: float = GRACE) -> list
             p.terminate()
         except psutil.Error:
             pass
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_alive(p) for p in procs):
-        time.sleep(0.05)
+    _wait_ended(procs, grace)
     killed = [p for p in procs if _alive(p)]
     for p in killed:
         try:
             p.kill()
         except psutil.Error:
             pass
-    deadline = time.monotonic() + 5  # a killed process with a large memory takes a moment to go
-    while time.monotonic() < deadline and any(_alive(p) for p in killed):
-        time.sleep(0.05)
+    _wait_ended(killed, 5)  # a killed process with a large memory takes a moment to go
     return killed
+
+
+def _wait_ended(procs: list[psutil.Process], timeout: float) -> None:
+    """Until every process has ended or ``timeout`` passes. Not ``psutil.wait_procs``: a process that
+    is not ours stays a zombie until its own parent reaps it, and ``wait_procs`` counts a zombie
+    as alive (it would wait the whole timeout); a zombie has ended here (``_alive``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_alive(p) for p in procs):
+        time.sleep(0.05)
 
 
 def _noted(signum: int, frame: object) -> None:

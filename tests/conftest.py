@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -118,3 +119,43 @@ def iet_agc_run(*args: str, env: dict, cwd: Path = ROOT) -> str:
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     return log
+
+
+def background(argv: list[str], env: dict, cwd: Path = ROOT, **popen) -> subprocess.Popen:
+    """``argv`` in the background in its own session (a signal to it is the test's, not pytest's);
+    stdout and stderr go to a temporary file, read back with ``output``."""
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(
+        argv, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True, **popen
+    )
+    proc.log = log
+    return proc
+
+
+def output(proc: subprocess.Popen) -> str:
+    """Everything a ``background`` process has written so far."""
+    proc.log.seek(0)
+    return proc.log.read()
+
+
+class Clock:
+    """A fake ``time`` for strategies.dispatch: ``sleep`` moves ``monotonic`` on, at once."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def monotonic(self):
+        return self.t
+
+    def sleep(self, seconds):
+        self.t += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """strategies.dispatch on a ``Clock``: deadlines and backoff without waiting."""
+    import strategies.dispatch as dispatch_module
+
+    c = Clock()
+    monkeypatch.setattr(dispatch_module, "time", c)
+    return c

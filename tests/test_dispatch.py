@@ -8,22 +8,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from test_strategy import _strategy, push, reply
 
-import strategies.dispatch as dispatch_module
 from strategies.dispatch import BUSY, DEADLINE, LATE, NodeQueues
 from strategies.msr import check_partition
 
 pytestmark = pytest.mark.usefixtures("flower_task")
-
-
-class Clock:
-    def __init__(self):
-        self.t = 0.0
-
-    def monotonic(self):
-        return self.t
-
-    def sleep(self, seconds):
-        self.t += seconds
 
 
 class TimedGrid:
@@ -57,13 +45,6 @@ class TimedGrid:
         self._settle()
         out = [self.ready.pop(i)[1] for i in list(ids) if i in self.ready and self.ready[i][0] <= self.clock.t]
         return out
-
-
-@pytest.fixture
-def clock(monkeypatch):
-    c = Clock()
-    monkeypatch.setattr(dispatch_module, "time", c)
-    return c
 
 
 def _msgs(nodes):

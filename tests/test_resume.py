@@ -12,14 +12,13 @@ import json
 import os
 import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import newcomer_env, stop_local_superlinks, superlink_pids
+from conftest import background, newcomer_env, output, stop_local_superlinks, superlink_pids
 from safetensors.numpy import load_file
 
 from fl_app.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
@@ -135,28 +134,12 @@ def test_bad_resume_inputs_exit_2_with_one_line(tmp_path, capsys, monkeypatch, s
 def _iet_agc(env, *args, out: Path | None = None) -> subprocess.Popen:
     """`iet-agc run ...` in the background; its output goes to a temporary file (``proc.log``)."""
     config = ["--run-config", f'{TINY} out-dir="{out}"'] if out else []
-    log = tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen(
-        ["iet-agc", "run", *args, *config],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    proc.log = log
-    return proc
-
-
-def _output(proc: subprocess.Popen) -> str:
-    proc.log.seek(0)
-    return proc.log.read()
+    return background(["iet-agc", "run", *args, *config], env)
 
 
 def _finish(proc: subprocess.Popen) -> str:
     proc.wait(timeout=600)
-    out = _output(proc)
+    out = output(proc)
     assert proc.returncode == 0, out[-4000:]
     return out
 
@@ -190,7 +173,7 @@ def _run_until_round_2(env, out: Path) -> subprocess.Popen:
     proc = _iet_agc(env, out=out)
     deadline = time.monotonic() + 900  # ~60 s here: generous for a CPU twice as slow and busy
     while not list(out.glob("*/checkpoint/round-000002")):
-        assert proc.poll() is None, "the run ended before round 2: " + _output(proc)[-3000:]
+        assert proc.poll() is None, "the run ended before round 2: " + output(proc)[-3000:]
         assert time.monotonic() < deadline, "no round-2 checkpoint in 900 s"
         time.sleep(0.05)
     return proc

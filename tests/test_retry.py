@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, Message
 from flwr.common.constant import ErrorCode
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_ins_message
 from flwr.supercore.inflatable.inflatable_utils import ObjectPushError
-from test_dispatch import Clock, _msgs
+from test_dispatch import _msgs
 from test_strategy import _strategy, reply
 
 import strategies.dispatch as dispatch_module
@@ -94,13 +94,6 @@ class FlakyGrid:
         if fault == "lost":
             raise http_error(500, "/v1/runtime/confirm-message-received")
         return out
-
-
-@pytest.fixture
-def clock(monkeypatch):
-    c = Clock()
-    monkeypatch.setattr(dispatch_module, "time", c)
-    return c
 
 
 def _by_shard(out):

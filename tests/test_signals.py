@@ -18,14 +18,13 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
 import psutil
 import pytest
-from conftest import ROOT
+from conftest import ROOT, background, output
 
 from fl_app.checkpoint import load_checkpoint
 from fl_app.simulation import run_in_process
@@ -69,31 +68,15 @@ def _mentioning(tag: str) -> list[psutil.Process]:
 
 
 def _start(argv: list[str], env: dict, tag: Path, ignore_sigint: bool = False) -> subprocess.Popen:
-    log = tempfile.TemporaryFile("w+")
     env = {**env, "PYTHONPATH": str(ROOT), "IET_AGC_TEST_TAG": str(tag)}  # this checkout's code; a tag to find
-    proc = subprocess.Popen(
-        argv,
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None,  # noqa: PLW1509
-    )
-    proc.log = log
-    return proc
-
-
-def _output(proc: subprocess.Popen) -> str:
-    proc.log.seek(0)
-    return proc.log.read()
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None
+    return background(argv, env, preexec_fn=ignore)  # noqa: PLW1509
 
 
 def _wait_for_a_checkpoint(proc: subprocess.Popen, out: Path) -> None:
     deadline = time.monotonic() + 600  # ~30-60 s here
     while not list(out.glob("**/checkpoint/round-*")):
-        assert proc.poll() is None, "ended before its first checkpoint: " + _output(proc)[-3000:]
+        assert proc.poll() is None, "ended before its first checkpoint: " + output(proc)[-3000:]
         assert time.monotonic() < deadline, "no checkpoint in 600 s"
         time.sleep(0.05)
 
@@ -138,7 +121,7 @@ def test_sigint_stops_a_sweep_started_with_sigint_ignored_and_it_resumes(tmp_pat
     proc = _start(["iet-agc", "sweep", str(path), "--out", str(out)], env, tmp_path, ignore_sigint=True)
     _wait_for_a_checkpoint(proc, out)
     seconds, left = _stop(proc, signal.SIGINT, tmp_path)
-    log = _output(proc)
+    log = output(proc)
     assert proc.returncode == 130 and seconds < STOP_SECONDS, (proc.returncode, seconds, log[-3000:])
     assert not left, [(p, p.status(), p.ppid()) for p in left]
     assert "sweep stopped by SIGINT (exit 130); run the same command to continue" in log
@@ -161,7 +144,7 @@ def test_sigterm_stops_iet_agc_run_with_its_superlink_and_ray(fresh_shell, tmp_p
     proc = _start(["iet-agc", "run", "--run-config", config], fresh_shell, tmp_path)
     _wait_for_a_checkpoint(proc, out)
     seconds, left = _stop(proc, signal.SIGTERM, tmp_path)
-    log = _output(proc)
+    log = output(proc)
     assert proc.returncode == 143 and seconds < STOP_SECONDS, (proc.returncode, seconds, log[-3000:])
     assert not left, left  # the SuperLink included (started for this test's FLWR_HOME)
     run, _, _ = _stopped_run(out)
