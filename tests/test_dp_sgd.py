@@ -228,9 +228,11 @@ def test_the_trainer_refuses_rules_the_accountant_does_not_cover():
 
 
 def test_an_unreachable_target_names_the_key_and_the_plan():
-    config = PrivacyConfig(0.0, target_epsilon=1e-9, accountant="rdp")
-    with pytest.raises(ValueError, match=r"dp-target-epsilon: 1e-09 .* cannot be reached in 100 steps"):
-        noise_multiplier_for(config, 0.5, 100)
+    config = PrivacyConfig(0.0, target_epsilon=1e-9, accountant="rdp")  # at rate 1 RDP is closed form: fast
+    with pytest.raises(
+        ValueError, match=r"dp-target-epsilon: 1e-09 .* cannot be reached in 100 steps at sample rate 1 "
+    ):
+        noise_multiplier_for(config, 1.0, 100)
 
 
 # ---- end to end: the federation, its tables, and a resume ---------------------------------------
@@ -300,3 +302,38 @@ def test_a_dp_run_records_epsilon_and_resumes_exactly(tmp_path, monkeypatch):
     a = UNet2DModel.from_pretrained(whole / "pipeline" / "unet").state_dict()
     b = UNet2DModel.from_pretrained(resumed / "pipeline" / "unet").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_opacus_sigma_search_is_asked_once_per_question_and_a_bad_cache_file_is_asked_again(tmp_path, monkeypatch):
+    import clients.dp_sgd as dp
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls = []
+    real = dp.get_noise_multiplier
+
+    def counted(**kw):
+        calls.append(kw)
+        return real(**kw)
+
+    monkeypatch.setattr(dp, "get_noise_multiplier", counted)
+    config = PrivacyConfig(0.0, target_epsilon=8.0, delta=1e-5, accountant="rdp", rounds=2)
+    dp.searched_sigma.cache_clear()
+    sigma = noise_multiplier_for(config, 1.0, 12)
+    assert sigma == get_noise_multiplier(
+        target_epsilon=8.0, target_delta=1e-5, sample_rate=1.0, steps=12, accountant="rdp"
+    )
+    assert noise_multiplier_for(config, 1.0, 12) == sigma and len(calls) == 1  # this process
+    dp.searched_sigma.cache_clear()
+    assert noise_multiplier_for(config, 1.0, 12) == sigma and len(calls) == 1  # another process: the file
+    (kept,) = dp.sigma_cache_dir().glob("*.json")
+    for bad in ("{not json", '{"key": {}, "sigma": 1.0, "problem": ""}', kept.read_text().replace(str(sigma), "-1.0")):
+        kept.write_text(bad)
+        dp.searched_sigma.cache_clear()
+        assert noise_multiplier_for(config, 1.0, 12) == sigma  # asked again, and the file mended
+    assert len(calls) == 4 and not list(dp.sigma_cache_dir().glob("*.tmp"))
+    unreachable = PrivacyConfig(0.0, target_epsilon=1e-6, delta=1e-5, accountant="rdp", rounds=2)
+    for _ in range(2):  # a refusal is kept as well, and still names the key
+        dp.searched_sigma.cache_clear()
+        with pytest.raises(ValueError, match="^dp-target-epsilon: 1e-06 "):
+            noise_multiplier_for(unreachable, 1.0, 100)
+    assert len(calls) == 5
