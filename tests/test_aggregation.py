@@ -10,6 +10,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import FedAvg
 from flwr.simulation import run_simulation
+from test_retry import app_run
 from test_strategy import FakeGrid, _strategy, push, reply
 
 from clients.config import TrainConfig
@@ -168,11 +169,13 @@ def test_warm_up_is_linear_from_zero_and_continues_across_rounds():
     assert lrs == pytest.approx([0.0, 0.025, 0.05, 0.075, 0.1, 0.1])
 
 
+@pytest.mark.usefixtures("flower_task")  # the ClientApp makes its reply as inside a Flower task
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
-def test_each_named_aggregation_runs_a_round(aggregation, tiny_run):
+def test_each_named_aggregation_runs_a_round(aggregation, tiny_run, clock, tmp_path):
+    """The app's ServerApp and ClientApp in this process (``app_run``; the same app under Flower's
+    simulation: the custom aggregation below and tests/test_simulation.py)."""
     cfg = {**tiny_run, "num-rounds": 1, "aggregation": aggregation, "eval-num-images": 20, "local-epochs": 1}
-    run_simulation(server_app=make_server_app(cfg), client_app=client_app, num_supernodes=1)
-    (run,) = Path(tiny_run["out-dir"]).iterdir()
+    run = app_run(clock, cfg, tmp_path / "state")
     rounds = pd.read_csv(run / "rounds.csv")
     assert rounds["replies"].tolist() == [4] and np.isfinite(rounds["train_loss"]).all()
     ckpt = load_checkpoint(run)

@@ -96,6 +96,31 @@ class FlakyGrid:
         return out
 
 
+def app_run(clock, config: dict, state: Path, nodes=(11,), faults=None, **run_kwargs) -> Path:
+    """The app's own ServerApp loop (``fl_app.server_app.run``: evaluation, run folder, checkpoint)
+    and its ClientApp, in this process on a ``FlakyGrid`` (replies 2 s after the push on the fake
+    clock): a whole run without Ray or a SuperLink. Returns the run folder."""
+    from flwr.app import Context, RecordDict
+
+    from fl_app.client_app import app as client_app
+    from fl_app.config import settings_from_run_config
+    from fl_app.server_app import run
+
+    def node(m):
+        ctx = Context(
+            run_id=1,
+            node_id=m.metadata.dst_node_id,
+            node_config={"state-dir": str(state / str(m.metadata.dst_node_id))},
+            state=RecordDict(),
+            run_config={},
+        )
+        return client_app(m, ctx)
+
+    clock.t = 0.0
+    grid = FlakyGrid(clock, nodes, delay=lambda m: 2.0, answer=node, faults=faults)
+    return run(grid, settings_from_run_config(config), **run_kwargs).path
+
+
 def _by_shard(out):
     """Each reply as (shard, weights, metrics), keyed by the shard of the message it answers."""
     shards = {}
@@ -321,35 +346,17 @@ def test_a_whole_run_through_a_flaky_superlink_writes_the_rows_of_an_uninterrupt
     that fails on pushes and pulls: the run's tables and weights equal those of a run against a
     SuperLink that never fails."""
 
-    from flwr.app import Context, RecordDict
     from safetensors.numpy import load_file
-
-    from fl_app.client_app import app as client_app
-    from fl_app.config import settings_from_run_config
-    from fl_app.server_app import run
-
-    def node(m):
-        state = tmp_path / "state" / f"{len(runs)}-{m.metadata.dst_node_id}"
-        ctx = Context(
-            run_id=1,
-            node_id=m.metadata.dst_node_id,
-            node_config={"state-dir": str(state)},
-            state=RecordDict(),
-            run_config={},
-        )
-        return client_app(m, ctx)
 
     runs = []
     for faults in (
         None,
         {"push": ["half", http_error(500)], "pull": [http_error(500), None, http_error(503), "x"] * 3},
     ):
-        clock.t = 0.0
-        grid = FlakyGrid(clock, [11, 22], delay=lambda m: 2.0, answer=node, faults=faults)
         small = {"train-size": 36, "local-epochs": 1, "eval-num-images": 20}  # one step per shard and round
         config = {**tiny_run, **small, "num-shards": 3, "num-rounds": 2, "out-dir": str(tmp_path / f"runs{len(runs)}")}
         with caplog.at_level(logging.WARNING, logger="flwr"):
-            runs.append(run(grid, settings_from_run_config(config)).path)
+            runs.append(app_run(clock, config, tmp_path / f"state{len(runs)}", nodes=(11, 22), faults=faults))
     assert "SuperLink: pull_messages failed (attempt 1): HTTP 500" in caplog.text
     clean, flaky = runs
     a, b = (pd.read_csv(p / "rounds.csv") for p in (clean, flaky))
