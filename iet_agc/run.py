@@ -31,6 +31,7 @@ from fl_app.resume import check_run_folder_free, resumed_settings
 from fl_app.settings import Settings
 
 from .inputs import InputError, fail, parse_pairs, parse_run_config
+from .ray_cluster import check_federation, superlink_mismatch
 from .stopping import Stopped, end_processes, exit_on_signals, process_tree
 
 ENV_FLAG = "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"
@@ -63,8 +64,9 @@ def _absolute_paths(overrides: dict) -> dict:
 def _stale_superlinks() -> dict[int, str]:
     """Local simulation SuperLinks (Linux /proc) that would run our app wrongly, with the reason.
 
-    Two ways: started without the flag (it builds a per-run environment), or started from another
-    Python environment (the ServerApp would import that environment's packages, not ours).
+    Three ways: started without the flag (it builds a per-run environment), started from another
+    Python environment (the ServerApp would import that environment's packages, not ours), or with
+    another ``RAY_ADDRESS`` (its simulations would join another Ray cluster than this command's).
     """
     ours = str(Path(sys.executable).parent / "flower-superlink").encode()
     stale = {}
@@ -81,6 +83,8 @@ def _stale_superlinks() -> dict[int, str]:
             stale[int(proc.name)] = f"it was started without {ENV_FLAG}=1"
         elif os.path.realpath(script) != os.path.realpath(ours):
             stale[int(proc.name)] = f"it runs from another environment ({script.decode(errors='replace')})"
+        elif reason := superlink_mismatch(env):
+            stale[int(proc.name)] = reason
     return stale
 
 
@@ -228,6 +232,11 @@ def prepare_run(args: argparse.Namespace) -> list[str]:
     nodes = federation["num-supernodes"]
     if settings.min_nodes > nodes:  # the run would wait for nodes forever
         raise ValueError(f"min-nodes: must be <= num-supernodes ({nodes}), got {settings.min_nodes}")
+    if (cluster := check_federation(federation, os.environ)) is not None:
+        say(
+            f"the simulation joins the Ray cluster at {cluster.address} (from {cluster.source}); its ClientApps "
+            "run with the environment `ray start` had on each machine"
+        )
     if resumed is not None:
         say(f"resuming {args.resume} after round {resumed} of {settings.num_rounds}")
     config = " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())
