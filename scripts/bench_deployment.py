@@ -46,7 +46,7 @@ from deploy.localhost import BIN, ROOT, Machines, deploy, online, wait_for  # no
 
 BASE = (
     "local-epochs=1 batch-size=16 eval-every=0 eval-num-images=20 sample-steps=2 "
-    "mq-neighbours=5 fid=false min-nodes=1 round-timeout=600.0"
+    "mq-neighbours=5 fid=false round-timeout=600.0"
 )
 DIGITS = "dataset='digits' train-size=128 image-size=8 model='tiny'"
 CIFAR_MODEL = "dataset='digits' train-size=64 image-size=32 model='cifar'"
