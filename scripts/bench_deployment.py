@@ -126,11 +126,11 @@ def run_variant(
         "shards": shards,
         "nodes": nodes,
         "shards_per_message": per_message,
-        "round_s": statistics.median(per_round[r] for r in middle),
-        "train_s": statistics.median(train[r] for r in middle),
-        "overhead_per_round_s": statistics.median(overhead.values()),
-        "messages_per_node": statistics.median(starts.values()),
-        "overhead_per_message_s": statistics.median(overhead[r] / starts[r] for r in middle),
+        "round_s": float(statistics.median(per_round[r] for r in middle)),
+        "train_s": float(statistics.median(train[r] for r in middle)),
+        "overhead_per_round_s": float(statistics.median(overhead.values())),
+        "messages_per_node": float(statistics.median(starts.values())),
+        "overhead_per_message_s": float(statistics.median(overhead[r] / starts[r] for r in middle)),
         "run_wall_s": wall,
     }
 
