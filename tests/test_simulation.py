@@ -34,7 +34,7 @@ def two_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("sim")
     cfg = {**TINY_RUN, "out-dir": str(out / "a"), "num-rounds": 3, "eval-every": 2}
     first = _simulate({**cfg, "shards-per-message": 1})  # a message per shard: two of a node's may run at once
-    second = _simulate({**cfg, "out-dir": str(out / "b")})  # the default: a node's 2 shards in one message
+    second = _simulate({**cfg, "out-dir": str(out / "b"), "shards-per-message": 0})  # a node's 2 shards in one message
     return first, second
 
 
