@@ -1,13 +1,20 @@
-"""ClientApp: trains the shard named in each message and replies with weights, metrics, skip counts."""
+"""ClientApp: trains the shards named in each message and replies with weights, metrics, skip counts.
+
+A message names one shard or, packed (``shards-per-message``), several shards of this node: they
+train one after another in this process on the data set decoded once, each exactly as if it had
+come alone (its own state file, seed stream and model), and one reply carries every shard's
+result; a shard that fails is answered with its reason, the others still train.
+"""
 
 from __future__ import annotations
 
 import functools
 import time
-from logging import WARNING
+import traceback
+from logging import INFO, WARNING
 
 import torch
-from flwr.app import Context, Message
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
@@ -19,7 +26,17 @@ from ddpm.ambient import ambient_masks
 from ddpm.base import model_fingerprint
 from ddpm.data import ImageSet, load_dataset
 from ddpm.device import usable_device
-from strategies.protocol import NUM_EXAMPLES, TRAIN_SECONDS, Instruction, pack_reply, read_instruction, reply_metrics
+from strategies.protocol import (
+    NUM_EXAMPLES,
+    TRAIN_SECONDS,
+    Instruction,
+    is_packed,
+    pack_replies,
+    read_instruction,
+    reply_content,
+    reply_metrics,
+    split_instruction,
+)
 
 from .config import NodeConfig, read_node_config, settings_from_message, train_config
 from .model import initial_model, model_family
@@ -27,23 +44,52 @@ from .settings import Settings
 
 
 def train(msg: Message, context: Context, **train_kwargs) -> Message:
-    """Train the shard that ``msg`` names on this node's copy of the data set; the reply
-    (``strategies.protocol.pack_reply``) carries the trained weights, metrics and skip counts.
-    ``train_kwargs`` (``skip_rule=``, ``augment=``) go to ``train_shard``."""
-    ins = read_instruction(msg)
+    """Train the shards that ``msg`` names on this node's copy of the data set; the reply
+    (``strategies.protocol.pack_reply``, or ``pack_replies`` for a packed message) carries the
+    trained weights, metrics and skip counts. ``train_kwargs`` (``skip_rule=``, ``augment=``) go
+    to ``train_shard``. What concerns the whole node (its settings, device, data set) fails the
+    whole message; in a packed message, a shard's own failure is answered for that shard only."""
+    parts = split_instruction(msg.content)
+    first = read_instruction(parts[0])
     node = read_node_config(context.node_config)
-    settings = settings_from_message(ins.config, context.node_config)
+    settings = settings_from_message(first.config, context.node_config)
     device = usable_device(settings.device)  # before any work: a device this node lacks names the key
     data = load_dataset(**settings.dataset_kwargs(), cache_dir=node.data_cache)
-    if data.fingerprint != ins.fingerprint:
+    if data.fingerprint != first.fingerprint:
         raise ValueError(
             f"data set mismatch on node {context.node_id}: the server's {settings.dataset} copy has "
-            f"fingerprint {ins.fingerprint}, this node's has {data.fingerprint} "
+            f"fingerprint {first.fingerprint}, this node's has {data.fingerprint} "
             f"(data-root {settings.data_root or '(default)'}); refusing to train on other images"
         )
+    if not is_packed(msg.content):
+        content = _train_one(first, settings, node, device, data, context.node_id, **train_kwargs)
+        return Message(content=content, reply_to=msg)
+    results: list[tuple[int, RecordDict | str]] = []
+    for part in parts:
+        ins = read_instruction(part)
+        try:  # the same settings for every shard: only the shard's own fields differ
+            results.append((ins.shard, _train_one(ins, settings, node, device, data, context.node_id, **train_kwargs)))
+        except Exception as err:  # noqa: BLE001 - this shard fails alone, with its reason; the others train
+            log(WARNING, "shard %d, round %d failed:\n%s", ins.shard, ins.server_round, traceback.format_exc())
+            results.append((ins.shard, f"{type(err).__name__}: {' '.join(str(err).split())}"))
+    log(INFO, "round %d: trained shards %s in one message", first.server_round, [s for s, _ in results])
+    return pack_replies(msg, results)
+
+
+def _train_one(
+    ins: Instruction,
+    settings: Settings,
+    node: NodeConfig,
+    device: torch.device,
+    data: ImageSet,
+    node_id: int,
+    **train_kwargs,
+) -> RecordDict:
+    """Train one shard (its own model from the message's weights, its own state file and seed) and
+    return its reply records (``strategies.protocol.reply_content``)."""
     if ins.ids.size == 0 or ins.ids.min() < 0 or ins.ids.max() >= len(data):
         raise ValueError(f"shard {ins.shard}: ids outside 0..{len(data) - 1}")
-    model = _shard_model(ins, settings, data, context.node_id)
+    model = _shard_model(ins, settings, data, node_id)
     store, state = _shard_state(ins, settings, node, model)
     started = time.perf_counter()
     rows = torch.from_numpy(ins.ids)
@@ -65,7 +111,9 @@ def train(msg: Message, context: Context, **train_kwargs) -> Message:
     metrics = {m.key: getattr(result, m.source) for m in reply_metrics(ins.config) if m.source}
     metrics |= {NUM_EXAMPLES: int(ins.ids.size), TRAIN_SECONDS: time.perf_counter() - started}
     arrays = trainable_state(model)  # only what trains travels back
-    return pack_reply(msg, arrays, metrics, result.skip_counts, local_step=state.step, fingerprint=data.fingerprint)
+    return reply_content(
+        ins.config, arrays, metrics, result.skip_counts, local_step=state.step, fingerprint=data.fingerprint
+    )
 
 
 def _shard_state(

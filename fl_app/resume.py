@@ -35,6 +35,7 @@ RESUMABLE_KEYS = (
     "node-max-failures",
     "max-update-ratio",  # which replies count as faulty, as node-max-failures
     "messages-per-node",
+    "shards-per-message",  # how shards travel, never what they train (packed results are identical)
     "out-dir",
     "init-from",  # where this machine keeps the base; the base's fingerprint must still match
     "save-adapter",

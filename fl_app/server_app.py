@@ -159,6 +159,7 @@ def make_strategy(
         max_failed_rounds=settings.max_failed_rounds,
         node_max_failures=settings.node_max_failures,
         max_update_ratio=settings.max_update_ratio,
+        shards_per_message=settings.shards_per_message,
         dispatcher=NodeQueues(
             settings.messages_per_node,
             max_poll_interval=None if simulated else DEPLOYMENT_MAX_POLL,

@@ -261,6 +261,10 @@ class Settings:
     # a reply whose update norm is this many times the other replies' median is dropped (inf: off)
     max_update_ratio: float = _float(MAX_UPDATE_RATIO, low=1, low_open=True, inf=True)
     messages_per_node: int = _int(2, 1, MAX_SHARDS)
+    # how many of a node's shards one message carries (0: all of them; 1: a message per shard)
+    shards_per_message: int = _int(
+        1, 0, MAX_SHARDS, text=f"0 (all of a node's shards) or an integer in [1, {MAX_SHARDS}]"
+    )
     device: str = _setting("auto", str, pattern=DEVICE_PATTERN, text=f"one of {DEVICES} (N in 0..999)")
     # how the network computes (ddpm/precision.py): autocast, NHWC weights, a compiled forward
     precision: str = _choice("auto", PRECISIONS)

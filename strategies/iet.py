@@ -1,9 +1,11 @@
-"""The IET strategy: K shard models combined by an aggregator (FedAvg), one message per shard, MSR between rounds.
+"""The IET strategy: K shard models combined by an aggregator (FedAvg), MSR between rounds.
 
 K (shards) is independent of the number of nodes: shards are mapped onto the connected nodes
-and stay on their node while it stays healthy (``ShardLedger``). Each node's messages go out in
-order, a few at a time, under the round's deadline (``NodeQueues``); every reply is checked
-before anything reads it (``check_train_reply``). A round without a valid reply keeps the
+and stay on their node while it stays healthy (``ShardLedger``). A node's shards of the round
+travel in one message, or in messages of ``shards_per_message`` shards (1: one per shard). Each
+node's messages go out in order, a few at a time, under the round's deadline (``NodeQueues``);
+every shard's reply is checked before anything reads it (``check_train_reply``,
+``check_packed_reply``). A round without a valid reply keeps the
 global model; the run stops only after ``max_failed_rounds`` such rounds in a row, or when the
 SuperLink keeps failing past ``NodeQueues``' retries (``SuperLinkFailing``). After every
 round the ``recorder`` gets the round and the strategy's state, which is enough to resume.
@@ -30,8 +32,25 @@ from .aggregation import Resumable, aggregate, fedavg, instruction
 from .dispatch import LATE, NOT_THE_NODES, NodeQueues, SuperLinkFailing
 from .ledger import ShardLedger
 from .msr import Moves, Redistribution, apply_moves, check_partition, hold_moves_into
-from .protocol import ARRAYS, FINGERPRINT, METRICS, NUM_EXAMPLES, instruction_shard, reply_metrics, train_message
-from .replies import BadReply, Sent, ShardReply, check_train_reply, outlier_updates, update_norms
+from .protocol import (
+    ARRAYS,
+    FINGERPRINT,
+    METRICS,
+    NUM_EXAMPLES,
+    instruction_shards,
+    packed_train_message,
+    reply_metrics,
+    train_message,
+)
+from .replies import (
+    BadReply,
+    Sent,
+    ShardReply,
+    check_packed_reply,
+    check_train_reply,
+    outlier_updates,
+    update_norms,
+)
 
 NO_NODES = "no node connected"
 
@@ -114,6 +133,9 @@ class IETStrategy(Strategy):
     max_update_ratio : float (default: inf)
         Drop a reply whose update ||w_k - w|| exceeds this many times the median of the round's
         other replies' (``outlier_updates``); inf checks nothing.
+    shards_per_message : int (default: 1)
+        How many of a node's shards one message carries: 1 = a message per shard (the plain
+        contract), 0 = all of the node's shards of the round in one message (``group_shards``).
     """
 
     def __init__(
@@ -133,7 +155,11 @@ class IETStrategy(Strategy):
         should_stop: Callable[[], str | None] | None = None,
         aggregator: Strategy | None = None,
         max_update_ratio: float = float("inf"),
+        shards_per_message: int = 1,
     ) -> None:
+        if shards_per_message < 0:
+            raise ValueError(f"shards-per-message: must be 0 (all) or an integer >= 1, got {shards_per_message}")
+        self.shards_per_message = shards_per_message
         self.aggregator = fedavg() if aggregator is None else aggregator
         self.max_update_ratio = max_update_ratio
         self.sent_arrays: dict[str, np.ndarray] = {}  # this round's weights, as sent
@@ -229,12 +255,9 @@ class IETStrategy(Strategy):
                     server_round,
                     len(dispatch.discarded),
                 )
-            for msg, reason in dispatch.unsent:
-                rlog.timed_out[instruction_shard(msg)] = reason
-            for msg in dispatch.late:
-                rlog.timed_out[instruction_shard(msg)] = LATE
-            for msg, reason in dispatch.failed:
-                rlog.timed_out[instruction_shard(msg)] = reason
+            for msg, reason in [*dispatch.unsent, *((m, LATE) for m in dispatch.late), *dispatch.failed]:
+                for shard in instruction_shards(msg):  # a packed message's shards share its fate
+                    rlog.timed_out[shard] = reason
             new_arrays, train_metrics = self.aggregate_train(server_round, dispatch.replies)
             if new_arrays is not None:
                 arrays = result.arrays = new_arrays
@@ -295,9 +318,12 @@ class IETStrategy(Strategy):
         self.sent_arrays = {k: a.numpy() for k, a in arrays.items()} if np.isfinite(self.max_update_ratio) else {}
         self.outgoing = []
         common = {**self.train_config, **dict(config)}
-        for shard, ids in enumerate(self.shards):
-            node = placement.node_of_shard[shard]
-            self.outgoing.append(train_message(arrays, common, shard, server_round, ids, node))
+        for node, group in group_shards(placement.node_of_shard, self.shards_per_message):
+            if len(group) == 1:  # a shard alone travels as the plain single-shard message
+                self.outgoing.append(train_message(arrays, common, group[0], server_round, self.shards[group[0]], node))
+            else:
+                pairs = [(s, self.shards[s]) for s in group]
+                self.outgoing.append(packed_train_message(arrays, common, pairs, server_round, node))
         return list(self.outgoing)
 
     def _wait_for_nodes(self, grid: Grid, need: int, patience: float | None) -> list[int]:
@@ -315,42 +341,50 @@ class IETStrategy(Strategy):
         return nodes
 
     # ---- receiving ----------------------------------------------------------------------
-    def _sent(self) -> dict[str, Sent]:
-        """This round's pushed messages by id: the only source of a reply's shard."""
+    def _sent(self) -> dict[str, list[Sent]]:
+        """This round's pushed messages by id, each with its shards: the only source of a reply's shards."""
         max_count = int(self.train_config.get("local-epochs", 2**62))
         fingerprint = str(self.train_config.get(FINGERPRINT, ""))
         metrics = reply_metrics(self.train_config)
         sent = {}
         for m in self.outgoing:
             if m.metadata.message_id:
-                shard = instruction_shard(m)
-                sent[m.metadata.message_id] = Sent(
-                    shard, m.metadata.dst_node_id, self.shards[shard], max_count, fingerprint, metrics
-                )
+                sent[m.metadata.message_id] = [
+                    Sent(shard, m.metadata.dst_node_id, self.shards[shard], max_count, fingerprint, metrics)
+                    for shard in instruction_shards(m)
+                ]
         return sent
 
     def check_replies(self, server_round: int, replies: Iterable[Message]) -> dict[int, ShardReply]:
         """The valid reply per shard; every other reply is dropped with its reason in the round log."""
-        rlog = self.log[server_round]
         sent, accepted = self._sent(), {}
         for msg in replies:
-            target = sent.get(msg.metadata.reply_to_message_id)
-            node = msg.metadata.src_node_id
-            try:
-                if target is None:
-                    raise BadReply("answers no message of this round (late, or not a reply to the server)")
-                if target.shard in accepted:
-                    raise BadReply(f"a second reply for shard {target.shard}")
-                accepted[target.shard] = check_train_reply(msg, target, self.expected_arrays)
-                if node not in self.confirmed:  # once per node (and server process), as operators read it
-                    self.confirmed.add(node)
-                    log(INFO, "node %d confirmed data set %s", node, target.fingerprint or "(none sent)")
-            except BadReply as err:
-                shard = -1 if target is None else target.shard
-                node = node if target is None else target.node  # an error reply may come from the SuperLink
-                log(WARNING, "round %d: dropped a reply from node %d (shard %d): %s", server_round, node, shard, err)
-                rlog.dropped.append((shard, node, str(err)))
+            targets = sent.get(msg.metadata.reply_to_message_id)
+            if targets is None:
+                why = BadReply("answers no message of this round (late, or not a reply to the server)")
+                self._drop(server_round, -1, msg.metadata.src_node_id, why)
+                continue
+            if len(targets) == 1:  # a plain single-shard message
+                results = {targets[0].shard: _checked(msg, targets[0], self.expected_arrays)}
+            else:
+                results = check_packed_reply(msg, targets, self.expected_arrays)
+            for target in targets:
+                result = results[target.shard]
+                if isinstance(result, ShardReply) and target.shard in accepted:
+                    result = BadReply(f"a second reply for shard {target.shard}")
+                if isinstance(result, BadReply):  # an error reply may come from the SuperLink: the node sent to
+                    self._drop(server_round, target.shard, target.node, result)
+                    continue
+                accepted[target.shard] = result
+                if target.node not in self.confirmed:  # once per node (and server process), as operators read it
+                    self.confirmed.add(target.node)
+                    log(INFO, "node %d confirmed data set %s", target.node, target.fingerprint or "(none sent)")
         return self._drop_outliers(server_round, accepted)
+
+    def _drop(self, server_round: int, shard: int, node: int, err: BadReply) -> None:
+        """Log a dropped shard reply and record it with its reason (``dropped.csv``)."""
+        log(WARNING, "round %d: dropped a reply from node %d (shard %d): %s", server_round, node, shard, err)
+        self.log[server_round].dropped.append((shard, node, str(err)))
 
     def _drop_outliers(self, server_round: int, accepted: dict[int, ShardReply]) -> dict[int, ShardReply]:
         """Drop the replies whose update is far larger than the others' (``max_update_ratio``)."""
@@ -438,3 +472,22 @@ class IETStrategy(Strategy):
         check_partition(moves.shards, ledger.num_samples)
         ledger.shards = moves.shards
         return moves
+
+
+def group_shards(node_of_shard: dict[int, int], per_message: int) -> list[tuple[int, list[int]]]:
+    """``(node, shards)`` per message: each node's shards in shard order, ``per_message`` at a time
+    (0: all of them in one); messages ordered by their first shard."""
+    by_node: dict[int, list[int]] = {}
+    for shard in sorted(node_of_shard):
+        by_node.setdefault(node_of_shard[shard], []).append(shard)
+    size = per_message or max((len(g) for g in by_node.values()), default=1)
+    groups = [(node, shards[i : i + size]) for node, shards in by_node.items() for i in range(0, len(shards), size)]
+    return sorted(groups, key=lambda g: g[1][0])
+
+
+def _checked(msg: Message, sent: Sent, expected: dict[str, tuple[str, tuple[int, ...]]]) -> ShardReply | BadReply:
+    """A single shard's reply checked (``check_train_reply``), or why it is dropped."""
+    try:
+        return check_train_reply(msg, sent, expected)
+    except BadReply as err:
+        return err

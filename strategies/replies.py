@@ -3,18 +3,20 @@
 A reply is trusted for nothing but what it must carry: which shard it answers comes from the
 message it replies to (the server's own record), never from its content. Every record, key,
 type, dtype, shape, byte size and value is checked; a reply that fails any check is dropped with
-a one-line reason, and its shard keeps its samples.
+a one-line reason, and its shard keeps its samples. A packed reply (several shards of one node)
+is split into per-shard contents that go through the same checks: a bad shard result drops that
+shard only.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from .protocol import (
     ARRAYS,
@@ -32,6 +34,7 @@ from .protocol import (
     SKIPS,
     ReplyMetric,
     reply_metrics,
+    split_reply,
 )
 
 EXCEPTION_LINE = re.compile(r"[\w.]*\w(Error|Exception|Exit|Interrupt): \S")  # "ValueError: what went wrong"
@@ -114,13 +117,48 @@ def check_train_reply(msg: Message, sent: Sent, expected_arrays: dict[str, tuple
     ``expected_arrays`` maps each weight's key to the global model's (dtype, shape). The records
     are those of ``strategies.protocol``, each checked by its own function below.
     """
+    check_envelope(msg, sent)
+    return check_reply_content(msg.content, sent, expected_arrays, msg)
+
+
+def check_envelope(msg: Message, sent: Sent) -> None:
+    """An error reply, or one from another node than the message went to, is refused whole."""
     if msg.has_error():
         raise BadReply(f"error reply: {error_summary(msg.error.reason)}")
     if msg.metadata.src_node_id != sent.node:
         raise BadReply(
             f"came from node {msg.metadata.src_node_id}, but shard {sent.shard} was sent to node {sent.node}"
         )
-    content = msg.content
+
+
+def check_packed_reply(
+    msg: Message, sent: Sequence[Sent], expected_arrays: dict[str, tuple[str, tuple[int, ...]]]
+) -> dict[int, ShardReply | BadReply]:
+    """Per shard of a packed instruction (``sent``, one node's): its checked reply, or why it is
+    dropped. An error reply, another node's, or records for shards not sent drop every shard;
+    anything wrong with one shard's records drops that shard only."""
+    try:
+        check_envelope(msg, sent[0])
+        parts = split_reply(msg.content, [s.shard for s in sent])
+    except (BadReply, ValueError) as err:
+        bad = err if isinstance(err, BadReply) else BadReply(str(err))
+        return {s.shard: bad for s in sent}
+    out: dict[int, ShardReply | BadReply] = {}
+    for target in sent:
+        part = parts[target.shard]
+        try:
+            if isinstance(part, str):
+                raise BadReply(part)
+            out[target.shard] = check_reply_content(part, target, expected_arrays, msg)
+        except BadReply as err:
+            out[target.shard] = err
+    return out
+
+
+def check_reply_content(
+    content: RecordDict, sent: Sent, expected_arrays: dict[str, tuple[str, tuple[int, ...]]], msg: Message
+) -> ShardReply:
+    """One shard's reply records, checked against what was sent; ``msg`` is the reply they came in."""
     _exact_keys(content, REPLY_RECORDS, "reply record")
     records = {k: content[k] for k in REPLY_RECORDS}
     for key, kind in ((ARRAYS, ArrayRecord), (METRICS, MetricRecord), (SKIPS, ArrayRecord), (INFO, ConfigRecord)):

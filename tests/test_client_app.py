@@ -187,3 +187,58 @@ def test_state_problems_are_named(tmp_path):
     assert "step is -1" in state_problem(ShardState(step=-1), params)
     nan = {1: {"exp_avg_sq": torch.tensor([0.0, float("inf"), 0.0, 0.0])}}
     assert "non-finite" in state_problem(ShardState(optimizer=nan), params)
+
+
+def _packed(shards, server_round=1):
+    """One message for several ``(shard, ids)``, as the strategy packs a node's shards."""
+    from strategies.protocol import CONFIG, IDS, SHARD, packed_train_message
+
+    one = _message(shards[0][1], server_round=server_round, shard=shards[0][0]).content
+    common = {k: v for k, v in one[CONFIG].items() if k not in (SHARD, IDS, "server-round")}
+    return packed_train_message(one["arrays"], common, shards, server_round, node=0)
+
+
+def _records(content, prefix=""):
+    """A reply's records as plain values (train-seconds aside: a clock, not a result)."""
+    out = {}
+    for name in ("arrays", "metrics", "skips", "info"):
+        record = content[prefix + name]
+        for k, v in record.items():
+            if k != "train-seconds":
+                out[(name, k)] = v.numpy().tobytes() if hasattr(v, "numpy") else v
+    return out
+
+
+def _state_file(path):
+    """A saved shard state's tensors (as bytes) and metadata (safetensors orders the latter freely)."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return f.metadata(), {k: f.get_tensor(k).numpy().tobytes() for k in f.keys()}
+
+
+def test_shards_packed_in_one_message_train_as_if_each_came_alone(tmp_path):
+    """Bitwise: weights, metrics, skip counts and each shard's state file, over two rounds (the
+    second reads the first's state); a shard that fails in a packed message fails alone."""
+    from strategies.protocol import shard_key, split_reply
+
+    shards = [(0, list(range(0, 60, 2))), (1, list(range(1, 60, 2)))]
+    first = {}
+    for server_round in (1, 2):
+        alone = {
+            s: app(_message(ids, server_round=server_round, shard=s), _context(tmp_path / "a")) for s, ids in shards
+        }
+        first = first or alone
+        packed = app(_packed(shards, server_round), _context(tmp_path / "b"))
+        parts = split_reply(packed.content, [0, 1])
+        for s, _ in shards:
+            assert _records(parts[s]) == _records(alone[s].content), (server_round, s)
+    for s, _ in shards:
+        for r in (1, 2):
+            name = f"run-a/shard-{s}/round-{r:06d}.safetensors"
+            assert _state_file(tmp_path / "a" / name) == _state_file(tmp_path / "b" / name), name
+    mixed = app(_packed([(0, list(range(0, 60, 2))), (1, [0, 5, 600])]), _context(tmp_path / "c"))
+    parts = split_reply(mixed.content, [0, 1])
+    assert parts[1].startswith("error reply: ValueError: shard 1: ids outside 0..")
+    assert shard_key(1, "arrays") not in mixed.content
+    assert _records(parts[0]) == _records(first[0].content)  # the other shard trained as it would alone

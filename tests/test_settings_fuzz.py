@@ -40,6 +40,7 @@ INTS = {  # key: (lowest, highest) allowed
     "max-failed-rounds": (1, 10_000),
     "node-max-failures": (1, 10_000),
     "messages-per-node": (1, 1_000),
+    "shards-per-message": (0, 1_000),
     "seed": (0, 2**31 - 1),
     "randaugment-magnitude": (0, 30),
     "randaugment-ops": (1, 14),

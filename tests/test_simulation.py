@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from diffusers import DDPMPipeline
 from flwr.simulation import run_simulation
 
@@ -32,8 +33,8 @@ def two_runs(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("sim")
     cfg = {**TINY_RUN, "out-dir": str(out / "a"), "num-rounds": 3, "eval-every": 2}
-    first = _simulate(cfg)
-    second = _simulate({**cfg, "out-dir": str(out / "b")})
+    first = _simulate({**cfg, "shards-per-message": 1})  # a message per shard: two of a node's may run at once
+    second = _simulate({**cfg, "out-dir": str(out / "b"), "shards-per-message": 0})  # a node's 2 shards in one message
     return first, second
 
 
@@ -76,12 +77,24 @@ def test_shard_state_survives_with_several_shards_per_node(two_runs):
     assert (per_shard_nodes == 1).all()  # a shard stays on its node
 
 
-def test_same_seed_same_results(two_runs):
-    """Two runs of one configuration in one process (same threads, shapes, code): bitwise equal."""
-    a, b = (pd.read_csv(r / "rounds.csv").drop(columns="seconds") for r in two_runs)
-    pd.testing.assert_frame_equal(a, b, check_exact=True)
-    sa, sb = (pd.read_csv(r / "assignments.csv") for r in two_runs)
-    pd.testing.assert_frame_equal(sa, sb, check_exact=True)
+def test_same_seed_same_results_with_a_message_per_shard_or_per_node(two_runs):
+    """Two runs of one seed in one process (same threads, shapes, code), one with a message per
+    shard, one with each node's shards in one message: bitwise equal (but the clocks)."""
+    from safetensors.torch import load_file
+
+    for name, clocks in [
+        ("rounds.csv", ["seconds"]),
+        ("shards.csv", ["train_seconds", "node"]),  # node ids are drawn afresh by each simulation
+        ("assignments.csv", []),
+        ("moved.csv", []),
+        ("skip_counts.csv", []),
+    ]:
+        a, b = (pd.read_csv(r / name).drop(columns=clocks) for r in two_runs)
+        pd.testing.assert_frame_equal(a, b, check_exact=True, obj=name)
+    groups = [pd.read_csv(r / "shards.csv").groupby(["round", "node"])["shard"].apply(tuple) for r in two_runs]
+    assert sorted(groups[0]) == sorted(groups[1])  # the same shards shared a node
+    wa, wb = (load_file(r / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors") for r in two_runs)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_bad_setting_stops_before_training(tmp_path):
