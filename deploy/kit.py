@@ -11,13 +11,22 @@ writes into ``certs/``:
 - ``nodes/NAME.key``, ``nodes/NAME.pub``: one P-384 key pair per SuperNode; the private key in OpenSSH
   format (what ``flower-supernode --auth-supernode-private-key`` loads with ``load_ssh_private_key``), the
   public key as an ``ecdsa-sha2-nistp384`` SSH line (what ``flwr supernode register`` takes)
+- with ``--front-door``: ``frontdoor/nginx.conf`` and ``frontdoor/fleet.conf``, nginx's configuration for the
+  front door (``deploy/frontdoor.py``): TLS on ``--port`` (default 8000), only the Fleet API passed on to the
+  SuperLink on ``127.0.0.1:--superlink-port`` (default 8001); alone (no ``--host``/``--ip``) it is added to an
+  existing kit, e.g. on the SuperLink machine with its copy of ``ca.crt`` and ``superlink.*``
+
+The SuperLink certificate also names ``localhost`` and ``127.0.0.1``: the front door, the SuperLink's own
+ServerApp and an operator's SSH tunnel reach it there.
 
 It never overwrites a file: when any target exists it stops before writing anything (exit 1). With
 ``--node`` alone (no ``--host``/``--ip``) it only adds node key pairs, e.g. for a machine that joins later.
 
 Every argument is checked before anything is made; a bad one exits 2 with one line naming the option
 and the value: ``--host`` takes one DNS name (RFC 1123 labels; no wildcard, URL, port, space, comma or
-IP address), ``--ip`` one IPv4 or IPv6 address (no brackets, port, prefix or zone), ``--days`` 1..3650.
+IP address), ``--ip`` one IPv4 or IPv6 address (no brackets, port, prefix or zone), ``--days`` 1..3650;
+``--superlink-port`` and ``--listen`` (an IP address for nginx to bind) only with ``--front-door``, the two
+ports distinct, the kit's path one nginx can quote.
 The kit is written atomically: staged in a temporary sibling folder and renamed into place (or, added
 to an existing kit, linked in file by file and taken out again on a failure), so a failed write (exit 1)
 leaves nothing behind and an earlier kit as it was. Private keys are mode 0600 whatever the umask.
