@@ -128,6 +128,19 @@ def certificate_problem(kit: Path) -> str:
     return ""
 
 
+def certificate_host(kit: Path) -> str | None:
+    """The first name of the kit's SuperLink certificate other than the loopback's (None if none)."""
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate((kit / "superlink.crt").read_bytes())
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, x509.ExtensionNotFound, OSError):
+        return None
+    names = [*san.get_values_for_type(x509.DNSName), *map(str, san.get_values_for_type(x509.IPAddress))]
+    return next((n for n in names if n.lower() not in (LOOPBACK_NAME, LOOPBACK_IP)), None)
+
+
 def nginx_binary() -> str | None:
     """nginx on PATH, or Debian's ``/usr/sbin/nginx`` (not on an ordinary user's PATH); None if neither."""
     found = shutil.which("nginx")

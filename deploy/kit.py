@@ -58,6 +58,7 @@ from deploy.frontdoor import (
     LOOPBACK_IP,
     LOOPBACK_NAME,
     Door,
+    certificate_host,
     certificate_problem,
     instructions,
     listen_problem,
@@ -355,7 +356,7 @@ def placement(
         )
     lines.append("Run flower-superlink with --enable-supernode-auth: only registered node keys are admitted.")
     if door is not None:
-        lines += instructions(door, (hosts or ips or ["SUPERLINK"])[0])
+        lines += instructions(door, (hosts or ips or [certificate_host(door.kit) or "SUPERLINK"])[0])
     return "\n".join(lines)
 
 

@@ -431,3 +431,13 @@ def test_a_certificate_without_the_loopback_is_refused_for_the_front_door(previo
 def test_a_kit_path_nginx_cannot_quote_is_refused_for_the_front_door(tmp_path, capsys):
     refused(capsys, tmp_path, [str(tmp_path / "a$b"), "--host", "a.org", "--front-door"], "out: ", "'$'")
     refused(capsys, tmp_path, [str(tmp_path / 'a"b'), "--host", "a.org", "--front-door"], "out: ", "'\"'")
+
+
+def test_a_front_door_added_alone_names_the_certificates_host(tmp_path, capsys):
+    certs = tmp_path / "certs"
+    assert run_kit([str(certs), "--host", "superlink.example.org", "--ip", "10.0.0.5"]) == 0
+    capsys.readouterr()
+    assert run_kit([str(certs), "--front-door"]) == 0
+    out = capsys.readouterr().out
+    assert "flower-supernode --superlink superlink.example.org:8000" in out
+    assert "ssh -N -L 8001:127.0.0.1:8001 superlink.example.org" in out
