@@ -11,13 +11,22 @@ writes into ``certs/``:
 - ``nodes/NAME.key``, ``nodes/NAME.pub``: one P-384 key pair per SuperNode; the private key in OpenSSH
   format (what ``flower-supernode --auth-supernode-private-key`` loads with ``load_ssh_private_key``), the
   public key as an ``ecdsa-sha2-nistp384`` SSH line (what ``flwr supernode register`` takes)
+- with ``--front-door``: ``frontdoor/nginx.conf`` and ``frontdoor/fleet.conf``, nginx's configuration for the
+  front door (``deploy/frontdoor.py``): TLS on ``--port`` (default 8000), only the Fleet API passed on to the
+  SuperLink on ``127.0.0.1:--superlink-port`` (default 8001); alone (no ``--host``/``--ip``) it is added to an
+  existing kit, e.g. on the SuperLink machine with its copy of ``ca.crt`` and ``superlink.*``
+
+The SuperLink certificate also names ``localhost`` and ``127.0.0.1``: the front door, the SuperLink's own
+ServerApp and an operator's SSH tunnel reach it there.
 
 It never overwrites a file: when any target exists it stops before writing anything (exit 1). With
 ``--node`` alone (no ``--host``/``--ip``) it only adds node key pairs, e.g. for a machine that joins later.
 
 Every argument is checked before anything is made; a bad one exits 2 with one line naming the option
 and the value: ``--host`` takes one DNS name (RFC 1123 labels; no wildcard, URL, port, space, comma or
-IP address), ``--ip`` one IPv4 or IPv6 address (no brackets, port, prefix or zone), ``--days`` 1..3650.
+IP address), ``--ip`` one IPv4 or IPv6 address (no brackets, port, prefix or zone), ``--days`` 1..3650;
+``--superlink-port`` and ``--listen`` (an IP address for nginx to bind) only with ``--front-door``, the two
+ports distinct, the kit's path one nginx can quote.
 The kit is written atomically: staged in a temporary sibling folder and renamed into place (or, added
 to an existing kit, linked in file by file and taken out again on a failure), so a failed write (exit 1)
 leaves nothing behind and an earlier kit as it was. Private keys are mode 0600 whatever the umask.
@@ -43,6 +52,18 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from deploy.frontdoor import (
+    DEFAULT_SUPERLINK_PORT,
+    LOOPBACK_IP,
+    LOOPBACK_NAME,
+    Door,
+    certificate_host,
+    certificate_problem,
+    instructions,
+    listen_problem,
+    path_problem,
+)
 
 CURVE = ec.SECP384R1()
 NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -113,11 +134,16 @@ def make_ca(days: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
 def make_server_cert(
     ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, hosts: list[str], ips: list[str], days: int
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """The SuperLink's TLS certificate: every host name and IP address in its SAN."""
+    """The SuperLink's TLS certificate: every host name and IP address in its SAN, and the loopback's
+    (localhost, 127.0.0.1: what the front door, the SuperLink's own ServerApp and an operator's SSH
+    tunnel connect to); the common name is the first given name that fits."""
     key = ec.generate_private_key(CURVE)
     now = dt.datetime.now(dt.UTC)
-    san: list[x509.GeneralName] = [x509.DNSName(h) for h in hosts]
-    san += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+    names = hosts + [LOOPBACK_NAME] * (LOOPBACK_NAME not in {h.lower() for h in hosts})
+    addresses = [ipaddress.ip_address(i) for i in ips]
+    addresses += [ipaddress.ip_address(LOOPBACK_IP)] * (ipaddress.ip_address(LOOPBACK_IP) not in addresses)
+    san: list[x509.GeneralName] = [x509.DNSName(h) for h in names]
+    san += [x509.IPAddress(a) for a in addresses]
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name(next((n for n in hosts + ips if len(n) <= CN_LIMIT), "iet-agc SuperLink")))
@@ -152,7 +178,9 @@ def make_node_keys(name: str) -> tuple[bytes, bytes]:
     return private, public + f" {name}\n".encode()
 
 
-def plan(out: Path, hosts: list[str], ips: list[str], nodes: list[str], days: int) -> Plan:
+def plan(out: Path, hosts: list[str], ips: list[str], nodes: list[str], days: int, door: Door | None = None) -> Plan:
+    """Every file of one call, made in memory: CA and certificate (with ``hosts``/``ips``), node key
+    pairs, the front door's nginx configuration (with ``door``)."""
     files: dict[Path, bytes] = {}
     private: set[Path] = set()
     if hosts or ips:
@@ -168,6 +196,8 @@ def plan(out: Path, hosts: list[str], ips: list[str], nodes: list[str], days: in
         files[out / "nodes" / f"{node}.key"] = priv
         files[out / "nodes" / f"{node}.pub"] = pub
         private.add(out / "nodes" / f"{node}.key")
+    if door is not None:  # its paths are absolute (nginx reads them from its own folder)
+        files |= {out / path.relative_to(door.kit): data for path, data in door.files().items()}
     return Plan(files, private, out)
 
 
@@ -288,8 +318,10 @@ def _place(staged: Path, target: Path) -> None:
         _write_file(target, staged.read_bytes(), stat.S_IMODE(staged.stat().st_mode))
 
 
-def placement(out: Path, hosts: list[str], ips: list[str], nodes: list[str], port: int) -> str:
-    """Where each file goes: which machine, which flag."""
+def placement(
+    out: Path, hosts: list[str], ips: list[str], nodes: list[str], port: int, door: Door | None = None
+) -> str:
+    """Where each file goes: which machine, which flag; with ``door``, how to run the front door."""
     o = out.resolve()
     addr = f"{(hosts or ips or ['SUPERLINK'])[0]}:{port}"
     rows: list[tuple[str, str]] = []
@@ -309,14 +341,22 @@ def placement(out: Path, hosts: list[str], ips: list[str], nodes: list[str], por
             ),
             (f"{o}/nodes/{node}.pub", f"the user's machine: flwr supernode register {o}/nodes/{node}.pub NAME"),
         ]
+    if door is not None:
+        rows += [
+            (f"{door.folder}/nginx.conf", "SuperLink machine: nginx -c (this user's nginx; pid, logs inside)"),
+            (f"{door.folder}/fleet.conf", "the front door itself: included by nginx.conf, or /etc/nginx/conf.d"),
+        ]
     width = max(len(path) for path, _ in rows)
     lines = ["Where each file goes (NAME: the user's SuperLink connection):"]
     lines += [f"  {path:<{width}}  {what}" for path, what in rows]
     if hosts or ips:
         lines.append(
-            f"The SuperLink certificate is valid for {', '.join(hosts + ips)}: connect to one of them, e.g. {addr}."
+            f"The SuperLink certificate is valid for {', '.join(hosts + ips)}: connect to one of them, e.g. {addr}"
+            f" (and for {LOOPBACK_NAME}, {LOOPBACK_IP}: the loopback side)."
         )
     lines.append("Run flower-superlink with --enable-supernode-auth: only registered node keys are admitted.")
+    if door is not None:
+        lines += instructions(door, (hosts or ips or [certificate_host(door.kit) or "SUPERLINK"])[0])
     return "\n".join(lines)
 
 
@@ -419,8 +459,41 @@ def check_args(args: argparse.Namespace) -> None:
         if not NODE_NAME.fullmatch(node):
             raise KitError(f"--node: {node!r}: a name must match {NODE_NAME.pattern}")
     _distinct("--node", args.node, str.lower)  # gpu1 and GPU1 would be one file on some file systems
-    if not (args.host or args.ip or args.node):
-        raise KitError("give --host/--ip (CA and SuperLink certificate) and/or --node (SuperNode key pairs)")
+    check_front_door(args)
+    if not (args.host or args.ip or args.node or args.front_door):
+        raise KitError(
+            "give --host/--ip (CA and SuperLink certificate), --node (SuperNode key pairs) and/or --front-door"
+        )
+
+
+def check_front_door(args: argparse.Namespace) -> None:
+    """The front door's options: only with ``--front-door``; its two ports distinct; an address
+    nginx can bind; a kit path nginx can read; certificates made now or already in the kit."""
+    if not args.front_door:
+        for option, value in (("--superlink-port", args.superlink_port), ("--listen", args.listen)):
+            if value is not None:
+                raise KitError(f"{option}: {value!r}: only with --front-door")
+        return
+    port = DEFAULT_SUPERLINK_PORT if args.superlink_port is None else args.superlink_port
+    if not 1 <= port <= 65535:
+        raise KitError(f"--superlink-port: {port}: must be 1..65535")
+    if port == args.port:
+        raise KitError(f"--superlink-port: {port}: must differ from --port (nginx listens there)")
+    if args.listen is not None and listen_problem(args.listen):
+        raise KitError(f"--listen: {args.listen!r}: {listen_problem(args.listen)}")
+    kit = args.out.resolve()
+    if path_problem(kit):
+        raise KitError(f"out: {str(kit)!r}: {path_problem(kit)} (the front door's configuration names it)")
+    if not (args.host or args.ip) and certificate_problem(kit):
+        raise KitError(f"--front-door: {certificate_problem(kit)}")
+
+
+def front_door(args: argparse.Namespace) -> Door | None:
+    """The checked front door of ``args`` (None without ``--front-door``)."""
+    if not args.front_door:
+        return None
+    port = DEFAULT_SUPERLINK_PORT if args.superlink_port is None else args.superlink_port
+    return Door(args.out.resolve(), args.port, port, args.listen)
 
 
 def _folder(text: str) -> Path:
@@ -438,9 +511,8 @@ def _distinct(option: str, values: list[str], key) -> None:
         seen[key(value)] = value
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m deploy.kit``: 0 written, 1 not written (a file exists, a write failed), 2 bad arguments.
-    An error is one line on stderr; nothing is written before every argument has been checked."""
+def parser() -> argparse.ArgumentParser:
+    """The kit's options; an error exits 2 with one line."""
     ap = argparse.ArgumentParser(
         prog="python -m deploy.kit",
         description="Make a CA, a SuperLink TLS certificate and SuperNode key pairs for a Flower deployment.",
@@ -455,14 +527,35 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ip", action="append", default=[], help="an IP address of the SuperLink (repeat for more)")
     ap.add_argument("--node", action="append", default=[], help="a SuperNode name: one key pair each (repeat)")
     ap.add_argument("--days", type=int, default=825, help=f"certificate validity in days, 1..{MAX_DAYS} (default 825)")
-    ap.add_argument("--port", type=int, default=8000, help="SuperLink port, for the printed hints (default 8000)")
+    ap.add_argument(
+        "--port", type=int, default=8000, help="the port SuperNodes connect to (the front door's), default 8000"
+    )
+    ap.add_argument(
+        "--front-door",
+        action="store_true",
+        help="write frontdoor/nginx.conf and frontdoor/fleet.conf: nginx on --port passes only the Fleet API",
+    )
+    ap.add_argument(
+        "--superlink-port",
+        type=int,
+        help=f"with --front-door: the SuperLink's port on 127.0.0.1 (default {DEFAULT_SUPERLINK_PORT})",
+    )
+    ap.add_argument("--listen", help="with --front-door: the address nginx binds (default every IPv4 address)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m deploy.kit``: 0 written, 1 not written (a file exists, a write failed), 2 bad arguments.
+    An error is one line on stderr; nothing is written before every argument has been checked."""
+    ap = parser()
     args = ap.parse_args(argv)
     try:
         check_args(args)
     except KitError as err:
         ap.error(str(err))
     try:
-        write(plan(args.out, args.host, args.ip, args.node, args.days))
+        door = front_door(args)
+        write(plan(args.out, args.host, args.ip, args.node, args.days, door))
     except FileExistsError as err:
         print(f"{ap.prog}: error: {err}", file=sys.stderr)
         return 1
@@ -470,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
         reason = " ".join((err.strerror or str(err)).split()) + (f": {err.filename}" if err.filename else "")
         print(f"{ap.prog}: error: cannot write the kit into {args.out} ({reason}); wrote nothing", file=sys.stderr)
         return 1
-    print(placement(args.out, args.host, args.ip, args.node, args.port))
+    print(placement(args.out, args.host, args.ip, args.node, args.port, door))
     return 0
 
 

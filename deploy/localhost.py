@@ -4,7 +4,11 @@ The README's deployment steps, scripted: the operator kit makes the CA, the Supe
 certificate and the node keys; a SuperLink runs with TLS, SuperNode authentication and a
 database; the user's Flower config gets a TLS connection and registers the nodes; each SuperNode
 runs with its own key, runtime port, node-config and state folder (``--isolation process`` adds
-one ``flower-superexec`` per node). Used by ``tests/test_deployment.py`` and
+one ``flower-superexec`` per node). With ``front_door`` the kit also writes nginx's
+configuration and a real nginx (``deploy.frontdoor``) ends TLS on the public port in front of a
+SuperLink on the loopback: the nodes connect to nginx, the user's ``lab`` connection goes to the
+SuperLink's loopback port (where an operator's SSH tunnel ends) and a second connection,
+``public``, to nginx (it must be refused). Used by ``tests/test_deployment.py`` and
 ``scripts/bench_deployment.py``; every process started here ends with ``Machines.stop``.
 """
 
@@ -19,6 +23,8 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+
+from deploy.frontdoor import nginx_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -112,30 +118,45 @@ def deploy(
     isolation: str = "subprocess",
     node_config: str = "device='cpu'",
     node_env: Mapping[str, str] | None = None,
+    front_door: bool = False,
 ) -> tuple[dict[str, str], dict[str, int]]:
     """README steps 0-3 on localhost; returns the user's environment (``flwr run . lab`` works in
     it) and the registered node ids. ``rogue`` adds a node with an unregistered key; ``node_env``
-    is added to the nodes' environment (e.g. ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``)."""
+    is added to the nodes' environment (e.g. ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``);
+    ``front_door`` puts nginx in front of the SuperLink (``public`` is then the user's connection
+    to nginx, ``lab`` the SuperLink's loopback port)."""
     if isolation not in ISOLATION_MODES:
         raise ValueError(f"isolation: must be one of {', '.join(ISOLATION_MODES)}, got {isolation!r}")
-    port, *node_ports = free_ports(1 + len(nodes) + rogue)
+    nginx = nginx_binary() if front_door else None
+    if front_door and nginx is None:
+        raise RuntimeError("front_door: no nginx on PATH nor /usr/sbin/nginx (Debian: apt-get install nginx)")
+    link, *node_ports = free_ports(1 + front_door + len(nodes) + rogue)
+    public = node_ports.pop() if front_door else link  # where the nodes connect
     base = {**base_env, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     base["PATH"] = f"{BIN}{os.pathsep}{base.get('PATH', '')}"  # Flower starts flower-superexec, flwr-clientapp
     started = nodes + ("rogue",) * rogue  # "rogue" gets a key but is never registered
-    certs = operator_kit(folder, started, port, base)
-    start_superlink(folder, machines, port, certs, base)
-    user, registered = user_connection(folder, nodes, port, certs, base)
+    certs = operator_kit(folder, started, public, base, link if front_door else None)
+    start_superlink(folder, machines, link, certs, base)
+    if nginx is not None:
+        start_front_door(machines, nginx, certs, public, base)
+    user, registered = user_connection(folder, nodes, link, certs, base, public if front_door else None)
     for node, node_port in zip(started, node_ports, strict=True):
-        start_node(folder, machines, node, node_port, port, certs, {**base, **(node_env or {})}, isolation, node_config)
+        env = {**base, **(node_env or {})}
+        start_node(folder, machines, node, node_port, public, certs, env, isolation, node_config)
     return user, registered
 
 
-def operator_kit(folder: Path, nodes: tuple[str, ...], port: int, env: Mapping[str, str]) -> Path:
+def operator_kit(
+    folder: Path, nodes: tuple[str, ...], port: int, env: Mapping[str, str], superlink_port: int | None = None
+) -> Path:
     """README step 0, the operator kit: CA, SuperLink certificate (SAN localhost + 127.0.0.1), one
-    key pair per node; returns the certificates' folder (what it printed is in ``kit.log``)."""
+    key pair per node, and with ``superlink_port`` the front door's nginx configuration (nginx on
+    127.0.0.1:``port``); returns the certificates' folder (what it printed is in ``kit.log``)."""
     certs = folder / "certs"
     kit = [sys.executable, "-m", "deploy.kit", str(certs), "--host", "localhost", "--ip", "127.0.0.1"]
     kit += [a for n in nodes for a in ("--node", n)] + ["--port", str(port)]
+    if superlink_port is not None:
+        kit += ["--front-door", "--superlink-port", str(superlink_port), "--listen", "127.0.0.1"]
     made = subprocess.run(kit, cwd=ROOT, env=dict(env), capture_output=True, text=True, timeout=60)
     (folder / "kit.log").write_text(made.stdout + made.stderr)  # which file goes where, as printed
     if made.returncode:
@@ -156,15 +177,41 @@ def start_superlink(folder: Path, machines: Machines, port: int, certs: Path, en
     wait_for(lambda: "Uvicorn running on https" in machines.log("superlink"), 300, "the SuperLink", machines)
 
 
+def start_front_door(machines: Machines, nginx: str, certs: Path, port: int, env: Mapping[str, str]) -> None:
+    """README step 1's front door: nginx with the kit's configuration (as this user, in the
+    foreground so that ``Machines`` holds it), serving once its port takes connections."""
+    door = certs / "frontdoor"
+    args = ["-p", str(door), "-c", str(door / "nginx.conf"), "-e", str(door / "error.log")]
+    proc = machines.start("nginx", [nginx, *args, "-g", "daemon off;"], env)
+
+    def serving() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"nginx exited ({proc.returncode})\n{machines.log('nginx')}")
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_for(serving, 60, "nginx", machines)
+
+
 def user_connection(
-    folder: Path, nodes: tuple[str, ...], port: int, certs: Path, env: Mapping[str, str]
+    folder: Path,
+    nodes: tuple[str, ...],
+    port: int,
+    certs: Path,
+    env: Mapping[str, str],
+    public: int | None = None,
 ) -> tuple[dict[str, str], dict[str, int]]:
     """README step 2, the user's machine: a TLS connection ``lab`` in ``$FLWR_HOME/config.toml``
-    and the nodes' public keys registered; returns the user's environment and the node ids."""
+    (and ``public``, to the front door's port, when given) and the nodes' public keys registered;
+    returns the user's environment and the node ids."""
     user = {**env, "FLWR_HOME": str(folder / "user-home")}
     Path(user["FLWR_HOME"]).mkdir(exist_ok=True)
+    ports = {"lab": port} | ({"public": public} if public is not None else {})
     (Path(user["FLWR_HOME"]) / "config.toml").write_text(
-        f'[superlink.lab]\naddress = "localhost:{port}"\nroot-certificates = "{certs / "ca.crt"}"\n'
+        "".join(
+            f'[superlink.{name}]\naddress = "localhost:{p}"\nroot-certificates = "{certs / "ca.crt"}"\n\n'
+            for name, p in ports.items()
+        )
     )
     registered = {}
     for node in nodes:

@@ -70,6 +70,21 @@ def flower_task():
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
 
 
+@pytest.fixture
+def nginx() -> str:
+    """The nginx binary the front-door tests run. Where it is missing they are skipped with the
+    reason, but in CI (``CI=true``: ``.ci/run`` installs it as root) they fail: never silently."""
+    from deploy.frontdoor import nginx_binary
+
+    found = nginx_binary()
+    if found is None:
+        reason = "no nginx on PATH nor /usr/sbin/nginx: the front door needs a real one (Debian: apt-get install nginx)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true: {reason}")
+        pytest.skip(reason)
+    return found
+
+
 def superlink_pids(home: Path | None = None) -> list[int]:
     """Local simulation SuperLinks (those serving ``home`` when given; the local one is machine-wide)."""
     pids = []

@@ -97,7 +97,26 @@ BAD_OPTIONS = [
     (["--host", "a.org", "--port", "http"], ["--port", "'http'"]),
     (["--host"], ["--host", "expected one argument"]),
     (["--host", "a.org", "--bogus"], ["unrecognized arguments", "--bogus"]),
-    ([], ["--host/--ip", "--node"]),  # nothing to make
+    ([], ["--host/--ip", "--node", "--front-door"]),  # nothing to make
+    # the front door's options
+    (["--host", "a.org", "--superlink-port", "9000"], ["--superlink-port", "9000", "only with --front-door"]),
+    (["--host", "a.org", "--listen", "127.0.0.1"], ["--listen", "'127.0.0.1'", "only with --front-door"]),
+    (["--host", "a.org", "--front-door", "--superlink-port", "0"], ["--superlink-port", "0", "1..65535"]),
+    (["--host", "a.org", "--front-door", "--superlink-port", "65536"], ["--superlink-port", "65536", "1..65535"]),
+    (["--host", "a.org", "--front-door", "--superlink-port", "x"], ["--superlink-port", "'x'"]),
+    (
+        ["--host", "a.org", "--front-door", "--superlink-port", "8000"],
+        ["--superlink-port", "8000", "differ from --port"],
+    ),
+    (["--host", "a.org", "--front-door", "--port", "9", "--superlink-port", "9"], ["--superlink-port", "9", "differ"]),
+    (["--host", "a.org", "--front-door", "--listen", "localhost"], ["--listen", "'localhost'", "not an IPv4"]),
+    (["--host", "a.org", "--front-door", "--listen", "127.0.0.1:8000"], ["--listen", "'127.0.0.1:8000'", "no port"]),
+    (["--host", "a.org", "--front-door", "--listen", "[::1]"], ["--listen", "'[::1]'", "without brackets"]),
+    (["--host", "a.org", "--front-door", "--listen", "224.0.0.1"], ["--listen", "'224.0.0.1'", "multicast"]),
+    (["--host", "a.org", "--front-door", "--listen", ""], ["--listen", "''", "white space"]),
+    (["--host", "a.org", "--front-door", "--listen", "10.0.0.0/8"], ["--listen", "'10.0.0.0/8'", "not an IPv4"]),
+    (["--front-door"], ["--front-door", "has no ca.crt, superlink.crt, superlink.key", "--host/--ip"]),
+    (["--node", "a", "--front-door"], ["--front-door", "has no ca.crt"]),  # nodes alone make no certificate
 ]
 BAD_OUTS = [("", "out: empty"), ("afile", "out: ", "exists and is not a folder")]
 
@@ -335,3 +354,90 @@ def test_as_a_process_a_url_exits_2_with_one_line(tmp_path):
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr == f"{PROG}--host: 'https://superlink.example.org': {kit.host_problem('https://x')}\n"
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- the front door ---------------------------------------------------------------------------
+def test_a_certificate_also_names_the_loopback(tmp_path):
+    """The front door, the SuperLink's own ServerApp and an operator's SSH tunnel reach the
+    SuperLink on 127.0.0.1 / localhost: the certificate names them, the common name stays the user's."""
+    assert run_kit([str(tmp_path / "c"), "--host", "superlink.example.org", "--ip", "10.0.0.5"]) == 0
+    server = x509.load_pem_x509_certificate((tmp_path / "c" / "superlink.crt").read_bytes())
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["superlink.example.org", "localhost"]
+    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address(i) for i in ("10.0.0.5", "127.0.0.1")]
+    assert server.subject.rfc4514_string() == "CN=superlink.example.org"
+
+
+def test_the_front_door_is_written_with_the_kit(tmp_path, capsys):
+    certs = tmp_path / "certs"
+    argv = [str(certs), "--host", "superlink.example.org", "--node", "gpu1", "--front-door", "--port", "8443"]
+    assert run_kit([*argv, "--superlink-port", "9001", "--listen", "::1"]) == 0
+    out = capsys.readouterr().out
+    door = certs.resolve() / "frontdoor"
+    assert {p: m for p, (_, m) in listing(door).items()} == {"nginx.conf": 0o644, "fleet.conf": 0o644}
+    nginx_conf, fleet = (door / "nginx.conf").read_text(), (door / "fleet.conf").read_text()
+    assert "@" not in nginx_conf + fleet  # every placeholder filled
+    assert f'include "{door}/fleet.conf";' in nginx_conf and f'pid "{door}/nginx.pid";' in nginx_conf
+    assert "listen [::1]:8443 ssl;" in fleet and "server 127.0.0.1:9001;" in fleet
+    assert f'ssl_certificate "{certs.resolve()}/superlink.crt";' in fleet
+    assert f'proxy_ssl_trusted_certificate "{certs.resolve()}/ca.crt";' in fleet
+    assert "location /v1/fleet/ {" in fleet and "proxy_ssl_verify on;" in fleet
+    assert f"-p {door} -c {door}/nginx.conf -e {door}/error.log" in out  # how to start it, printed
+    assert "flower-superlink --host 127.0.0.1 --port 9001" in out
+    assert "flower-supernode --superlink superlink.example.org:8443" in out
+    assert "ssh -N -L 9001:127.0.0.1:9001 superlink.example.org" in out and "/etc/nginx/conf.d/" in out
+
+
+def test_the_front_door_joins_an_existing_kit(previous, tmp_path, capsys):
+    certs, before = previous
+    assert run_kit([str(certs), "--front-door"]) == 0  # e.g. on the SuperLink machine, with its copy
+    after = listing(tmp_path)
+    assert {k: v for k, v in after.items() if k in before} == before
+    assert sorted(set(after) - set(before)) == [
+        "certs/frontdoor",
+        "certs/frontdoor/fleet.conf",
+        "certs/frontdoor/nginx.conf",
+    ]
+    assert "listen 8000 ssl;" in (certs / "frontdoor" / "fleet.conf").read_text()
+    assert "server 127.0.0.1:8001;" in (certs / "frontdoor" / "fleet.conf").read_text()
+    capsys.readouterr()
+    assert run_kit([str(certs), "--front-door"]) == 1  # never replaced
+    assert "refusing to overwrite" in capsys.readouterr().err and listing(tmp_path) == after
+
+
+def test_a_front_door_failing_mid_way_keeps_the_previous_kit(previous, tmp_path, monkeypatch):
+    certs, before = previous
+    monkeypatch.setattr(kit, "_place", failing(kit._place, 1, OSError(errno.ENOSPC, "No space left")))
+    assert run_kit([str(certs), "--front-door"]) == 1
+    assert listing(tmp_path) == before
+
+
+def test_a_certificate_without_the_loopback_is_refused_for_the_front_door(previous, tmp_path, capsys):
+    """A certificate made elsewhere (or by an older kit) that names no loopback: the door's nginx,
+    the ServerApp and the tunnel could not check it."""
+    certs, _ = previous
+    key = kit.ec.generate_private_key(kit.CURVE)
+    name = kit._name("superlink.example.org")
+    san = x509.SubjectAlternativeName([x509.DNSName("superlink.example.org")])
+    when = kit.dt.datetime.now(kit.dt.UTC)
+    builder = x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+    builder = builder.serial_number(1).not_valid_before(when).not_valid_after(when + kit.dt.timedelta(days=1))
+    cert = builder.add_extension(san, critical=False).sign(key, kit.hashes.SHA384())
+    (certs / "superlink.crt").chmod(0o644)
+    (certs / "superlink.crt").write_bytes(cert.public_bytes(kit.serialization.Encoding.PEM))
+    refused(capsys, tmp_path, [str(certs), "--front-door"], "--front-door", "does not name localhost and 127.0.0.1")
+
+
+def test_a_kit_path_nginx_cannot_quote_is_refused_for_the_front_door(tmp_path, capsys):
+    refused(capsys, tmp_path, [str(tmp_path / "a$b"), "--host", "a.org", "--front-door"], "out: ", "'$'")
+    refused(capsys, tmp_path, [str(tmp_path / 'a"b'), "--host", "a.org", "--front-door"], "out: ", "'\"'")
+
+
+def test_a_front_door_added_alone_names_the_certificates_host(tmp_path, capsys):
+    certs = tmp_path / "certs"
+    assert run_kit([str(certs), "--host", "superlink.example.org", "--ip", "10.0.0.5"]) == 0
+    capsys.readouterr()
+    assert run_kit([str(certs), "--front-door"]) == 0
+    out = capsys.readouterr().out
+    assert "flower-supernode --superlink superlink.example.org:8000" in out
+    assert "ssh -N -L 8001:127.0.0.1:8001 superlink.example.org" in out
