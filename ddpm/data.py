@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import warnings
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data_cache
+from .captions import METADATA, Captions, as_captions, read_captions_json, read_metadata
 from .files import error_text
 
 DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "imagefolder")
@@ -31,7 +33,11 @@ DEFAULT_ROOT = Path.home() / ".cache" / "iet-agc" / "data"
 
 @dataclass(frozen=True, eq=False)
 class ImageSet:
-    """A training split (ids = row index) plus held-out real images for evaluation."""
+    """A training split (ids = row index) plus held-out real images for evaluation.
+
+    ``captions``: each training image's captions (a tuple of at least one string, the first the
+    default) for a captioned image folder, None otherwise; ``holdout_captions`` the same for the
+    held-out images where their folder has captions."""
 
     name: str
     images: torch.Tensor  # uint8 (N, C, H, W)
@@ -40,6 +46,17 @@ class ImageSet:
     holdout_labels: torch.Tensor | None = None  # int64 (M,) where the data set has labels
     known_fingerprint: str = field(default="", repr=False)  # stored with a decoded copy on disk
     split: str = ""  # a split other than "train + all the rest" (digits' holdout-size, data-split)
+    captions: Captions | None = field(default=None, repr=False)
+    holdout_captions: Captions | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        for attr, images in (("captions", self.images), ("holdout_captions", self.holdout)):
+            value = getattr(self, attr)
+            if value is None:
+                continue
+            if len(value) != images.shape[0]:
+                raise ValueError(f"{attr}: {len(value)} entries for {images.shape[0]} images")
+            object.__setattr__(self, attr, tuple(as_captions(c, f"{attr}[{i}]") for i, c in enumerate(value)))
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -54,7 +71,8 @@ class ImageSet:
 
     @functools.cached_property
     def fingerprint(self) -> str:
-        """``<N>-<sha256 prefix>`` over the training images and labels (and the split, if not the usual)."""
+        """``<N>-<sha256 prefix>`` over the training images and labels (and the split, if not the usual),
+        and over every caption in order where there are captions (none: the hash of before captions)."""
         if self.known_fingerprint:
             return self.known_fingerprint
         h = hashlib.sha256()
@@ -64,6 +82,8 @@ class ImageSet:
         h.update(self.images.contiguous().numpy().tobytes())
         if self.labels is not None:
             h.update(self.labels.numpy().astype(np.int64).tobytes())
+        if self.captions is not None:
+            h.update(b"captions;" + json.dumps(self.captions, ensure_ascii=False).encode())
         return f"{len(self)}-{h.hexdigest()[:16]}"
 
 
@@ -204,7 +224,9 @@ def read_image(path: Path):
         raise ValueError(f"{path}: not a readable image ({error_text(err)})") from None
 
 
-def _read_folder(root: Path, image_size: int) -> torch.Tensor:
+def _read_folder(root: Path, image_size: int, crop: bool = False) -> torch.Tensor:
+    """The images under ``root`` in id order as uint8 (N, 3, S, S): squashed to S x S (bicubic), or
+    with ``crop`` as Stable Diffusion's fine-tuning scripts prepare them: short side to S, centre S x S."""
     from PIL import Image
 
     files = image_files(root)
@@ -212,16 +234,44 @@ def _read_folder(root: Path, image_size: int) -> torch.Tensor:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
     out = torch.empty((len(files), 3, image_size, image_size), dtype=torch.uint8)
     for i, path in enumerate(files):  # loading, not a training step
-        img = read_image(path).convert("RGB").resize((image_size, image_size), Image.BICUBIC)
+        img = read_image(path).convert("RGB")
+        img = _centre_crop(img, image_size) if crop else img.resize((image_size, image_size), Image.BICUBIC)
         out[i] = torch.from_numpy(np.array(img)).permute(2, 0, 1)
     return out
+
+
+def _centre_crop(img, size: int):
+    """diffusers' train_text_to_image.py with --center_crop: Resize(size, bilinear), CenterCrop(size)."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    return TF.center_crop(TF.resize(img, size, InterpolationMode.BILINEAR), size)
+
+
+def folder_captions(root: Path, captions: str = "", key: str = "data-root") -> Captions | None:
+    """The captions of the images under ``root``, in id order: from the captions JSON ``captions``
+    (DCR's format) when given, else from ``root/metadata.jsonl`` when there is one, else None.
+
+    ``key`` (the setting holding ``root``) begins the errors about ``metadata.jsonl``. Only the
+    folder's own ``metadata.jsonl`` is read: one in a sub-folder is refused, never silently ignored."""
+    names = [p.relative_to(root).as_posix() for p in image_files(root)]
+    if captions:
+        return read_captions_json(Path(captions).expanduser(), names, root, IMAGE_SUFFIXES)
+    nested = sorted(p for p in root.rglob(METADATA) if p.parent != root)
+    if nested:
+        raise ValueError(
+            f"{key}: {nested[0]}: only {root / METADATA} is read (file_name relative to {root}); move its lines there"
+        )
+    metadata = root / METADATA
+    return read_metadata(metadata, names, key) if metadata.is_file() else None
 
 
 CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 
 
-def _sources(name: str, root: str, holdout_root: str) -> dict:
-    """What the decoded arrays depend on besides the loader's arguments: the source files."""
+def _sources(name: str, root: str, holdout_root: str, captions: str = "") -> dict:
+    """What the decoded arrays depend on besides the loader's arguments: the source files (a folder's
+    ``metadata.jsonl`` and the captions JSON only where they exist, so older keys stay as they were)."""
     if name == "digits":
         return {"scikit-learn": version("scikit-learn")}
     if name in CIFAR_FOLDERS:
@@ -233,6 +283,11 @@ def _sources(name: str, root: str, holdout_root: str) -> dict:
         if folder:
             path = Path(folder).expanduser().resolve()
             out[key] = [str(path), data_cache.file_signature(image_files(path), path)]
+            if (path / METADATA).is_file():
+                out[key].append(data_cache.file_signature([path / METADATA], path))
+    if captions:
+        path = Path(captions).expanduser().resolve()
+        out["captions"] = [str(path), data_cache.file_signature([path], path.parent) if path.is_file() else None]
     return out
 
 
@@ -250,6 +305,33 @@ def check_split(name: str, holdout_size: int, data_split: str) -> None:
         )
 
 
+def check_captions(name: str, captions: str) -> None:
+    """A captions JSON goes with an image folder only (digits and CIFAR have labels, no captions)."""
+    if captions and name in DATASETS and name != "imagefolder":
+        raise ValueError(f'captions: image folders only; {name} has no captions, leave captions = ""')
+
+
+def _load_folder(root: str, holdout_root: str, image_size: int, train_size: int, captions: str) -> ImageSet:
+    """An image folder (its first ``train_size`` images, 0: all), captioned or not, and its held-out
+    folder. Captioned training images are centre-cropped, uncaptioned ones squashed as before
+    captions existed; the held-out images are prepared as the training images are."""
+    if not root:
+        raise ValueError("data-root: imagefolder needs the folder of training images")
+    folder = Path(root).expanduser()
+    texts = folder_captions(folder, captions)  # before any image is decoded: a bad file fails fast
+    crop = texts is not None
+    images = _read_folder(folder, image_size, crop)
+    if train_size:
+        images, texts = images[:train_size], texts and texts[:train_size]
+    holdout = torch.empty((0, 3, image_size, image_size), dtype=torch.uint8)
+    held_texts = None
+    if holdout_root:
+        held = Path(holdout_root).expanduser()
+        held_texts = folder_captions(held, key="holdout-root")
+        holdout = _read_folder(held, image_size, crop)
+    return ImageSet("imagefolder", images.contiguous(), None, holdout, captions=texts, holdout_captions=held_texts)
+
+
 def _decode(
     name: str,
     root: str,
@@ -260,25 +342,17 @@ def _decode(
     seed: int,
     holdout_size: int = 0,
     data_split: str = "train",
+    captions: str = "",
 ) -> ImageSet:
     """Read and decode the source files (what the disk copy saves a process from doing again)."""
     check_split(name, holdout_size, data_split)
+    check_captions(name, captions)
     if name == "digits":
         return _load_digits(image_size, train_size, seed, holdout_size, data_split)
     if name in CIFAR_FOLDERS:
         return _load_cifar(name, Path(root).expanduser() if root else DEFAULT_ROOT, download, image_size, train_size)
     if name == "imagefolder":
-        if not root:
-            raise ValueError("data-root: imagefolder needs the folder of training images")
-        images = _read_folder(Path(root).expanduser(), image_size)
-        if train_size:
-            images = images[:train_size]
-        holdout = (
-            _read_folder(Path(holdout_root).expanduser(), image_size)
-            if holdout_root
-            else torch.empty((0, 3, image_size, image_size), dtype=torch.uint8)
-        )
-        return ImageSet("imagefolder", images.contiguous(), None, holdout)
+        return _load_folder(root, holdout_root, image_size, train_size, captions)
     raise ValueError(f"dataset: unknown data set {name!r}; allowed: {', '.join(DATASETS)}")
 
 
@@ -297,38 +371,53 @@ def load_dataset(
     seed: int = 0,
     holdout_size: int = 0,
     data_split: str = "train",
+    captions: str = "",
     cache_dir: str = "",
 ) -> ImageSet:
     """Load a data set by name: cached per process, and decoded once per machine.
 
     ``seed``, ``holdout_size`` and ``data_split`` shape the digits split only (see ``_load_digits``).
+    ``captions``: an image folder's captions JSON in DCR's format (``""``: the folder's
+    ``metadata.jsonl`` where it has one, else no captions; see ``folder_captions``).
     ``cache_dir`` holds the decoded copies (``""``: ``data_cache.default_cache_dir()``; ``"off"``:
     decode every time and keep nothing).
     """
-    decode = (name, root, holdout_root, download, image_size, train_size, seed, holdout_size, data_split)
+    decode = (name, root, holdout_root, download, image_size, train_size, seed, holdout_size, data_split, captions)
     if cache_dir == "off" or name not in DATASETS or (name == "imagefolder" and not root):
         return _decode(*decode)  # or its error
     check_split(name, holdout_size, data_split)
+    check_captions(name, captions)
     args = dict(name=name, root=root, holdout_root=holdout_root, image_size=image_size, train_size=train_size)
     if name == "digits":  # the only loader whose split depends on the seed and the split sizes
         args.update(seed=seed, holdout_size=holdout_size, data_split=data_split)
+    if captions:  # only where given: the keys of the copies made before captions stay as they were
+        args.update(captions=captions)
     base = Path(cache_dir).expanduser() if cache_dir else data_cache.default_cache_dir()
-    folder = base / data_cache.cache_key({**args, "sources": _sources(name, root, holdout_root)})
+    folder = base / data_cache.cache_key({**args, "sources": _sources(name, root, holdout_root, captions)})
     found = data_cache.read(folder)
     if found is not None:
-        arrays, meta = found
-        t = {k: torch.from_numpy(a) for k, a in arrays.items()}
-        return ImageSet(
-            name,
-            t["images"],
-            t.get("labels"),
-            t["holdout"],
-            t.get("holdout_labels"),
-            known_fingerprint=meta["fingerprint"],
-        )
+        return _from_copy(name, *found)
     data = _decode(*decode)
     arrays = {k: getattr(data, k).numpy() for k in ARRAYS if getattr(data, k) is not None}
+    texts = {"train": data.captions, "holdout": data.holdout_captions}
+    documents = {"captions": texts} if any(v is not None for v in texts.values()) else {}
     # sources again: a download may just have made the files the key is made of
-    folder = base / data_cache.cache_key({**args, "sources": _sources(name, root, holdout_root)})
-    data_cache.write(folder, arrays, {"name": name, "fingerprint": data.fingerprint, **args})
+    folder = base / data_cache.cache_key({**args, "sources": _sources(name, root, holdout_root, captions)})
+    data_cache.write(folder, arrays, {"name": name, "fingerprint": data.fingerprint, **args}, documents)
     return data
+
+
+def _from_copy(name: str, arrays: dict[str, np.ndarray], meta: dict) -> ImageSet:
+    """The data set of a decoded copy on disk (``data_cache.read``): its arrays, captions and fingerprint."""
+    t = {k: torch.from_numpy(a) for k, a in arrays.items()}
+    texts = meta.get("documents", {}).get("captions", {})
+    return ImageSet(
+        name,
+        t["images"],
+        t.get("labels"),
+        t["holdout"],
+        t.get("holdout_labels"),
+        known_fingerprint=meta["fingerprint"],
+        captions=texts.get("train"),
+        holdout_captions=texts.get("holdout"),
+    )

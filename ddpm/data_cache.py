@@ -13,6 +13,10 @@ array file is not the very file last checked (``verified.json``: its inode, size
 ctime; ctime moves on every write, rename or chmod and cannot be set back from user space). An
 array replaced under kept metadata is therefore hashed, found different, removed and decoded
 again from the sources; an untouched copy costs a few ``stat`` calls per message.
+
+Beside the arrays a copy may hold documents: JSON values (an image folder's captions) in
+``<name>.json``, each named by its SHA-256 in ``meta.json`` and hashed on every read (they are read
+whole anyway), so a replaced document is refused like a replaced array.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import numpy as np
 FORMAT = 2  # bump when the stored layout changes: older copies are then simply not found (2: content hashes)
 META = "meta.json"
 VERIFIED = "verified.json"  # the stat of each array file when its hash last matched
+RESERVED = ("meta", "verified")  # names a document cannot take
 
 
 def default_cache_dir() -> Path:
@@ -78,9 +83,10 @@ def _save_stamps(folder: Path, names: Iterable[str]) -> None:
 
 def read(folder: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
     """The arrays (memory-mapped copy-on-write: no read until used, writable without a copy) and
-    the metadata of a complete copy whose content is its own (see the module), or None. A copy
-    that is damaged or whose content is not what its metadata says is removed (warning), so that
-    the caller's decoded replacement takes its place."""
+    the metadata of a complete copy whose content is its own (see the module), or None; the
+    metadata's ``documents`` then maps each document's name to its value. A copy that is damaged or
+    whose content is not what its metadata says is removed (warning), so that the caller's decoded
+    replacement takes its place."""
     try:
         meta = json.loads((folder / META).read_text())
         arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="c") for name in meta["arrays"]}
@@ -99,9 +105,26 @@ def read(folder: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
             return _discard(folder, f"{name}.npy has shape {list(arr.shape)} {arr.dtype}, its metadata says otherwise")
         if verified.get(name) != stamps[name] and content_hash(arr) != want.get("sha256"):
             return _discard(folder, f"{name}.npy does not hold the content its metadata's SHA-256 names")
+    documents = _read_documents(folder, meta.get("documents", {}))
+    if isinstance(documents, str):
+        return _discard(folder, documents)
     if verified != stamps:
         _save_stamps(folder, arrays)
-    return arrays, meta
+    return arrays, {**meta, "documents": documents} if documents else meta
+
+
+def _read_documents(folder: Path, described: Any) -> dict[str, Any] | str:
+    """Each document's value, or why the copy cannot be trusted (a missing, changed or damaged file)."""
+    out = {}
+    try:
+        for name, want in described.items():
+            blob = (folder / f"{name}.json").read_bytes()
+            if hashlib.sha256(blob).hexdigest() != want["sha256"]:
+                return f"{name}.json does not hold the content its metadata's SHA-256 names"
+            out[name] = json.loads(blob)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return f"a document is unreadable ({type(err).__name__}: {err})"
+    return out
 
 
 def _discard(folder: Path, why: str) -> None:
@@ -111,8 +134,13 @@ def _discard(folder: Path, why: str) -> None:
     return None
 
 
-def write(folder: Path, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> bool:
+def write(
+    folder: Path, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any], documents: Mapping[str, Any] | None = None
+) -> bool:
     """Store a copy: written under a temporary name, then renamed, so a reader sees all or nothing.
+
+    ``documents``: JSON values stored beside the arrays (``<name>.json``), returned by ``read`` in
+    the metadata's ``documents``; a name may not be one of ``RESERVED``.
 
     Two processes making the same copy at once (several ClientApps on one node) both write; the
     first rename wins and the other's files are removed. Returns False where the copy could not
@@ -122,6 +150,11 @@ def write(folder: Path, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any
         n: {"shape": list(a.shape), "dtype": str(a.dtype), "sha256": content_hash(a)} for n, a in arrays.items()
     }
     full = {**meta, "arrays": described}
+    blobs = {name: json.dumps(value, ensure_ascii=False).encode() for name, value in (documents or {}).items()}
+    if taken := sorted(set(blobs) & set(RESERVED)):
+        raise ValueError(f"document names {taken} are taken by the copy's own files")
+    if blobs:
+        full["documents"] = {name: {"sha256": hashlib.sha256(b).hexdigest()} for name, b in blobs.items()}
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -130,6 +163,8 @@ def write(folder: Path, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any
     try:
         for name, arr in arrays.items():
             np.save(tmp / f"{name}.npy", np.ascontiguousarray(arr))
+        for name, blob in blobs.items():
+            (tmp / f"{name}.json").write_bytes(blob)
         (tmp / META).write_text(json.dumps(full, indent=1))
         os.rename(tmp, folder)
         _save_stamps(folder, arrays)  # hashed from memory just now: the files need no second read
