@@ -8,6 +8,11 @@ or different file raises ``FIDUnavailable`` with the reason; callers record FID 
 instead of failing the run. The network is assembled from pytorch-fid's building blocks here (its
 own constructor would download with a full unpickler). Training-set statistics are computed once
 per (data-set fingerprint, weights) and cached on disk.
+
+``fid_authors_variant`` is the FID of the paper's text-to-image table, computed as DCR's
+``metrics/fid.py`` (copied unchanged into liuxiao-guan/IET-AGC_SD) does it: its inputs are
+normalised to [-1, 1] by the data loader and again by pytorch-fid's network, which then sees
+[-3, 1]. It is NOT comparable with pytorch-fid's FID (``fid_score``) and is reported under its own name.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from ddpm.files import atomic_write
 from ddpm.precision import FP32, Precision
 
 from .bootstrap import DEFAULT_RESAMPLES, QualityScore, score_features
+from .crops import normalize_half, resize_center_crop
 from .frechet import model_features, rgb01, streamed_statistics
 
 log = logging.getLogger("flwr.iet_agc.evaluation")  # a child of Flower's logger (flwr run --stream, flwr log)
@@ -40,6 +46,7 @@ FID_WEIGHTS_FILE = FID_WEIGHTS_URL.rsplit("/", 1)[-1]
 # torch.hub's check_hash convention makes the sha256 prefix; the full digest is the one published with
 # the file by the projects that pin it (torch-fidelity hosts the same bytes).
 FID_WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
+AUTHORS_VARIANT_TAG = "dcr-double-norm"  # in the cache keys of the authors' variant's statistics
 
 
 class FIDUnavailable(RuntimeError):
@@ -232,6 +239,27 @@ def inception_features(
     return torch.cat(feats).numpy() if feats else np.empty((0, 0))
 
 
+def authors_fid_inputs(images01: torch.Tensor) -> torch.Tensor:
+    """DCR's FID input transform on [0, 1] images: ``Resize(299), CenterCrop(299), Normalize(0.5, 0.5)``.
+
+    ``metrics/fid.py``'s ``get_activations`` (somepago/DCR; the same file in IET-AGC_SD) gives
+    [-1, 1] tensors to pytorch-fid's ``InceptionV3`` (``normalize_input=True``), whose ``2x - 1``
+    makes them [-3, 1]: x in [0, 1] reaches the first convolution as ``4x - 3``.
+    """
+    return normalize_half(resize_center_crop(images01, 299, 299))
+
+
+class AuthorsVariantInputs(torch.nn.Module):
+    """``model`` behind DCR's FID transform: with pytorch-fid's network, the authors' double normalisation."""
+
+    def __init__(self, model: Callable[[torch.Tensor], object]) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> object:
+        return self.model(authors_fid_inputs(x))
+
+
 def cached_statistics(
     images: torch.Tensor,
     key: str,
@@ -275,6 +303,7 @@ def fid_score(
     resamples: int = DEFAULT_RESAMPLES,
     seed: int = 0,
     precision: Precision = FP32,
+    authors_variant: bool = False,
 ) -> QualityScore:
     """FID of generated images against reference images, its split-sample interval over the generated
     images and its floor (the FID of as many held-out real images): the one FID entry point.
@@ -308,12 +337,18 @@ def fid_score(
     precision : Precision (default: FP32)
         The network's forward under autocast (features back in fp32; statistics in fp64); the
         training set's cached statistics are keyed by it.
+    authors_variant : bool (default: False)
+        The authors' double-normalised inputs (``authors_fid_inputs``) before the network, for
+        every image set (generated, reference, floor); statistics cached under their own key.
+        Not comparable with pytorch-fid's FID: report it as ``fid_authors_variant``.
     """
     if model is None:
         model = inception(weights, str(device), expected_sha256)
         tag = weights_tag(weights)
     else:
         tag = f"custom-{type(model).__name__}"
+    if authors_variant:
+        model, tag = AuthorsVariantInputs(model), f"{tag}-{AUTHORS_VARIANT_TAG}"
     if precision.dtype is not None:
         model, tag = precision.features(model, device), f"{tag}-{precision.name}"
     feats = torch.from_numpy(inception_features(generated01, model, batch_size, device))
@@ -326,3 +361,12 @@ def fid_score(
     if floor01 is not None and floor01.shape[0] >= 2:
         floor = torch.from_numpy(inception_features(floor01[: feats.shape[0]], model, batch_size, device))
     return score_features(feats, mu_r, sigma_r, floor, resamples=resamples, seed=seed, device=device)
+
+
+def fid_authors_variant(generated01: torch.Tensor, reference01: torch.Tensor, *args, **kwargs) -> QualityScore:
+    """The authors' FID (Table II of the paper): ``fid_score`` with ``authors_variant=True``.
+
+    pytorch-fid's network and weights, DCR's ``Resize(299), CenterCrop(299)`` and its inputs in
+    [-3, 1] (normalised twice); NOT comparable with pytorch-fid's FID. Same arguments as ``fid_score``.
+    """
+    return fid_score(generated01, reference01, *args, authors_variant=True, **kwargs)
