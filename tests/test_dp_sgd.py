@@ -337,3 +337,47 @@ def test_opacus_sigma_search_is_asked_once_per_question_and_a_bad_cache_file_is_
         with pytest.raises(ValueError, match="^dp-target-epsilon: 1e-06 "):
             noise_multiplier_for(unreachable, 1.0, 100)
     assert len(calls) == 5
+
+
+def test_shipped_sigmas_are_opacus_answers_and_answer_every_dp_preset(tmp_path, monkeypatch):
+    """``clients.dp_sigmas``: each answer meets Opacus' own stopping rule for its question (its
+    epsilon at most the target and within the search's tolerance of it), and the shipped presets
+    (and the Table I sweep's DP rows) ask nothing else, so the paper's DP run never waits for a search."""
+    import tomllib
+
+    from opacus.accountants.utils import create_accountant
+
+    import clients.dp_sgd as dp
+    from clients.dp_sigmas import KNOWN_SIGMAS
+    from iet_agc import sweep_file as sf
+
+    for known in KNOWN_SIGMAS:
+        q = known["key"]
+        accountant = create_accountant(mechanism=q["accountant"])
+        accountant.history = [(known["sigma"], q["sample_rate"], q["steps"])]
+        eps = accountant.get_epsilon(delta=q["delta"])
+        assert q["target_epsilon"] - 0.01 <= eps <= q["target_epsilon"], (known, eps)  # epsilon_tolerance 0.01
+
+    def not_shipped(**question):
+        raise AssertionError(f"a shipped preset asks Opacus for sigma; answer it in clients/dp_sigmas.py: {question}")
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no answer kept from earlier tests
+    monkeypatch.setattr(dp, "get_noise_multiplier", not_shipped)
+    dp.searched_sigma.cache_clear()
+    root = Path(__file__).resolve().parents[1]
+    with open(root / "pyproject.toml", "rb") as fh:
+        base = tomllib.load(fh)["tool"]["flwr"]["app"]["config"]
+    presets = []
+    for path in sorted((root / "configs").rglob("*.toml")):
+        if "sweeps" not in path.parts:
+            with open(path, "rb") as fh:
+                presets.append(tomllib.load(fh))
+    sweep = sf.load_sweep(root / "configs" / "sweeps" / "table1.toml")
+    presets += [sweep.config(cell, sweep.seeds[0]) for cell in sweep.cells]
+    private = [p for p in presets if p.get("dp-sgd") and p.get("dp-target-epsilon", 0) > 0]
+    assert len(private) >= 2
+    try:
+        for preset in private:  # the server's check asks for every shard size of the run
+            settings_from_run_config(base, {**preset, "out-dir": str(tmp_path / "runs")})
+    finally:
+        dp.searched_sigma.cache_clear()
