@@ -28,6 +28,7 @@ message: ``ArrayRecord(state_dict)`` (serialise) and ``to_torch_state_dict`` (de
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -111,6 +112,7 @@ def run_variant(
             timeout=3600,
         )
         wall = time.monotonic() - started
+        (folder / "flwr-run.log").write_text(proc.stdout + proc.stderr)  # the ServerApp's stream
         if proc.returncode or not list(out.glob("*/rounds.csv")):
             raise RuntimeError(f"{name}: the run failed\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}\n{machines.logs()}")
     (run,) = out.iterdir()
@@ -163,13 +165,15 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=3000, help="JPEGs (64x64) in the image-folder variants")
     ap.add_argument("--shards", type=int, default=4, help="K, num-shards")
     ap.add_argument("--nodes", type=int, default=1, help="SuperNodes (registered, each its own key and port)")
+    ap.add_argument("--keep", default="", help="a folder to keep every deployment's logs and run folder in")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped benchmark stops its deployment too
     names = list(VARIANTS) if args.variants == "all" else [v.strip() for v in args.variants.split(";")]
     print(json.dumps(weights_cost()), flush=True)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() if not args.keep else contextlib.nullcontext(args.keep) as tmp:
         tmp = Path(tmp)
+        tmp.mkdir(parents=True, exist_ok=True)
         if any(VARIANTS[n][2] == "FOLDER" for n in names):
             from scripts.bench_client_start import make_folder
 

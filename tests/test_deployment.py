@@ -9,8 +9,8 @@ port and passes only the Fleet API. Then, in one run:
 - a ``flwr run`` sent to the public port is refused by nginx (403) and nothing runs;
 - the node with an unregistered key, connecting through the door, is refused and never trains;
 - the two registered nodes (each with its own node-config and state-dir) train through the door,
-  more shards than nodes, over three rounds, submitted through the loopback (where the
-  operator's SSH tunnel ends);
+  more shards than nodes (a node's shards of a round in one message), over three rounds,
+  submitted through the loopback (where the operator's SSH tunnel ends);
 - one node is killed (SIGKILL) during the last round: Flower answers its messages with "Node
   Unavailable" once its heartbeats stop (2 x 30 s), its shards keep their samples, the run
   completes on the other node and no sample id is lost in any round.
@@ -51,6 +51,7 @@ SETTINGS = {  # the run: more shards than nodes, three rounds; add a key here to
     "fid": False,
     "min-nodes": 2,  # awaited before round 1 only: the run goes on when a node dies later
     "round-timeout": 300.0,  # the dead node's messages end earlier, with the SuperLink's error reply
+    "shards-per-message": 0,  # the default: a node's shards of the round in one message
 }
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups, localhost ports")
@@ -174,6 +175,8 @@ def test_a_deployment_through_the_front_door(tmp_path, machines, nginx):
     assert {int(n) for n in dropped["node"]} == {registered["n2"]}, dropped
     assert set(dropped["round"]) == {3} and dropped["reason"].str.contains("Node Unavailable").all(), dropped
     assert rounds["replies"].iloc[2] == shards - len(dropped) >= 1
+    packed = [n for n in NODES if "trained shards [" in machines.log(n)]  # 3 shards on 2 nodes: one gets 2
+    assert packed and "in one message" in machines.log(packed[0]), machines.logs()
     for node in NODES:
         assert any((tmp_path / node / "state").rglob("*")), f"{node} kept no shard state"
         assert f"SuperNode ID: {registered[node]}" in machines.log(node)

@@ -1,8 +1,9 @@
 """Checkpoint and resume: a killed run, resumed, ends exactly as an uninterrupted run.
 
-The end-to-end tests drive the README's command (`iet-agc run`) in a fresh FLWR_HOME, kill it
-with SIGKILL after round 2 of 4 (the whole process tree, or the SuperLink alone), resume it with
-`iet-agc run --resume`, and compare the tables and the final weights with an uninterrupted run.
+The end-to-end test drives the README's command (`iet-agc run`) in a fresh FLWR_HOME, kills it
+with SIGKILL twice (the SuperLink alone after round 1 of 4, the whole process tree after round 3
+of the resumed run), resumes it with `iet-agc run --resume` each time, and compares the tables
+and the final weights with an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -168,13 +169,12 @@ def _kill(pids: list[int]) -> None:
             pass
 
 
-def _run_until_round_2(env, out: Path) -> subprocess.Popen:
-    """Start a run and return as soon as its round-2 checkpoint exists (round 3 is in flight)."""
-    proc = _iet_agc(env, out=out)
+def _run_until_round(proc: subprocess.Popen, out: Path, done: int) -> subprocess.Popen:
+    """Return as soon as ``proc``'s round-``done`` checkpoint exists (round ``done + 1`` is in flight)."""
     deadline = time.monotonic() + 900  # ~60 s here: generous for a CPU twice as slow and busy
-    while not list(out.glob("*/checkpoint/round-000002")):
-        assert proc.poll() is None, "the run ended before round 2: " + output(proc)[-3000:]
-        assert time.monotonic() < deadline, "no round-2 checkpoint in 900 s"
+    while not list(out.glob(f"*/checkpoint/round-{done:06d}")):
+        assert proc.poll() is None, f"the run ended before round {done}: " + output(proc)[-3000:]
+        assert time.monotonic() < deadline, f"no round-{done} checkpoint in 900 s"
         time.sleep(0.05)
     return proc
 
@@ -218,25 +218,26 @@ def reference_run(tmp_path_factory):
     return run
 
 
-def test_sigkill_of_the_whole_run_then_resume_equals_an_uninterrupted_run(reference_run, fresh_shell, tmp_path):
-    proc = _run_until_round_2(fresh_shell, tmp_path / "runs")
-    _kill(_descendants([proc.pid, *superlink_pids()]))  # iet-agc, flwr, SuperLink, SuperExec, ServerApp, Ray
-    proc.wait(timeout=30)
-    (run,) = (tmp_path / "runs").iterdir()
-    assert 2 <= load_checkpoint(run).server_round < 4
-    out = _finish(_iet_agc(fresh_shell, "--resume", str(run)))
-    assert "resuming" in out and "round 4/4: loss" in out and "round 1/4" not in out
-    _assert_same_run(run, reference_run)
-
-
-def test_sigkill_of_the_superlink_alone_then_resume_equals_an_uninterrupted_run(reference_run, fresh_shell, tmp_path):
-    proc = _run_until_round_2(fresh_shell, tmp_path / "runs")
+def test_killed_twice_and_resumed_twice_ends_as_an_uninterrupted_run(reference_run, fresh_shell, tmp_path):
+    """The SuperLink alone is killed (SIGKILL) once round 1 is checkpointed: `iet-agc run` loses
+    its stream, the orphaned ServerApp stops before its next round; the run is resumed, and its
+    whole process tree (iet-agc, flwr, SuperLink, SuperExec, ServerApp, Ray) is killed once round 3
+    is checkpointed; resumed again, it ends with the tables and weights of an uninterrupted run."""
+    out = tmp_path / "runs"
+    proc = _run_until_round(_iet_agc(fresh_shell, out=out), out, 1)
     _kill(superlink_pids())
-    proc.wait(timeout=120)  # `iet-agc run` loses its stream and ends
+    proc.wait(timeout=120)
     assert proc.returncode != 0
-    (run,) = (tmp_path / "runs").iterdir()
+    (run,) = out.iterdir()
     _wait_until_unlocked(run)  # the orphaned ServerApp notices before its next round and stops
-    assert load_checkpoint(run).server_round < 4
-    out = _finish(_iet_agc(fresh_shell, "--resume", str(run)))
-    assert "resuming" in out and "round 4/4: loss" in out
+    assert 1 <= load_checkpoint(run).server_round < 3
+
+    proc = _run_until_round(_iet_agc(fresh_shell, "--resume", str(run)), out, 3)
+    _kill(_descendants([proc.pid, *superlink_pids()]))
+    proc.wait(timeout=30)
+    assert load_checkpoint(run).server_round == 3
+    assert "resuming" in output(proc) and "round 1/4" not in output(proc)
+
+    last = _finish(_iet_agc(fresh_shell, "--resume", str(run)))
+    assert "resuming" in last and "round 4/4: loss" in last and "round 3/4" not in last
     _assert_same_run(run, reference_run)
