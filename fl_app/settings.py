@@ -263,7 +263,7 @@ class Settings:
     messages_per_node: int = _int(2, 1, MAX_SHARDS)
     # how many of a node's shards one message carries (0: all of them; 1: a message per shard)
     shards_per_message: int = _int(
-        0, 0, MAX_SHARDS, text=f"0 (all of a node's shards) or an integer in [1, {MAX_SHARDS}]"
+        1, 0, MAX_SHARDS, text=f"0 (all of a node's shards) or an integer in [1, {MAX_SHARDS}]"
     )
     device: str = _setting("auto", str, pattern=DEVICE_PATTERN, text=f"one of {DEVICES} (N in 0..999)")
     # how the network computes (ddpm/precision.py): autocast, NHWC weights, a compiled forward

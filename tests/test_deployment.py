@@ -51,7 +51,7 @@ SETTINGS = {  # the run: more shards than nodes, three rounds; add a key here to
     "fid": False,
     "min-nodes": 2,  # awaited before round 1 only: the run goes on when a node dies later
     "round-timeout": 300.0,  # the dead node's messages end earlier, with the SuperLink's error reply
-    "shards-per-message": 0,  # the default: a node's shards of the round in one message
+    "shards-per-message": 0,  # a node's shards of the round in one message (README's deployment runs)
 }
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups, localhost ports")
