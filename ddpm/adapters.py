@@ -74,9 +74,11 @@ def _difffit_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return layers
 
 
-def attach_adapter(base: UNet2DModel, spec: AdapterSpec) -> UNet2DModel:
-    """The model to train: ``base`` itself (``none``, ``difffit``) or an adaptable copy (``lora``),
-    with exactly the adapter's tensors trainable. The global RNG is left as it was."""
+def attach_adapter(base: torch.nn.Module, spec: AdapterSpec) -> torch.nn.Module:
+    """The model to train: ``base`` itself (``none``, ``difffit``, and ``lora`` on a model whose
+    class has diffusers' peft mixin, e.g. Stable Diffusion's ``UNet2DConditionModel``) or, for
+    ``lora`` on a ``UNet2DModel``, an adaptable copy, with exactly the adapter's tensors trainable.
+    The global RNG is left as it was."""
     if spec.kind == "none":
         for p in base.parameters():
             p.requires_grad_(True)
@@ -86,8 +88,11 @@ def attach_adapter(base: UNet2DModel, spec: AdapterSpec) -> UNet2DModel:
         if spec.kind == "lora":
             from peft import LoraConfig
 
-            model = AdaptableUNet2DModel.from_config(base.config)
-            model.load_state_dict(base.state_dict())
+            if isinstance(base, PeftAdapterMixin):  # diffusers' conditional UNets have it already
+                model = base
+            else:
+                model = AdaptableUNet2DModel.from_config(base.config)
+                model.load_state_dict(base.state_dict())
             config = LoraConfig(
                 r=spec.rank,
                 lora_alpha=spec.alpha,
@@ -160,11 +165,16 @@ def adapter_state(model: torch.nn.Module) -> OrderedDict[str, torch.Tensor]:
     )
 
 
-def merged_unet(model: UNet2DModel) -> UNet2DModel:
-    """A plain ``UNet2DModel`` computing what ``model`` computes, adapters folded into its weights."""
-    if type(model) is UNet2DModel and not any(n.endswith(SCALE) for n, _ in model.named_parameters()):
+def merged_unet(model: torch.nn.Module) -> torch.nn.Module:
+    """A plain ``UNet2DModel`` (or, for another class such as ``UNet2DConditionModel``, a plain one
+    of that class) computing what ``model`` computes, adapters folded into its weights."""
+    scaled = any(n.endswith(SCALE) for n, _ in model.named_parameters())
+    peft = isinstance(model, PeftAdapterMixin) and getattr(model, "_hf_peft_config_loaded", False)
+    if type(model) is UNet2DModel and not scaled:
         return model
-    if isinstance(model, PeftAdapterMixin) and getattr(model, "_hf_peft_config_loaded", False):
+    if not isinstance(model, UNet2DModel) and not (scaled or peft):  # no adapter on a conditional UNet
+        return model
+    if peft:
         fused = copy.deepcopy(model).cpu()
         fused.fuse_lora()
         state = {k.replace(".base_layer.", "."): v for k, v in fused.state_dict().items() if ".lora_" not in k}
@@ -178,7 +188,8 @@ def merged_unet(model: UNet2DModel) -> UNet2DModel:
                 state[f"{layer}.weight"] = weight * gamma.view(-1, *([1] * (weight.dim() - 1)))
                 if f"{layer}.bias" in state:
                     state[f"{layer}.bias"] = state[f"{layer}.bias"] * gamma
+    plain_class = UNet2DModel if isinstance(model, UNet2DModel) else type(model)
     with torch.random.fork_rng(devices=[]):
-        plain = UNet2DModel.from_config(dict(model.config))
+        plain = plain_class.from_config(dict(model.config))
     plain.load_state_dict(state)
     return plain.eval()

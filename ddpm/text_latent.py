@@ -12,6 +12,7 @@ Sampling is diffusers' own ``StableDiffusionPipeline`` with DDIM and classifier-
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,14 @@ from .progress import progress
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 LATENTS = ("mean", "sample")
 TEXT_PIPELINES = ("StableDiffusionPipeline",)  # model_index.json's _class_name this family loads
+# The parts a StableDiffusionPipeline folder must hold, and the config file that proves each one.
+COMPONENTS = {
+    "vae": "config.json",
+    "text_encoder": "config.json",
+    "tokenizer": "tokenizer_config.json",
+    "unet": "config.json",
+    "scheduler": "scheduler_config.json",
+}
 IMAGE_STREAM = 5  # image i's initial latent noise: seeded by (seed, IMAGE_STREAM, i)
 
 
@@ -315,6 +324,74 @@ def pipeline_class(init_from: str) -> str | None:
         return json.loads(index.read_text()).get("_class_name")
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def _component_file(init_from: str, component: str, name: str) -> Path:
+    """The path of ``component/name`` in a pipeline folder, or of the Hub's copy (downloaded, or cached)."""
+    if not is_hub_id(init_from):
+        return Path(init_from).expanduser() / component / name
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(init_from, f"{component}/{name}"))
+    except Exception as err:  # noqa: BLE001 - offline, unknown id, no access: named below
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise ValueError(
+            f"init-from: cannot read {component}/{name} of {init_from!r} from the Hugging Face Hub "
+            f"({type(err).__name__}: {first}); without network access give a local StableDiffusionPipeline folder"
+        ) from None
+
+
+def text_pipeline_configs(init_from: str) -> dict[str, dict]:
+    """The configs of a Stable Diffusion checkpoint's VAE and UNet, read without any weight, after
+    checking that every part (``COMPONENTS``) is there: a ValueError names ``init-from`` and the
+    missing or unreadable file. What the settings check compares with ``image-size``."""
+    configs = {}
+    for component, name in COMPONENTS.items():
+        path = _component_file(init_from, component, name)
+        if component == "tokenizer" and not path.is_file():  # a slow tokenizer may ship vocab.json alone
+            path = _component_file(init_from, component, "vocab.json")
+        if not path.is_file():
+            raise ValueError(
+                f"init-from: the StableDiffusionPipeline {init_from!r} lacks its {component} "
+                f"(no {component}/{name}); save the whole pipeline with save_pretrained"
+            )
+        if component in ("vae", "unet"):
+            try:
+                configs[component] = json.loads(path.read_text())
+            except (OSError, ValueError) as err:
+                raise ValueError(f"init-from: unreadable {path} ({err})") from None
+    return configs
+
+
+def latent_factors(configs: dict[str, dict]) -> tuple[int, int]:
+    """(the VAE's downsampling factor, the UNet's) from ``text_pipeline_configs``: an image side
+    must be a multiple of their product for the UNet's levels to line up (SD: 8 x 8 = 64)."""
+    vae = 2 ** (len(configs["vae"].get("block_out_channels", [0])) - 1)
+    unet = 2 ** (len(configs["unet"].get("block_out_channels", [0])) - 1)
+    return vae, unet
+
+
+def frozen_fingerprint(family: TextLatentDiffusion) -> str:
+    """A SHA-256 prefix over what a node must share with the server besides the UNet: the VAE's and
+    the text encoder's configs and tensors, the tokenizer's vocabulary and the scheduler's config."""
+    h = hashlib.sha256()
+    for part in (family.vae, family.text_encoder):
+        config = part.config.to_dict() if hasattr(part.config, "to_dict") else dict(part.config)
+        config = {k: v for k, v in config.items() if not k.startswith("_") and k != "transformers_version"}
+        h.update(json.dumps(config, sort_keys=True, default=str).encode())
+        state = part.state_dict()
+        for key in sorted(state):
+            tensor = state[key].detach().cpu().contiguous()
+            h.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+            h.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    backend = getattr(family.tokenizer, "backend_tokenizer", None)  # vocabulary, merges, normaliser
+    words = backend.to_str() if backend is not None else json.dumps(sorted(family.tokenizer.get_vocab().items()))
+    h.update(words.encode())
+    h.update(json.dumps(family.max_length).encode())
+    schedule = {k: v for k, v in dict(family.scheduler.config).items() if not k.startswith("_")}
+    h.update(json.dumps(schedule, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
 
 
 def is_text_pipeline(init_from: str) -> bool:

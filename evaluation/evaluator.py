@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -48,6 +49,19 @@ class Evaluation:
     neighbours: Neighbours
     scores: dict[str, QualityScore]  # "fid", "digit_fd": those that could be computed
     report: Path  # eval_<tag>.md
+    prompts: list[str] | None = None  # the text-conditional family: each image's prompt; None otherwise
+
+
+class ImageScorer(Protocol):
+    """More columns of an evaluation, from the generated images (N, 3, H, W) in [0, 1], their
+    prompts (None: not text-conditional) and the data set: the hook where the text-conditional
+    metrics (Sim Score and its background, CLIP score; issue 20) join ``rounds.csv``. A scorer
+    returns its columns (None: unavailable, its reason in its own log line); name them with a
+    prefix that ``evaluation.columns.EVAL_PREFIXES`` lists so that a sweep's results carry them."""
+
+    def __call__(
+        self, images: torch.Tensor, prompts: Sequence[str] | None, data: ImageSet
+    ) -> dict[str, float | None]: ...
 
 
 class Evaluator(Protocol):
@@ -84,7 +98,12 @@ class MemorizationEvaluator:
     device : torch.device
         Where sampling, the nearest-neighbour search, the Inception network and the interval's splits run.
     family : DiffusionFamily (default: PIXEL_DDPM)
-        The model family: how a model samples and what conditions it.
+        The model family: how a model samples and what conditions it. The text-conditional family
+        samples each image from a prompt drawn from the training captions (its ``draw_prompts``
+        with the run's seed) at its resolution (``image-size``); MQ and the copy scores compare
+        those pixels with the training images as for any family.
+    scorers : Sequence[ImageScorer] (default: ())
+        More metrics, each adding its columns to every evaluation (``ImageScorer``).
     """
 
     def __init__(
@@ -94,9 +113,10 @@ class MemorizationEvaluator:
         out_dir: Path,
         device: torch.device,
         family: DiffusionFamily = PIXEL_DDPM,
+        scorers: Sequence[ImageScorer] = (),
     ) -> None:
         self.config, self.data, self.out_dir, self.device = config, data, Path(out_dir), torch.device(device)
-        self.family = family
+        self.family, self.scorers = family, tuple(scorers)
         self.fid_reason = "" if config.fid else "disabled by setting fid = false"
         self.digit_fd_reason = ""
         self.cache = cache_dir(config.fid_cache_dir)
@@ -109,7 +129,15 @@ class MemorizationEvaluator:
     def __call__(self, server_round: int, model: UNet2DModel) -> Evaluation:
         """Samples ``model`` and evaluates the images as ``round<NNN>``."""
         images, labels = self.generate(model)
-        return self.evaluate_images(images, f"round{server_round:03d}", f"round {server_round}", labels=labels)
+        tag, title, prompts = f"round{server_round:03d}", f"round {server_round}", self.prompts()
+        labels = None if prompts is not None else labels  # token ids are no class labels: the prompts say it
+        return self.evaluate_images(images, tag, title, labels=labels, prompts=prompts)
+
+    def prompts(self) -> list[str] | None:
+        """The prompts ``generate`` samples with, image i's i-th (the text-conditional family's
+        ``draw_prompts`` with the run's seed); None for a family without prompts."""
+        draw = getattr(self.family, "draw_prompts", None)
+        return None if draw is None else draw(self.config.eval_num_images, self.config.seed)
 
     def generate(self, model: UNet2DModel) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``eval-num-images`` DDIM samples in [0, 1], seeded by the run's seed, and their class labels: a
@@ -131,7 +159,12 @@ class MemorizationEvaluator:
 
     @torch.no_grad()
     def _probe(self, model: nn.Module, precision: Precision, batch: int) -> None:
-        """One forward of ``model`` at ``batch`` images (its memory sizes the auto batch)."""
+        """One forward of ``model`` at ``batch`` images (its memory sizes the auto batch); a
+        family whose model is no ``UNet2DModel`` (Stable Diffusion's: text encoder, guidance and
+        VAE decoder around the UNet) samples one DDIM step of ``batch`` images instead."""
+        if not isinstance(model, UNet2DModel):
+            self.family.sample(model, batch, Sampling(1, batch, 0, self.device, precision))
+            return
         model = model.to(self.device).eval()
         cfg = model.config
         x = torch.zeros(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=self.device)
@@ -143,10 +176,17 @@ class MemorizationEvaluator:
 
     # ---- the metrics ---------------------------------------------------------------------
     def evaluate_images(
-        self, images: torch.Tensor, tag: str = "final", title: str = "", *, labels: torch.Tensor | None = None
+        self,
+        images: torch.Tensor,
+        tag: str = "final",
+        title: str = "",
+        *,
+        labels: torch.Tensor | None = None,
+        prompts: Sequence[str] | None = None,
     ) -> Evaluation:
         """All metrics, pictures and the report for generated ``images`` in [0, 1] (N, C, H, W);
-        ``labels``: their class labels, when the model is conditional (the report notes them)."""
+        ``labels``: their class labels, when the model is conditional (the report notes them);
+        ``prompts``: the text each image was sampled from (text-conditional)."""
         s, data = self.config, self.data
         self.out_dir.mkdir(parents=True, exist_ok=True)
         neighbours = nearest_neighbours(
@@ -167,6 +207,8 @@ class MemorizationEvaluator:
         for name, score in scores.items():
             metrics.update(_columns(name, score))
         scores = {name: score for name, score in scores.items() if score is not None}
+        for scorer in self.scorers:  # the text-conditional metrics (Sim Score, CLIP score) plug in here
+            metrics.update(scorer(images, prompts, data))
         pictures = {
             "samples": save_sample_grid(images, self.out_dir / f"samples_{tag}.png").name,
             "pairs": save_pair_grid(images, data.images, neighbours, self.out_dir / f"pairs_{tag}.png").name,
@@ -188,12 +230,28 @@ class MemorizationEvaluator:
             holdout_ratio,
             pictures,
             labels=labels,
+            notes=self._prompt_notes(prompts, images.shape[0]),
             scores=scores,
             fid_reason=self.fid_reason,
             digit_fd_reason=self.digit_fd_reason,
             digit_fd_accuracy=self._digit_fd.accuracy if self._digit_fd is not None else math.nan,
         )
-        return Evaluation(metrics, images, labels, neighbours, scores, report)
+        listed = None if prompts is None else list(prompts)
+        return Evaluation(metrics, images, labels, neighbours, scores, report, listed)
+
+    def _prompt_notes(self, prompts: Sequence[str] | None, num: int) -> list[str]:
+        """The report's note on how text-conditional samples were prompted ([] without prompts)."""
+        if prompts is None:
+            return []
+        guidance = getattr(self.family, "guidance_scale", None)
+        guided = f"classifier-free guidance {guidance:g} against the empty prompt" if guidance else "no guidance"
+        return [
+            f"Text-conditional: each image's prompt drawn with replacement from the first captions of the "
+            f"{len(self.data)} training images (seed {self.config.seed}), {guided}; {len(set(prompts))} distinct "
+            f"prompts among the {num} images. MQ and the copy scores compare the generated pixels with the "
+            "training images, as for an unconditional model.",
+            "",
+        ]
 
     def holdout_ratio(self) -> torch.Tensor | None:
         """Eq. 12 ratio of every held-out real image against the training set (computed once)."""
@@ -284,7 +342,9 @@ def evaluate_saved(evaluator: MemorizationEvaluator, model: UNet2DModel, title: 
     """
     with contextlib.redirect_stdout(sys.stderr):
         images, labels = evaluator.generate(model)
-        result = evaluator.evaluate_images(images, "final", title, labels=labels)
+        prompts = evaluator.prompts()
+        labels = None if prompts is not None else labels
+        result = evaluator.evaluate_images(images, "final", title, labels=labels, prompts=prompts)
     summary = {
         **result.metrics,
         "n_generated": int(images.shape[0]),

@@ -4,7 +4,7 @@ and the closest pairs. Functions of the evaluation's values; the evaluator calls
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -29,6 +29,7 @@ def write_report(
     pictures: Mapping[str, str],
     *,
     labels: torch.Tensor | None,
+    notes: Sequence[str] = (),
     scores: Mapping[str, QualityScore],
     fid_reason: str,
     digit_fd_reason: str,
@@ -36,7 +37,8 @@ def write_report(
 ) -> Path:
     """Writes the report to ``target`` and returns it. ``pictures`` maps samples/pairs/ratios to file
     names beside it; ``scores`` holds the quality figures that were computed, the reasons say why
-    the others are missing; ``digit_fd_accuracy`` is the digit classifier's (NaN without one)."""
+    the others are missing; ``digit_fd_accuracy`` is the digit classifier's (NaN without one);
+    ``notes``: lines on how the images were conditioned (the text-conditional family's prompts)."""
     s, num = config, neighbours.ratio.numel()
     lines = [
         f"# Evaluation, {title}",
@@ -45,6 +47,7 @@ def write_report(
         f"training images of `{data.name}` ({data.fingerprint}); {len(data.holdout)} held-out real images.",
         "",
         *label_lines(labels, num, s.seed),
+        *notes,
         *memorization_lines(metrics, neighbours.ratio, holdout_ratio, s.thresholds, s.mq_neighbours),
         *quality_lines(metrics, num, scores, fid_reason, digit_fd_reason, digit_fd_accuracy),
         *picture_lines(pictures, neighbours),

@@ -23,9 +23,10 @@ from clients.state import ShardStateStore
 from clients.trainer import ShardState, shard_seed, train_shard
 from ddpm.adapters import load_trainable, trainable_state
 from ddpm.ambient import ambient_masks
-from ddpm.base import model_fingerprint
+from ddpm.captions import captions_for
 from ddpm.data import ImageSet, load_dataset
 from ddpm.device import usable_device
+from ddpm.family import DiffusionFamily
 from strategies.protocol import (
     NUM_EXAMPLES,
     TRAIN_SECONDS,
@@ -39,7 +40,7 @@ from strategies.protocol import (
 )
 
 from .config import NodeConfig, read_node_config, settings_from_message, train_config
-from .model import initial_model, model_family
+from .model import base_fingerprint, initial_model, model_family
 from .settings import Settings
 
 
@@ -61,14 +62,16 @@ def train(msg: Message, context: Context, **train_kwargs) -> Message:
             f"fingerprint {first.fingerprint}, this node's has {data.fingerprint} "
             f"(data-root {settings.data_root or '(default)'}); refusing to train on other images"
         )
+    family = model_family(settings, data)  # once per message (Stable Diffusion: the checkpoint's frozen parts)
     if not is_packed(msg.content):
-        content = _train_one(first, settings, node, device, data, context.node_id, **train_kwargs)
+        content = _train_one(first, settings, node, device, data, family, context.node_id, **train_kwargs)
         return Message(content=content, reply_to=msg)
     results: list[tuple[int, RecordDict | str]] = []
     for part in parts:
         ins = read_instruction(part)
         try:  # the same settings for every shard: only the shard's own fields differ
-            results.append((ins.shard, _train_one(ins, settings, node, device, data, context.node_id, **train_kwargs)))
+            one = _train_one(ins, settings, node, device, data, family, context.node_id, **train_kwargs)
+            results.append((ins.shard, one))
         except Exception as err:  # noqa: BLE001 - this shard fails alone, with its reason; the others train
             log(WARNING, "shard %d, round %d failed:\n%s", ins.shard, ins.server_round, traceback.format_exc())
             results.append((ins.shard, f"{type(err).__name__}: {' '.join(str(err).split())}"))
@@ -82,6 +85,7 @@ def _train_one(
     node: NodeConfig,
     device: torch.device,
     data: ImageSet,
+    family: DiffusionFamily,
     node_id: int,
     **train_kwargs,
 ) -> RecordDict:
@@ -100,10 +104,10 @@ def _train_one(
         state,
         device=device,
         seed=shard_seed(settings.seed, ins.server_round, ins.shard),
-        labels=_shard_condition(ins, data, rows, settings),
+        labels=_shard_condition(ins, data, rows, settings, family),
         desc=f"shard {ins.shard}, round {ins.server_round}: local training",
         proximal_mu=ins.proximal_mu,
-        family=model_family(settings),
+        family=family,
         input_noise=_input_noise(ins, data, settings),
         **train_kwargs,
     )
@@ -151,8 +155,8 @@ def _shard_model(ins: Instruction, settings: Settings, data: ImageSet, node_id: 
     proven to be the server's, with the server's adapter weights."""
     weights = ins.arrays.to_torch_state_dict()
     model = initial_model(settings, data.channels, None if settings.init_from else weights)
-    if settings.init_from:  # the frozen base (and LoRA A draw) must be the server's: prove it
-        mine = model_fingerprint(model)
+    if settings.init_from:  # the frozen base (and LoRA A draw; SD: VAE, text encoder) must be the server's
+        mine = base_fingerprint(settings, model)
         if mine != ins.base_fingerprint:
             raise ValueError(
                 f"base model mismatch on node {node_id}: the server's initial model "
@@ -179,9 +183,20 @@ def _input_noise(ins: Instruction, data: ImageSet, settings: Settings) -> torch.
     return fixed_input_noise(ins.ids, data.images.shape[1:], settings.seed)
 
 
-def _shard_condition(ins: Instruction, data: ImageSet, rows: torch.Tensor, settings: Settings) -> torch.Tensor | None:
-    """What conditions the shard's images: Ambient's masks of their ids (from the run's seed, the
-    same in every round and shard), or their class labels; None when unconditional."""
+def _shard_condition(
+    ins: Instruction, data: ImageSet, rows: torch.Tensor, settings: Settings, family: DiffusionFamily
+) -> torch.Tensor | None:
+    """What conditions the shard's images: the token ids of their first captions (the
+    text-conditional family; tokenized once per shard, not per step), Ambient's masks of their ids
+    (from the run's seed, the same in every round and shard), or their class labels; None when
+    unconditional."""
+    if settings.text_conditional:
+        if data.captions is None:
+            raise ValueError(
+                f"captions: this node's copy of data-root {settings.data_root!r} has no captions "
+                "(no metadata.jsonl, and captions is empty), which the text-conditional family trains on"
+            )
+        return family.tokenize(captions_for(data, ins.ids))
     if settings.ambient:
         size = tuple(data.images.shape[2:])
         return ambient_masks(ins.ids, size, settings.ambient_p, settings.ambient_delta, settings.seed)

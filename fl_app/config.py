@@ -31,7 +31,7 @@ def settings_from_run_config(run_config: Mapping[str, Any], overrides: Mapping[s
     return settings
 
 
-NODE_KEYS = ("data-root", "device", "init-from")  # run-config keys a node's own --node-config may replace
+NODE_KEYS = ("data-root", "captions", "device", "init-from")  # run-config keys a node's --node-config may replace
 FLOWER_NODE_KEYS = ("partition-id", "num-partitions")  # what Flower's simulation puts in every node-config
 SERVER_ONLY_PATHS = ("holdout-root", "fid-weights", "fid-cache-dir", "resume")
 NODE_PATH_RULE = Rule(str, path=True)
@@ -82,7 +82,8 @@ def read_node_config(node_config: Mapping[str, Any] | None) -> NodeConfig:
 
 def settings_from_message(config: Mapping[str, Any], node_config: Mapping[str, Any] | None = None) -> Settings:
     """The settings the server sent with a shard; a node's own ``--node-config`` may set
-    where its copy of the data and of the ``init-from`` base live and which device it trains on
+    where its copy of the data (images, captions JSON) and of the ``init-from`` base live and which
+    device it trains on
     (``NODE_KEYS``; the fingerprints sent by the server prove the copies equal).
 
     Only the pure checks run here (types, ranges, rules between settings): a node may not have

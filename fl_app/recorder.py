@@ -220,6 +220,11 @@ def privacy_words(settings: Settings, epsilon: float | None) -> str:
 
 def _loading(settings: Settings) -> str:
     """How the saved pipeline folder loads."""
+    if settings.text_conditional:
+        return (
+            "a Stable Diffusion pipeline (the fine-tuned UNet with the base's frozen VAE, text encoder, tokenizer "
+            "and scheduler): load with `StableDiffusionPipeline.from_pretrained`"
+        )
     if settings.ambient:
         return (
             "an Ambient Diffusion pipeline: load with `DiffusionPipeline.from_pretrained(folder, "
@@ -233,6 +238,7 @@ def model_line(settings: Settings, model: torch.nn.Module) -> str:
     """The model part of the run's first line: size, or base and adapter with what trains."""
     total = sum(p.numel() for p in model.parameters())
     cond = f", conditional on {settings.num_classes} classes" if settings.class_conditional else ""
+    cond = ", text-conditional: VAE and text encoder frozen" if settings.text_conditional else cond
     if not settings.init_from:
         return f"model {settings.model} ({total / 1e6:.2f}M params{cond})"
     adapter = settings.adapter + (f" rank {settings.lora_rank}" if settings.adapter == "lora" else "")

@@ -25,6 +25,8 @@ RESUMABLE_KEYS = (
     "fid-cache-dir",
     "holdout-root",
     "data-root",  # where this machine keeps the data; the data set's fingerprint must still match
+    "captions",  # where this machine keeps the captions JSON; the fingerprint covers the captions
+    "guidance-scale",  # how the evaluation samples (classifier-free guidance), not what trains
     "device",
     "precision",  # how the network computes (a resume may move to another device), not what trains
     "channels-last",

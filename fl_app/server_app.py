@@ -94,7 +94,7 @@ def run(
             INFO,
             _first_line(settings, data, start, device, settings.aggregation if named else type(aggregator).__name__),
         )
-        family = model_family(settings)  # the pixel DDPM's evaluator takes its default family
+        family = model_family(settings, data)  # the pixel DDPM's evaluator takes its default family
         extra = {} if family is PIXEL_DDPM else {"family": family}
         evaluator = evaluator_factory(eval_config(settings), data, start.writer.path, device, **extra)
         with tracking(settings, run_dir, start.writer.rows) as tracker:  # before training: refused here

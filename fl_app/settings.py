@@ -16,6 +16,7 @@ table shows them. Two levels of checking, both raising ``ValueError('<key>: ...'
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -28,13 +29,23 @@ from clients.config import ACCOUNTANTS, PrivacyConfig
 from clients.taa import TAA_INTERPOLATIONS
 from ddpm.adapters import ADAPTERS, LORA_TARGETS, AdapterSpec
 from ddpm.base import base_config, check_base_classes
+from ddpm.captions import METADATA
 from ddpm.class_embedding import CLASS_EMBEDDINGS
-from ddpm.data import DATA_SPLITS, DATASETS, DIGITS_IMAGES, IMAGE_SUFFIXES, num_channels, num_train_images
+from ddpm.data import (
+    DATA_SPLITS,
+    DATASETS,
+    DIGITS_IMAGES,
+    IMAGE_SUFFIXES,
+    folder_captions,
+    num_channels,
+    num_train_images,
+)
 from ddpm.data import num_classes as dataset_classes
 from ddpm.device import DEVICE_PATTERN, DEVICES
 from ddpm.initialisation import MODEL_INITS
 from ddpm.precision import LAYOUTS, PRECISIONS
 from ddpm.schedule import NUM_TRAIN_TIMESTEPS
+from ddpm.text_latent import is_text_pipeline, latent_factors, text_pipeline_configs
 from ddpm.unet import _SIZES, MODEL_SIZES
 from strategies.aggregation import AGGREGATIONS
 from strategies.msr import MSR_MODES
@@ -216,16 +227,22 @@ class Settings:
     ``data-root`` required for ``imagefolder``; ``class-conditional`` needs a labelled data set
     (not ``imagefolder``); ``class-embedding = "per-block"`` needs ``class-conditional``, and
     neither it nor ``model-init = "authors"`` goes with ``init-from``; ``adapter`` lora or difffit needs
-    ``init-from``; ``ambient`` refuses ``taa``, ``init-from``, ``class-conditional`` and ``dp-sgd``.
+    ``init-from``; ``ambient`` refuses ``taa``, ``init-from``, ``class-conditional`` and ``dp-sgd``;
+    ``captions`` is for ``imagefolder`` only.
     With ``init-from``, ``model`` is unused (the base's architecture) and the
     environment check requires ``image-size``, the data set's channels and (``class-conditional``)
-    its classes to be the base's.
+    its classes to be the base's; a ``StableDiffusionPipeline`` base (``text_conditional``) needs a
+    captioned image folder, an ``image-size`` its VAE and UNet divide, and refuses
+    ``class-conditional`` and ``dp-sgd`` (``_check_text_base``).
     """
 
     # data and model
     dataset: str = _choice("digits", DATASETS)
     data_root: str = _path("")
     holdout_root: str = _path("")
+    captions: str = _path(
+        "", text=f"a path (may be empty: data-root's {METADATA}); imagefolder only; an existing captions JSON when set"
+    )
     download: bool = _bool(True)
     image_size: int = _int(8, 4, MAX_IMAGE_SIZE, power_of_two=True)
     train_size: int = _int(400, 0, MAX_TRAIN_SIZE)
@@ -238,13 +255,18 @@ class Settings:
     class_embedding: str = _choice("added", CLASS_EMBEDDINGS)
     model_init: str = _choice("diffusers", MODEL_INITS)
     # fine-tuning a pretrained base (architecture from the checkpoint; ``model`` is then unused)
-    init_from: str = _path("", text="a DDPMPipeline folder, a Hub id (owner/name), or empty (train from scratch)")
+    init_from: str = _path(
+        "",
+        text="a DDPMPipeline or StableDiffusionPipeline folder, a Hub id (owner/name), or empty (train from scratch)",
+    )
     adapter: str = _choice("none", ADAPTERS)
     lora_rank: int = _int(8, 1, 1024)
     lora_alpha: float = _float(8.0, low=0, low_open=True)
     lora_targets: str = _choice("attention", tuple(LORA_TARGETS))
     lora_freeze_a: bool = _bool(False)
     save_adapter: bool = _bool(True)
+    # the text-conditional family (init-from a StableDiffusionPipeline): classifier-free guidance at sampling
+    guidance_scale: float = _float(7.5, low=1)
     # federation (IET)
     num_shards: int = _int(4, 1, MAX_SHARDS)
     num_rounds: int = _int(20, 1, MAX_ROUNDS)
@@ -408,7 +430,16 @@ class Settings:
             seed=self.split_seed,
             holdout_size=self.holdout_size,
             data_split=self.data_split,
+            captions=self.captions,
         )
+
+    @functools.cached_property
+    def text_conditional(self) -> bool:
+        """Whether ``init-from`` names a text-to-image ``StableDiffusionPipeline`` (its
+        ``model_index.json``): the run is then of the text-conditional latent family (VAE and text
+        encoder frozen, the UNet conditioned on each image's caption). Read from this machine's
+        copy of the base, once per settings object (the only derived value that reads a file)."""
+        return bool(self.init_from) and is_text_pipeline(self.init_from)
 
     @property
     def split_seed(self) -> int:
@@ -458,9 +489,15 @@ class Settings:
             )
         self._check_model_build()
         if self.class_conditional and dataset_classes(self.dataset) is None:
+            text = " (a Stable Diffusion init-from conditions on captions, not labels)" if self.init_from else ""
             raise ValueError(
-                f"class-conditional: dataset {self.dataset!r} has no labels to condition on; set "
+                f"class-conditional: dataset {self.dataset!r} has no labels to condition on{text}; set "
                 "class-conditional = false, or use a labelled data set (digits, cifar10, cifar100)"
+            )
+        if self.captions and self.dataset != "imagefolder":
+            raise ValueError(
+                f'captions: image folders only; {self.dataset} has no captions, leave captions = "" '
+                f"(got {self.captions!r})"
             )
         if self.dataset == "imagefolder" and not self.data_root:
             raise ValueError("data-root: required for dataset 'imagefolder' (a folder of images)")
@@ -559,8 +596,9 @@ class Settings:
             ),
             "init-from": (
                 bool(self.init_from),
-                "a pretrained base takes C input channels and predicts noise, Ambient's network "
-                "takes 2C (image and mask) and predicts x0; train from scratch (init-from empty)",
+                "a pretrained base (a DDPM, or a Stable Diffusion pipeline on latents) takes the image alone "
+                "and predicts noise, Ambient's network takes 2C (image and mask) and predicts x0; train from "
+                "scratch (init-from empty)",
             ),
             "class-conditional": (
                 self.class_conditional,
@@ -664,6 +702,7 @@ class Settings:
             _existing_dir("holdout-root", self.holdout_root)
             if self.dataset == "imagefolder":
                 _count_images("holdout-root", self.holdout_root)
+        self._check_captions()
         if self.fid_weights and not _probe("fid-weights", self.fid_weights, lambda p: p.expanduser().is_file()):
             raise ValueError(f"fid-weights: must be an existing file, got {self.fid_weights!r} (no such file)")
         if self.resume and not _probe("resume", self.resume, lambda p: p.expanduser().is_dir()):
@@ -690,8 +729,67 @@ class Settings:
         sizes = [n // self.num_shards, -(-n // self.num_shards)]
         dp_planned_epsilon_check(privacy_config(self), sizes, self.batch_size, self.local_epochs)
 
+    def _check_captions(self) -> None:
+        """``captions`` must be an existing file; a text-conditional run needs every training image
+        captioned (read and matched to the images here, none decoded); a pixel run reads none."""
+        if self.captions and not _probe("captions", self.captions, lambda p: p.expanduser().is_file()):
+            raise ValueError(f"captions: must be an existing captions JSON file, got {self.captions!r} (no such file)")
+        if not self.text_conditional:
+            if self.captions:
+                base = repr(self.init_from) if self.init_from else "empty (training from scratch)"
+                raise ValueError(
+                    "captions: only a text-conditional run (init-from a StableDiffusionPipeline) reads captions, "
+                    f'and init-from is {base}; leave captions = "" (got {self.captions!r})'
+                )
+            return
+        root = Path(self.data_root).expanduser()
+        found = _probe("data-root", self.data_root, lambda p: folder_captions(root, self.captions))
+        if found is None:
+            raise ValueError(
+                f"captions: the text-conditional family of init-from {self.init_from!r} trains on each image's "
+                f"caption, but data-root {self.data_root!r} has no {METADATA} and captions is empty; add "
+                f"{METADATA} (file_name, text) to data-root or set captions to a captions JSON"
+            )
+
+    def _check_text_base(self) -> None:
+        """A Stable Diffusion base: every part there, the settings that cannot go with it refused
+        naming both keys, ``image-size`` a multiple of what its VAE and UNet divide by."""
+        configs = text_pipeline_configs(self.init_from)  # init-from: a missing part, named
+        where = f"init-from {self.init_from!r} (a StableDiffusionPipeline: the text-conditional family)"
+        if self.class_conditional:
+            raise ValueError(
+                f"class-conditional: {where} conditions on captions, not class labels; set class-conditional = false"
+            )
+        if self.dp_sgd:
+            raise ValueError(
+                f"dp-sgd: not with {where}: Opacus keeps one gradient per sample for every trainable tensor "
+                "(batch 8 on SD 2.1's 865M-parameter UNet: 28 GB more), DP-SGD through the frozen VAE and text "
+                "encoder is neither built nor tested here, and the paper's text-to-image baselines are "
+                "Somepalli's and Wen's, not DP-SGD; set dp-sgd = false"
+            )
+        if self.dataset != "imagefolder":
+            raise ValueError(
+                f'dataset: {where} trains on captioned images: use dataset = "imagefolder" with a '
+                f"{METADATA} in data-root or a captions JSON (got {self.dataset!r}, which has no captions)"
+            )
+        vae, unet = latent_factors(configs)
+        if self.image_size % (vae * unet):
+            raise ValueError(
+                f"image-size: must be a multiple of {vae * unet} for {where}: its VAE divides the image by {vae} "
+                f"and its UNet the latent by {unet}, got {self.image_size}"
+            )
+        channels = configs["vae"].get("in_channels", 3)
+        if channels != num_channels(self.dataset):
+            raise ValueError(
+                f"init-from: the VAE of {self.init_from!r} takes {channels}-channel images, the data set gives "
+                f"{num_channels(self.dataset)}"
+            )
+
     def _check_base(self) -> None:
         """The base UNet's sample size and channels must be the run's (read from its config only)."""
+        if self.text_conditional:
+            self._check_text_base()
+            return
         config = base_config(self.init_from)
         size, channels = config.get("sample_size"), config.get("in_channels")
         if isinstance(size, (list, tuple)):

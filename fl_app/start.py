@@ -13,12 +13,12 @@ from diffusers import UNet2DModel
 from flwr.common.logger import log
 
 from ddpm.adapters import load_trainable
-from ddpm.base import model_fingerprint
 from ddpm.data import ImageSet
 from strategies.ledger import ShardLedger
 from strategies.shards import make_shards
 
 from .checkpoint import FORMAT, Checkpoint, legacy_warning, load_checkpoint
+from .model import base_fingerprint as prove_base
 from .model import initial_model
 from .run_folder import RunWriter
 from .settings import Settings
@@ -28,7 +28,7 @@ from .settings import Settings
 class Start:
     """The state a run begins its next round from."""
 
-    model: UNet2DModel  # the global model (the base with its adapter when fine-tuning)
+    model: UNet2DModel  # the global model (the base with its adapter when fine-tuning; SD: a UNet2DConditionModel)
     writer: RunWriter
     ledger: ShardLedger
     run_key: str  # names the shards' local state on the nodes
@@ -42,7 +42,7 @@ def start_point(settings: Settings, data: ImageSet, run_dir: Path) -> Start:
     against this server's data set and base."""
     torch.manual_seed(settings.seed)
     model = initial_model(settings, data.channels)
-    base_fingerprint = model_fingerprint(model) if settings.init_from else ""
+    base_fingerprint = prove_base(settings, model) if settings.init_from else ""
     if not settings.resume:
         labels = None if data.labels is None else data.labels.numpy()
         shards = make_shards(len(data), settings.num_shards, labels, settings.seed)

@@ -78,6 +78,7 @@ FLOATS = {  # key: (low, low included, high or None, high included, +inf allowed
     "fedadam-eta": (0.0, False, None, False, False),
     "fedadam-tau": (0.0, False, None, False, False),
     "fedtrimmedavg-beta": (0.0, True, 0.5, False, False),
+    "guidance-scale": (1.0, True, None, False, False),
 }
 BOOLS = (
     "download",
@@ -110,7 +111,17 @@ CHOICES = {
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "channels-last": ("auto", "true", "false"),
 }
-PATHS = ("data-root", "holdout-root", "fid-weights", "fid-cache-dir", "out-dir", "resume", "init-from", "tracker-dir")
+PATHS = (
+    "data-root",
+    "holdout-root",
+    "captions",
+    "fid-weights",
+    "fid-cache-dir",
+    "out-dir",
+    "resume",
+    "init-from",
+    "tracker-dir",
+)
 NAMES = ("tracker-project", "tracker-run-name", "tracker-group")  # empty allowed but for tracker-project
 OTHER = ("device", "mq-thresholds", "tracker-uri", "tracker-tags", *NAMES)
 
@@ -284,6 +295,8 @@ def _bad_path(key: str, places: dict) -> st.SearchStrategy:
     if key in ("holdout-root", "resume", "init-from"):  # must be existing folders (init-from: or a Hub id)
         missing = st.text(alphabet="abc", min_size=1, max_size=5).map(lambda s: f"{places['missing']}/{s}")
         bad = bad | missing | st.just(places["file"])
+    if key == "captions":  # image folders only: any captions JSON is refused under the digits defaults
+        bad = bad | st.text(min_size=1, max_size=8).filter(lambda t: "\0" not in t) | st.just(places["file"])
     if key == "fid-weights":  # must be an existing file
         missing = st.text(alphabet="abc", min_size=1, max_size=5).map(lambda s: f"{places['missing']}/{s}.pth")
         bad = bad | missing | st.just(places["dir"])
@@ -359,6 +372,8 @@ def good_values(key: str, places: dict) -> st.SearchStrategy:
         return st.text(alphabet="abc", min_size=1, max_size=5).map(lambda s: f"{places['dir']}/{s}")
     if key in ("holdout-root", "resume"):
         return st.sampled_from(["", places["dir"]])
+    if key == "captions":  # the digits defaults have no captions (tests/test_text_federated.py: a JSON)
+        return st.just("")
     if key == "fid-weights":
         return st.sampled_from(["", places["file"]])
     if key == "tracker-uri":  # with tracker none, a server is never contacted
