@@ -34,7 +34,8 @@ def _local_folder(init_from: str) -> Path:
         folder = Path(init_from).expanduser()
         if not folder.is_dir():
             raise ValueError(
-                f"init-from: must be a DDPMPipeline folder or a Hub id (owner/name), got {init_from!r} "
+                f"init-from: must be a DDPMPipeline or StableDiffusionPipeline folder or a Hub id (owner/name), "
+                f"got {init_from!r} "
                 "(no such directory)"
             )
         return folder

@@ -83,6 +83,7 @@ PLACEHOLDERS = (
     "not a run folder (no such directory)",
     "data-root: must be an existing directory",
     "-digits-seed0/pipeline' (no such directory)",  # a run's pipeline the user made before
+    "got '/models/sd-2-1-base' (no such directory)",  # the user's own Stable Diffusion checkpoint
     "init-from: cannot download 'google/ddpm-cifar10-32'",  # the Hub id kept as a Hub id
     "tracker-uri: the mlflow server http://mlflow.example:5000 cannot be reached",
 )
