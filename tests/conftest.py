@@ -85,6 +85,18 @@ def nginx() -> str:
     return found
 
 
+def noise_pngs(path: Path, n: int, seed: int, size: int) -> Path:
+    """A folder of ``n`` seeded-noise RGB PNGs of ``size`` x ``size`` (distinct images) named by their id."""
+    import numpy as np
+    from PIL import Image
+
+    path.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path / f"{i:03d}.png")
+    return path
+
+
 def superlink_pids(home: Path | None = None) -> list[int]:
     """Local simulation SuperLinks (those serving ``home`` when given; the local one is machine-wide)."""
     pids = []

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import noise_pngs
 from diffusers import DDPMPipeline
 from flwr.simulation import run_simulation
 
@@ -112,16 +113,6 @@ def test_skip_counts_file_sums_match(two_runs):
     assert np.issubdtype(counts["skips"].dtype, np.integer)
 
 
-def _image_folder(path: Path, n: int, seed: int) -> Path:
-    from PIL import Image
-
-    path.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path / f"{i:03d}.png")
-    return path
-
-
 def test_a_node_with_another_data_copy_is_set_aside_and_every_sample_trains_again(tmp_path, caplog):
     """Node 2 of 3 holds other images: it refuses every shard; after node-max-failures rounds its
     shard moves to a healthy node, MSR never strands samples in it, and every sample trains again."""
@@ -129,7 +120,7 @@ def test_a_node_with_another_data_copy_is_set_aside_and_every_sample_trains_agai
 
     from fl_app.client_app import make_client_app
 
-    ours, theirs = _image_folder(tmp_path / "ours", 36, 0), _image_folder(tmp_path / "theirs", 36, 1)
+    ours, theirs = noise_pngs(tmp_path / "ours", 36, 0, 8), noise_pngs(tmp_path / "theirs", 36, 1, 8)
     inner = make_client_app()
     app = ClientApp()
 

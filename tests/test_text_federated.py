@@ -14,9 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import ACROSS_KERNELS
+from conftest import ACROSS_KERNELS, noise_pngs
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from PIL import Image
 from test_finetune import Traffic, _serialised, _simulate
 
 from ddpm.adapters import load_trainable, merged_unet, trainable_state
@@ -48,23 +47,14 @@ def sd_base(tmp_path_factory) -> str:
     return str(folder)
 
 
-def _pngs(root: Path, n: int, seed: int) -> Path:
-    """``n`` 32x32 RGB PNGs of seeded noise (distinct images) named by their id."""
-    root.mkdir(parents=True)
-    g = np.random.default_rng(seed)
-    for i in range(n):
-        Image.fromarray(g.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / f"{i:03d}.png")
-    return root
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, str]:
     """16 captioned training images (metadata.jsonl, in shuffled order), 4 held-out ones."""
     base = tmp_path_factory.mktemp("images")
-    train = _pngs(base / "train", 16, 0)
+    train = noise_pngs(base / "train", 16, 0, 32)
     lines = [json.dumps({"file_name": f"{i:03d}.png", "text": _captions(i)}) for i in reversed(range(16))]
     (train / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return {"train": str(train), "held": str(_pngs(base / "held", 4, 1)), "root": str(base)}
+    return {"train": str(train), "held": str(noise_pngs(base / "held", 4, 1, 32)), "root": str(base)}
 
 
 def _config(sd_base: str, folders: dict, out: Path, **more) -> dict:
@@ -372,7 +362,7 @@ def test_what_cannot_work_is_refused_naming_both_keys(sd_base, folders, tmp_path
 
 
 def test_captions_are_required_checked_and_only_for_the_text_family(sd_base, folders, tmp_path):
-    bare = _pngs(tmp_path / "bare", 4, 2)  # no metadata.jsonl
+    bare = noise_pngs(tmp_path / "bare", 4, 2, 32)  # no metadata.jsonl
     message = _refusal(sd_base, folders, tmp_path, **{"data-root": str(bare), "holdout-root": "", "num-shards": 2})
     assert message.startswith("captions:") and "init-from" in message and "data-root" in message
     table = tmp_path / "captions.json"
