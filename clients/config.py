@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 ACCOUNTANTS = ("prv", "rdp", "gdp")  # Opacus' accountant names (``opacus.accountants.create_accountant``)
+OPTIMIZERS = ("adam", "adamw")  # torch.optim.Adam (the authors' pixel runs), AdamW (their Stable Diffusion run)
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,17 @@ class TrainConfig:
         Adam's learning rate after the warm-up.
     warmup_epochs : int (default: 5)
         Linear warm-up, in epochs of this shard, counted over all rounds.
+    local_steps : int (default: 0)
+        > 0: optimizer steps per round instead of ``local_epochs`` epochs (the authors' Stable
+        Diffusion run: 2,000), over fresh permutations of the shard, the last one cut short.
+    warmup_steps : int (default: -1)
+        >= 0: the warm-up in optimizer steps (their Stable Diffusion run: 5,000) instead of
+        ``warmup_epochs``; -1: ``warmup_epochs`` epochs.
+    optimizer : str (default: "adam")
+        ``adam`` (torch.optim.Adam) or ``adamw`` (torch.optim.AdamW: decoupled weight decay).
+    weight_decay : float (default: 0.0)
+        The optimizer's ``weight_decay`` (AdamW's decoupled decay; Adam's L2 term); their Stable
+        Diffusion run: AdamW with 1e-2.
     hflip : bool (default: False)
         Random horizontal flips of the training images.
     grad_clip : float (default: 1.0)
@@ -103,6 +115,10 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 1e-3
     warmup_epochs: int = 5
+    local_steps: int = 0
+    warmup_steps: int = -1
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
     hflip: bool = False
     grad_clip: float = 1.0
     bank_eta: float = 0.8

@@ -163,8 +163,8 @@ def train_shard(
     family: DiffusionFamily = PIXEL_DDPM,
     input_noise: torch.Tensor | None = None,
 ) -> ShardResult:
-    """Train ``model`` in place on one shard's images for ``config.local_epochs`` epochs with AGC
-    and TAA (eq. 8); returns the round's loss, skip counts (for MSR) and rates.
+    """Train ``model`` in place on one shard's images for ``config.local_epochs`` epochs (or
+    ``local_steps`` steps) with AGC and TAA (eq. 8); returns the round's loss, skip counts (for MSR) and rates.
 
     Parameters
     ----------
@@ -219,11 +219,15 @@ def train_shard(
     rules = skip_rule, augment, family
     loop = _Loop(model, params, config, state, rules, data, targets, steps_per_epoch, proximal_mu, fixed, precision)
     private = _private(loop, config, state, n, batch) if privacy is not None else None
-    with progress(config.local_epochs * steps_per_epoch, desc, "step") as bar:  # a line every so often
-        for _ in range(config.local_epochs):
-            for pos in private.batches() if private is not None else _epoch(n, batch, steps_per_epoch, gen):
-                bar.update(int(loop.step(pos.to(device))))  # a physical part of a Poisson batch counts 0
-    steps = config.local_epochs * steps_per_epoch
+    steps = round_steps(config, steps_per_epoch)
+    with progress(steps, desc, "step") as bar:  # a line every so often
+        if private is not None:
+            for _ in range(config.local_epochs):
+                for pos in private.batches():
+                    bar.update(int(loop.step(pos.to(device))))  # a physical part of a Poisson batch counts 0
+        else:
+            for pos in _batches(n, batch, steps_per_epoch, steps, gen):
+                bar.update(int(loop.step(pos.to(device))))
     seen = int(loop.seen) if private is not None else steps * batch
     state.bank = loop.bank.cpu()
     state.optimizer = loop.optimizer.state_dict()["state"]
@@ -254,10 +258,36 @@ def _ready(model: torch.nn.Module, config: TrainConfig, device: torch.device, pr
     return precision
 
 
+def round_steps(config: TrainConfig, steps_per_epoch: int) -> int:
+    """A round's optimizer steps: ``local_steps``, or ``local_epochs`` epochs of ``steps_per_epoch``."""
+    return config.local_steps or config.local_epochs * steps_per_epoch
+
+
+def warmup_steps(config: TrainConfig, steps_per_epoch: int) -> int:
+    """The linear warm-up's length in steps: ``warmup_steps``, or ``warmup_epochs`` epochs."""
+    return config.warmup_steps if config.warmup_steps >= 0 else config.warmup_epochs * steps_per_epoch
+
+
 def _epoch(n: int, batch: int, steps: int, gen: torch.Generator):
     """One epoch's batches of positions: a seeded permutation cut into ``steps`` batches (drop_last)."""
     perm = torch.randperm(n, generator=gen)
     return (perm[b * batch : (b + 1) * batch] for b in range(steps))
+
+
+def _batches(n: int, batch: int, steps_per_epoch: int, total: int, gen: torch.Generator):
+    """``total`` batches of positions: whole epochs (a fresh permutation each), the last one cut short."""
+    done = 0
+    while done < total:
+        part = min(steps_per_epoch, total - done)
+        yield from _epoch(n, batch, part, gen)
+        done += part
+
+
+def make_optimizer(params: list[torch.Tensor], config: TrainConfig, **options) -> torch.optim.Optimizer:
+    """The config's optimizer (Adam or AdamW) over ``params`` at ``lr`` with ``weight_decay``;
+    ``options`` are the kernel's (``fused``)."""
+    kind = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return kind(params, lr=config.lr, weight_decay=config.weight_decay, **options)
 
 
 def _private(loop: _Loop, config: TrainConfig, state: ShardState, n: int, batch: int):
@@ -300,12 +330,12 @@ class _Loop:
         self.scheduler = self.family.train_scheduler()
         self.scheduler.alphas_cumprod = self.scheduler.alphas_cumprod.to(device)
         fused = {} if getattr(config, "privacy", None) else precision.adam_options(device)  # DP: Opacus' own path
-        self.optimizer = torch.optim.Adam(params, lr=config.lr, **fused)
+        self.optimizer = make_optimizer(params, config, **fused)
         if state.optimizer is not None:
             saved = self.optimizer.state_dict()
             saved["state"] = state.optimizer
             self.optimizer.load_state_dict(saved)
-        self.lr_schedule = warmup_schedule(self.optimizer, config.warmup_epochs * steps_per_epoch, state.step)
+        self.lr_schedule = warmup_schedule(self.optimizer, warmup_steps(config, steps_per_epoch), state.step)
         self.mu = proximal_mu
         self.anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None  # FedProx: the round's weights
         self.bank = state.bank.to(device)
@@ -390,6 +420,8 @@ def _check_private(config: TrainConfig, skip_rule: SkipRule | None, augment, pro
         )
     if proximal_mu > 0:
         raise ValueError("dp-sgd: FedProx's proximal term is a gradient outside Opacus' per-sample clipping")
+    if config.local_steps:
+        raise ValueError("dp-sgd: Poisson sampling plans whole epochs (local-epochs); set local-steps = 0")
 
 
 def _fixed_noise(config: TrainConfig, noise: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:

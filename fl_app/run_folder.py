@@ -193,6 +193,11 @@ class RunWriter:
             return None
         return plot_curves(pd.read_csv(table), self.path / "curves.png")
 
+    def _local_words(self) -> str:
+        """A round's local training in words: E epochs, or ``local-steps`` steps."""
+        steps = self.settings.local_steps
+        return f"{steps} local steps" if steps else f"E = {self.settings.local_epochs} local epochs"
+
     def write_report(self, notes: list[str]) -> Path:
         """``report.md``: the per-round table, the curves, the notes and the pictures."""
         frame = pd.DataFrame(self.rows)
@@ -202,7 +207,7 @@ class RunWriter:
             "",
             f"Data set `{self.settings.dataset}`, {self._model_words()}, "
             f"K = {self.settings.num_shards} shards, {self.settings.num_rounds} rounds of "
-            f"E = {self.settings.local_epochs} local epochs.",
+            f"{self._local_words()}.",
             "",
         ]
         if not frame.empty:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from clients.config import ACCOUNTANTS, PrivacyConfig
+from clients.config import ACCOUNTANTS, OPTIMIZERS, PrivacyConfig
 from clients.taa import TAA_INTERPOLATIONS
 from ddpm.adapters import ADAPTERS, LORA_TARGETS, AdapterSpec
 from ddpm.base import base_config, check_base_classes
@@ -61,6 +61,7 @@ TRACKER_TAG = r"[A-Za-z0-9_.-]{1,64}=[^;\x00-\x1f]{0,500}"
 MAX_SEED = 2**31 - 1  # torch and numpy seeds
 MAX_ROUNDS = 10_000
 MAX_EPOCHS = 10_000
+MAX_STEPS = 100_000_000  # optimizer steps (local-steps, warmup-steps)
 MAX_BATCH = 65_536
 MAX_SHARDS = 1_000  # each shard keeps its own optimizer state on the nodes
 MAX_NODES = 1_000
@@ -274,6 +275,11 @@ class Settings:
     batch_size: int = _int(32, 1, MAX_BATCH)
     lr: float = _float(1e-3, low=0, high=1, low_open=True)
     warmup_epochs: int = _int(5, 0, MAX_EPOCHS)
+    # steps instead of epochs (the authors' Stable Diffusion run: 2,000 a round, 5,000 of warm-up)
+    local_steps: int = _int(0, 0, MAX_STEPS, text=f"0 (local-epochs decides) or an integer in [1, {MAX_STEPS}]")
+    warmup_steps: int = _int(-1, -1, MAX_STEPS, text=f"-1 (warmup-epochs decides) or an integer in [0, {MAX_STEPS}]")
+    optimizer: str = _choice("adam", OPTIMIZERS)
+    weight_decay: float = _float(0.0, low=0, high=1)
     seed: int = _int(0, 0, MAX_SEED)
     grad_clip: float = _float(1.0, low=0, low_open=True)
     round_timeout: float = _float(3600.0, low=0, high=MAX_TIMEOUT, low_open=True)
@@ -524,6 +530,11 @@ class Settings:
         sigma, target = self.dp_noise_multiplier, self.dp_target_epsilon
         if not self.dp_sgd:  # the dp-* keys are unused, as fedprox-mu is without fedprox
             return
+        if self.local_steps:
+            raise ValueError(
+                f"local-steps: dp-sgd's Poisson sampling and its accountant plan whole epochs (local-epochs); "
+                f"set local-steps = 0 with dp-sgd = true (got local-steps = {self.local_steps})"
+            )
         if (sigma > 0) == (target > 0):
             raise ValueError(
                 "dp-noise-multiplier: with dp-sgd, set exactly one of dp-noise-multiplier and dp-target-epsilon "

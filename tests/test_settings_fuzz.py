@@ -36,6 +36,8 @@ INTS = {  # key: (lowest, highest) allowed
     "local-epochs": (1, 10_000),
     "batch-size": (1, 65_536),
     "warmup-epochs": (0, 10_000),
+    "local-steps": (0, 100_000_000),  # 0: local-epochs decides
+    "warmup-steps": (-1, 100_000_000),  # -1: warmup-epochs decides
     "min-nodes": (1, 1_000),
     "max-failed-rounds": (1, 10_000),
     "node-max-failures": (1, 10_000),
@@ -79,6 +81,7 @@ FLOATS = {  # key: (low, low included, high or None, high included, +inf allowed
     "fedadam-tau": (0.0, False, None, False, False),
     "fedtrimmedavg-beta": (0.0, True, 0.5, False, False),
     "guidance-scale": (1.0, True, None, False, False),
+    "weight-decay": (0.0, True, 1.0, True, False),
 }
 BOOLS = (
     "download",
@@ -110,6 +113,7 @@ CHOICES = {
     "taa-interpolation": ("bilinear", "nearest"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "channels-last": ("auto", "true", "false"),
+    "optimizer": ("adam", "adamw"),
 }
 PATHS = (
     "data-root",

@@ -114,3 +114,64 @@ def test_the_app_settings_give_the_trainers_config_and_its_defaults_are_the_sett
     assert train_config(Settings()) == TrainConfig()  # one set of defaults: the CPU preset's
     got = train_config(Settings(lr=0.02, taa=False, local_epochs=3))
     assert (got.lr, got.taa, got.local_epochs) == (0.02, False, 3)
+
+
+def _same(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_local_steps_replace_epochs_and_equal_them_when_they_match():
+    """local-steps = E x steps-per-epoch trains exactly as E epochs; other counts cut the last epoch."""
+    images, config, model = _setup(taa=False)
+    per_epoch = 40 // 16
+    a, b, c = (build_unet("tiny", 8, 1) for _ in range(3))
+    for m in (a, b, c):
+        m.load_state_dict(model.state_dict())
+    ra = train_shard(a, images, config, ShardState(), device=CPU, seed=3)
+    steps = TrainConfig(**{**config.__dict__, "local_steps": config.local_epochs * per_epoch})
+    rb = train_shard(b, images, steps, ShardState(), device=CPU, seed=3)
+    assert _same(a, b) and ra.mean_loss == rb.mean_loss and ra.steps == rb.steps == 4
+    state = ShardState()
+    five = TrainConfig(**{**config.__dict__, "local_steps": 5})
+    rc = train_shard(c, images, five, state, device=CPU, seed=3)
+    assert rc.steps == 5 == state.step and rc.samples_seen == 5 * 16
+    assert int(rc.skip_counts.sum()) == round(rc.skip_rate * rc.samples_seen)
+
+
+def test_warmup_steps_and_adamw_reach_the_optimizer():
+    """warmup-steps sets the linear warm-up in steps (lr * min(s, w) / w); adamw is torch's AdamW
+    with the given weight decay; the defaults stay torch's Adam without decay."""
+    from clients.trainer import make_optimizer, warmup_schedule, warmup_steps
+
+    images, config, model = _setup(taa=False, agc=False)
+    params = list(model.parameters())
+    assert type(make_optimizer(params, config)) is torch.optim.Adam
+    assert make_optimizer(params, config).defaults["weight_decay"] == 0
+    w = TrainConfig(optimizer="adamw", weight_decay=0.01, warmup_steps=4, lr=0.1)
+    opt = make_optimizer(params, w)
+    assert type(opt) is torch.optim.AdamW and opt.defaults["weight_decay"] == 0.01
+    assert warmup_steps(w, 7) == 4 and warmup_steps(config, 7) == 7  # warmup-epochs 1 x 7 steps
+    schedule = warmup_schedule(opt, warmup_steps(w, 7), 2)  # resumed after 2 steps
+    lrs = []
+    for _ in range(4):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        schedule.step()
+    assert lrs == [0.1 * 2 / 4, 0.1 * 3 / 4, 0.1, 0.1]
+    state = ShardState()
+    train_shard(
+        model,
+        images,
+        TrainConfig(**{**config.__dict__, "optimizer": "adamw", "weight_decay": 0.5}),
+        state,
+        device=CPU,
+        seed=0,
+    )
+    assert state.step == 4 and state.optimizer  # AdamW's moments are kept like Adam's
+
+
+def test_local_steps_are_refused_with_dp_sgd_naming_both_keys():
+    import pytest
+
+    with pytest.raises(ValueError, match="local-steps.*dp-sgd|dp-sgd.*local-steps"):
+        Settings(dp_sgd=True, dp_noise_multiplier=1.0, agc=False, taa=False, local_steps=10).validate()
