@@ -431,3 +431,41 @@ def test_a_device_this_machine_lacks_is_refused_before_the_run(tmp_path):
         with pytest.raises(ValueError, match=f"^device: {device}: "):
             settings_from_run_config({"device": device, "out-dir": str(tmp_path)})
     assert settings_from_run_config({"device": "cpu", "out-dir": str(tmp_path)}).device == "cpu"
+
+
+@pytest.mark.parametrize("preset", ["laion10k", "laion10k-lora"])
+def test_stable_diffusion_presets_carry_the_authors_settings_and_validate_on_a_local_copy(preset, tmp_path):
+    """configs/laion10k*.toml: the authors' SD run (liuxiao-guan/IET-AGC_SD's diff_train_fed_acce_es.sh)
+    and its LoRA variant; without data they stop naming data-root, and with a local checkpoint and a
+    captioned folder in place of the Hub id and LAION they pass every check before training."""
+    import json
+
+    from conftest import noise_pngs
+
+    from ddpm.text_pipeline import build_text_pipeline
+
+    with open(ROOT / "configs" / f"{preset}.toml", "rb") as fh:
+        p = tomllib.load(fh)
+    authors = {"num-shards": 4, "num-rounds": 25, "local-steps": 2000, "batch-size": 8, "image-size": 256}
+    assert {k: p[k] for k in authors} == authors
+    assert (p["optimizer"], p["weight-decay"], p["skip-threshold"], p["bank-eta"]) == ("adamw", 0.01, 0.8, 0.8)
+    assert (p["taa"], p["msr"], p["eval-num-images"], p["sample-steps"], p["guidance-scale"]) == (
+        False,
+        "none",
+        4000,
+        50,
+        7.5,
+    )
+    full = preset == "laion10k"
+    assert (p["adapter"], p["lr"], p["warmup-steps"]) == (("none", 2.5e-6, 5000) if full else ("lora", 1e-4, 0))
+    with pytest.raises(ValueError, match="^data-root:"):
+        settings_from_run_config(_pyproject_config(), p)
+    base = tmp_path / "sd"
+    build_text_pipeline(base, resolution=256)
+    images = noise_pngs(tmp_path / "train", 8, 0, 256)
+    (images / "metadata.jsonl").write_text(
+        "".join(json.dumps({"file_name": f"{i:03d}.png", "text": f"image {i}"}) + "\n" for i in range(8))
+    )
+    local = {**p, "init-from": str(base), "data-root": str(images), "device": "cpu", "mq-neighbours": 4}  # 8 images
+    s = settings_from_run_config(_pyproject_config(), local)
+    assert s.text_conditional and s.local_steps == 2000 and s.optimizer == "adamw"
