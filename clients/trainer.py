@@ -231,11 +231,7 @@ def train_shard(
     seen = int(loop.seen) if private is not None else steps * batch
     state.bank = loop.bank.cpu()
     state.optimizer = loop.optimizer.state_dict()["state"]
-    epsilon = None
-    if private is not None:
-        state.accountant = private.accountant_state()
-        epsilon = private.epsilon()
-        private.model._close()  # noqa: SLF001 - Opacus' cleanup: its hooks off the shard's model
+    epsilon = _close_private(private, state) if private is not None else None
     precision.release(model)  # contiguous weights and the eager forward: what is saved and sent
     return ShardResult(
         mean_loss=float(loop.loss_sum / max(1, int(loop.loss_count))),
@@ -246,6 +242,15 @@ def train_shard(
         samples_seen=seen,
         epsilon=epsilon,
     )
+
+
+def _close_private(private, state: ShardState) -> float:
+    """Keep the accountant's state for the next round, take the round's epsilon and take Opacus'
+    hooks off the shard's model; returns the epsilon spent so far."""
+    state.accountant = private.accountant_state()
+    epsilon = private.epsilon()
+    private.model._close()  # noqa: SLF001 - Opacus' cleanup: its hooks off the shard's model
+    return epsilon
 
 
 def _ready(model: torch.nn.Module, config: TrainConfig, device: torch.device, private: bool) -> Precision:
