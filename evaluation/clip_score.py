@@ -25,11 +25,11 @@ import torch.nn.functional as F
 
 from ddpm.files import error_text
 
+from .config import CLIP_MODEL  # OpenAI's ViT-B/16 in transformers' format (DCR: clip.load("ViT-B/16"))
 from .crops import dcr_crops, rgb_unit
 
 log = logging.getLogger("flwr.iet_agc.evaluation")
 
-CLIP_MODEL = "openai/clip-vit-base-patch16"  # OpenAI's ViT-B/16 in transformers' format (DCR: clip.load("ViT-B/16"))
 CROPS = ("dcr", "processor")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "name" or "owner/name"
 

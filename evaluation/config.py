@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+CLIP_MODEL = "openai/clip-vit-base-patch16"  # OpenAI's ViT-B/16, the paper's CLIP score (evaluation/clip_score.py)
+
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -39,6 +41,10 @@ class EvalConfig:
         NHWC weights while sampling (``ddpm.precision.resolve_channels_last``).
     compile : bool (default: False)
         ``torch.compile`` the network's forward while sampling.
+    sscd_weights : str (default: "")
+        The text-conditional family's SSCD TorchScript file (Sim Score); "": Sim Score unavailable.
+    clip_model : str (default: CLIP_MODEL)
+        The text-conditional family's CLIP model (a folder or a Hub id; CLIP score); "": off.
     """
 
     eval_num_images: int = 500
@@ -53,3 +59,5 @@ class EvalConfig:
     precision: str = "auto"
     channels_last: str = "auto"
     compile: bool = False
+    sscd_weights: str = ""
+    clip_model: str = CLIP_MODEL

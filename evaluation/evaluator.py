@@ -25,17 +25,18 @@ from ddpm.files import atomic_write
 from ddpm.precision import Precision, choose, fill_batch_size, resolve_precision
 
 from .bootstrap import QualityScore
+from .columns import FID_AUTHORS
 from .config import EvalConfig
 from .digit_fd import DigitFD, load_digit_fd
 from .fid import FIDUnavailable, cache_dir, fid_score
 from .mq import Neighbours, copy_scores, holdout_quantiles, mq_counts, nearest_neighbours
-from .plots import plot_ratio_histogram, save_pair_grid, save_sample_grid
+from .plots import plot_ratio_histogram, save_pair_grid, save_prompt_pair_grid, save_sample_grid
 from .report import write_report
 
 log = logging.getLogger("flwr.iet_agc.evaluation")  # a child of Flower's logger (flwr run --stream, flwr log)
 INCEPTION_SIZE = 23_885_392  # pytorch-fid's FID Inception's parameters (auto's rule, when no sampling ran)
 
-RUN_FACTS = ("n_generated", "fid_reason", "report")  # what metrics.json adds to the metrics
+RUN_FACTS = ("n_generated", "fid_reason", "unavailable", "report")  # what metrics.json adds to the metrics
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,10 @@ class ImageScorer(Protocol):
     prompts (None: not text-conditional) and the data set: the hook where the text-conditional
     metrics (Sim Score and its background, CLIP score; issue 20) join ``rounds.csv``. A scorer
     returns its columns (None: unavailable, its reason in its own log line); name them with a
-    prefix that ``evaluation.columns.EVAL_PREFIXES`` lists so that a sweep's results carry them."""
+    prefix that ``evaluation.columns.EVAL_PREFIXES`` lists so that a sweep's results carry them.
+    Optional: ``report_lines(metrics) -> list[str]`` (its bullets in ``eval_*.md``: the values, or
+    why they are missing) and ``pairs() -> (nearest training index, similarity) | None`` (the text
+    family's pairs grid then shows those neighbours; ``evaluation.text_metrics.SimScorer``'s)."""
 
     def __call__(
         self, images: torch.Tensor, prompts: Sequence[str] | None, data: ImageSet
@@ -79,7 +83,8 @@ class MemorizationEvaluator:
 
     Metric keys: ``mq_<delta>`` per threshold, ``copy_1``/``copy_5`` when the data set has
     held-out images, ``fid`` (None when unavailable, reason in ``fid_reason``), ``digit_fd`` on
-    digits; each quality figure with ``_lo``/``_hi`` (95 % split-sample interval over the generated
+    digits, ``fid_authors`` (the authors' double-normalised FID) for a text-conditional family,
+    and the scorers' columns; each quality figure with ``_lo``/``_hi`` (95 % split-sample interval over the generated
     images) and ``_floor`` (the same figure for as many held-out real images; None without them).
     Each evaluation also writes ``samples_<tag>.png``, ``pairs_<tag>.png``, ``ratios_<tag>.png``
     and ``eval_<tag>.md`` to ``out_dir``. ``fid_reason`` and ``digit_fd_reason`` belong to the
@@ -122,7 +127,7 @@ class MemorizationEvaluator:
         self.cache = cache_dir(config.fid_cache_dir)
         self._holdout_ratio: torch.Tensor | None = None
         self._digit_fd: DigitFD | None = None
-        self._fid_floor: dict[int, float | None] = {}  # per generated count: Inception on the hold-out is slow
+        self._fid_floor: dict[tuple[bool, int], float | None] = {}  # per (authors' variant, count): Inception is slow
         self._batch: int | None = None  # eval-batch-size auto, once found
         self._precision: Precision | None = None  # what the last sampling ran in (FID's features follow it)
 
@@ -201,25 +206,13 @@ class MemorizationEvaluator:
         holdout_ratio = self.holdout_ratio()
         if holdout_ratio is not None:
             metrics.update(copy_scores(ratio, holdout_ratio))
-        scores = {"fid": self._fid(images)}
-        if data.name == "digits":
-            scores["digit_fd"] = self._digit_score(images)
+        scores = self._quality(images, text=prompts is not None)
         for name, score in scores.items():
             metrics.update(_columns(name, score))
         scores = {name: score for name, score in scores.items() if score is not None}
         for scorer in self.scorers:  # the text-conditional metrics (Sim Score, CLIP score) plug in here
             metrics.update(scorer(images, prompts, data))
-        pictures = {
-            "samples": save_sample_grid(images, self.out_dir / f"samples_{tag}.png").name,
-            "pairs": save_pair_grid(images, data.images, neighbours, self.out_dir / f"pairs_{tag}.png").name,
-            "ratios": plot_ratio_histogram(
-                ratio,
-                holdout_ratio,
-                self.out_dir / f"ratios_{tag}.png",
-                s.thresholds,
-                holdout_quantiles(holdout_ratio) if holdout_ratio is not None else None,
-            ).name,
-        }
+        pictures = self._pictures(images, tag, neighbours, holdout_ratio, prompts)
         report = write_report(
             self.out_dir / f"eval_{tag}.md",
             title or tag,
@@ -235,9 +228,63 @@ class MemorizationEvaluator:
             fid_reason=self.fid_reason,
             digit_fd_reason=self.digit_fd_reason,
             digit_fd_accuracy=self._digit_fd.accuracy if self._digit_fd is not None else math.nan,
+            text_lines=self._text_lines(metrics) if prompts is not None else (),
         )
         listed = None if prompts is None else list(prompts)
         return Evaluation(metrics, images, labels, neighbours, scores, report, listed)
+
+    def _quality(self, images: torch.Tensor, text: bool) -> dict[str, QualityScore | None]:
+        """FID; the authors' double-normalised FID for the text-conditional family (``text``);
+        digit_fd on digits."""
+        scores = {"fid": self._fid(images)}
+        if text:
+            scores[FID_AUTHORS] = self._fid(images, authors=True)
+        if self.data.name == "digits":
+            scores["digit_fd"] = self._digit_score(images)
+        return scores
+
+    def _pictures(
+        self,
+        images: torch.Tensor,
+        tag: str,
+        neighbours: Neighbours,
+        holdout_ratio: torch.Tensor | None,
+        prompts: Sequence[str] | None,
+    ) -> dict[str, str]:
+        """samples, pairs and ratios PNGs; the text family's pairs carry each generation's prompt and
+        its nearest training image by SSCD (a scorer's ``pairs()``), by pixels when SSCD is unavailable."""
+        s, pairs = self.config, self.out_dir / f"pairs_{tag}.png"
+        if prompts is None:
+            save_pair_grid(images, self.data.images, neighbours, pairs)
+        else:
+            found = self._sscd_pairs()
+            nearest, score = found if found is not None else (neighbours.nearest, neighbours.ratio)
+            measure, first = ("SSCD cosine", "high") if found is not None else ("pixel ratio (eq. 12)", "low")
+            save_prompt_pair_grid(
+                images, self.data.images, nearest, score, prompts, pairs, measure=measure, closest_first=first
+            )
+        quantiles = holdout_quantiles(holdout_ratio) if holdout_ratio is not None else None
+        histogram = self.out_dir / f"ratios_{tag}.png"
+        return {
+            "samples": save_sample_grid(images, self.out_dir / f"samples_{tag}.png").name,
+            "pairs": pairs.name,
+            "ratios": plot_ratio_histogram(neighbours.ratio, holdout_ratio, histogram, s.thresholds, quantiles).name,
+        }
+
+    def _sscd_pairs(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(nearest training index, similarity) per generation from the first scorer that has them
+        (``SimScorer.pairs``: SSCD's best matches), or None."""
+        for scorer in self.scorers:
+            pairs = getattr(scorer, "pairs", None)
+            found = pairs() if callable(pairs) else None
+            if found is not None:
+                return found
+        return None
+
+    def _text_lines(self, metrics: dict[str, float | None]) -> list[str]:
+        """The report's text-to-image metrics: each scorer's lines (its values, or why it is unavailable)."""
+        lines = [line for scorer in self.scorers for line in getattr(scorer, "report_lines", lambda m: [])(metrics)]
+        return lines or ["- Sim Score and CLIP score: no scorer was given to this evaluation"]
 
     def _prompt_notes(self, prompts: Sequence[str] | None, num: int) -> list[str]:
         """The report's note on how text-conditional samples were prompted ([] without prompts)."""
@@ -266,14 +313,16 @@ class MemorizationEvaluator:
             ).ratio
         return self._holdout_ratio
 
-    def _fid(self, images: torch.Tensor) -> QualityScore | None:
+    def _fid(self, images: torch.Tensor, authors: bool = False) -> QualityScore | None:
+        """pytorch-fid's FID, or (``authors``) the authors' double-normalised variant, with its
+        interval and floor; None when FID is off or its weights cannot be had (``fid_reason``)."""
         if self.fid_reason:  # disabled, or already failed this run: do not retry the download
             return None
         batch = self._batch or self.config.eval_batch_size or 256
         batch = batch if self.device.type == "cuda" else min(batch, 50)
         precision = self._precision or Precision(resolve_precision(self.config.precision, self.device, INCEPTION_SIZE))
-        n = images.shape[0]
-        floor01 = self.data.holdout if len(self.data.holdout) >= 2 and n not in self._fid_floor else None
+        n, key = images.shape[0], (authors, images.shape[0])
+        floor01 = self.data.holdout if len(self.data.holdout) >= 2 and key not in self._fid_floor else None
         try:
             score = fid_score(
                 images,
@@ -286,15 +335,16 @@ class MemorizationEvaluator:
                 cache=str(self.cache),
                 seed=self.config.seed,
                 precision=precision,
+                authors_variant=authors,
             )
         except (FIDUnavailable, ValueError) as err:
             self.fid_reason = str(err)
             log.warning("FID unavailable: %s", err)
             return None
         if floor01 is not None:
-            self._fid_floor[n] = score.floor
-        floor_n = min(n, len(self.data.holdout)) if self._fid_floor.get(n) is not None else 0
-        return dataclasses.replace(score, floor=self._fid_floor.get(n), floor_n=floor_n)
+            self._fid_floor[key] = score.floor
+        floor_n = min(n, len(self.data.holdout)) if self._fid_floor.get(key) is not None else 0
+        return dataclasses.replace(score, floor=self._fid_floor.get(key), floor_n=floor_n)
 
     def _digit_score(self, images: torch.Tensor) -> QualityScore | None:
         if self._digit_fd is None and not self.digit_fd_reason:
@@ -338,7 +388,9 @@ def evaluate_saved(evaluator: MemorizationEvaluator, model: UNet2DModel, title: 
     title : str
         The report's title, e.g. the pipeline folder and the number of images.
 
-    Returns what ``metrics.json`` holds: the metrics and ``RUN_FACTS`` (image count, ``fid_reason``, report path).
+    Returns what ``metrics.json`` holds: the metrics and ``RUN_FACTS`` (image count, ``fid_reason``,
+    ``unavailable``: each scorer's reason by its name, e.g. ``{"Sim Score": "sscd-weights is empty: ..."}``,
+    report path).
     """
     with contextlib.redirect_stdout(sys.stderr):
         images, labels = evaluator.generate(model)
@@ -349,6 +401,9 @@ def evaluate_saved(evaluator: MemorizationEvaluator, model: UNet2DModel, title: 
         **result.metrics,
         "n_generated": int(images.shape[0]),
         "fid_reason": evaluator.fid_reason,
+        "unavailable": {
+            getattr(s, "name", type(s).__name__): s.reason for s in evaluator.scorers if getattr(s, "reason", "")
+        },
         "report": str(result.report),
     }
     text = json.dumps(summary, indent=1) + "\n"

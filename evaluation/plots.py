@@ -7,6 +7,7 @@ switch), so they work headless and from any thread.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -68,6 +69,54 @@ def save_pair_grid(
         ax.set_xlabel(f"{float(ratio[order[j]]):.3f}  #{tid}", fontsize=7, labelpad=2)
     fig.suptitle("closest pairs: generated | nearest training image (#id); ratio (eq. 12) below", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
+def save_prompt_pair_grid(
+    generated: torch.Tensor,
+    train: torch.Tensor,
+    nearest: torch.Tensor,
+    score: torch.Tensor,
+    prompts: Sequence[str],
+    path: Path | str,
+    *,
+    measure: str,
+    closest_first: str = "high",
+    num_pairs: int = 16,
+    columns: int = 4,
+) -> Path:
+    """The text family's pairs grid: the ``num_pairs`` generations closest to a training image, each
+    beside its nearest one (left: generated, right: training #id) under its prompt, ``measure``'s
+    value below. ``score`` orders them: ``closest_first = "high"`` for SSCD cosines (most similar
+    first), ``"low"`` for the eq. 12 ratio of pixels."""
+    if closest_first not in ("high", "low"):
+        raise ValueError(f"closest_first: must be high or low, got {closest_first!r}")
+    if not (len(prompts) == generated.shape[0] == nearest.numel() == score.numel()):
+        raise ValueError(
+            f"need a prompt, a nearest id and a score per generated image: {generated.shape[0]} images, "
+            f"{len(prompts)} prompts, {nearest.numel()} ids, {score.numel()} scores"
+        )
+    order = torch.argsort(score.float(), descending=closest_first == "high", stable=True)[:num_pairs]
+    k = int(order.numel())
+    if k == 0:
+        raise ValueError("no generated images to draw")
+    gen, ref = to_unit_range(generated[order]).cpu(), to_unit_range(train[nearest[order]]).cpu()
+    columns = min(columns, k)
+    rows = math.ceil(k / columns)
+    fig = _figure(columns * 2.6, rows * 1.9 + 0.5)
+    for j in range(k):
+        i = int(order[j])
+        ax = fig.add_subplot(rows, columns, j + 1)
+        pair = make_grid(torch.stack([gen[j], ref[j]]), nrow=2, padding=1, pad_value=1.0)
+        ax.imshow(pair.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        text = prompts[i] if len(prompts[i]) <= 70 else prompts[i][:67] + "..."
+        ax.set_title(textwrap.fill(text, 35), fontsize=6)
+        ax.set_xlabel(f"{measure} {float(score[i]):.3f}  #{int(nearest[i])}", fontsize=7, labelpad=2)
+    fig.suptitle(f"closest pairs by {measure}: generated (prompt above) | nearest training image (#id)", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
     fig.savefig(path, dpi=110)
     return Path(path)
 

@@ -12,6 +12,7 @@ import torch
 from ddpm.data import ImageSet
 
 from .bootstrap import DEFAULT_LEVEL, DEFAULT_RESAMPLES, QualityScore
+from .columns import FID_AUTHORS
 from .config import EvalConfig
 from .mq import COPY_LEVELS, Neighbours, holdout_quantiles
 
@@ -34,11 +35,13 @@ def write_report(
     fid_reason: str,
     digit_fd_reason: str,
     digit_fd_accuracy: float,
+    text_lines: Sequence[str] = (),
 ) -> Path:
     """Writes the report to ``target`` and returns it. ``pictures`` maps samples/pairs/ratios to file
     names beside it; ``scores`` holds the quality figures that were computed, the reasons say why
     the others are missing; ``digit_fd_accuracy`` is the digit classifier's (NaN without one);
-    ``notes``: lines on how the images were conditioned (the text-conditional family's prompts)."""
+    ``notes``: lines on how the images were conditioned (the text-conditional family's prompts);
+    ``text_lines``: the text-to-image metrics' bullets (Sim Score, CLIP score, or why they are missing)."""
     s, num = config, neighbours.ratio.numel()
     lines = [
         f"# Evaluation, {title}",
@@ -50,7 +53,8 @@ def write_report(
         *notes,
         *memorization_lines(metrics, neighbours.ratio, holdout_ratio, s.thresholds, s.mq_neighbours),
         *quality_lines(metrics, num, scores, fid_reason, digit_fd_reason, digit_fd_accuracy),
-        *picture_lines(pictures, neighbours),
+        *(["", "## Text-to-image metrics (the paper's Table II)", "", *text_lines] if text_lines else []),
+        *picture_lines(pictures, neighbours, text=bool(text_lines)),
     ]
     target.write_text("\n".join(lines) + "\n")
     return target
@@ -127,6 +131,8 @@ def quality_lines(
         )
     else:
         lines.append(f"- FID: unavailable ({fid_reason})")
+    if FID_AUTHORS in metrics:
+        lines.append(authors_fid_line(scores.get(FID_AUTHORS), num, fid_reason))
     if "digit_fd" in metrics:
         if "digit_fd" in scores:
             lines.append(
@@ -147,14 +153,32 @@ def quality_lines(
     return lines
 
 
-def picture_lines(pictures: Mapping[str, str], neighbours: Neighbours) -> list[str]:
-    """The pictures and the table of the ``PAIRS_LISTED`` closest pairs, by ratio."""
+def authors_fid_line(score: QualityScore | None, num: int, fid_reason: str) -> str:
+    """The bullet of the authors' FID (``fid_authors``), labelled apart from pytorch-fid's."""
+    what = (
+        "the authors' FID (DCR's metrics/fid.py: inputs normalised twice, the Inception network sees [-3, 1]; "
+        "NOT comparable with the FID above; the paper's 16.3)"
+    )
+    if score is None:
+        return f"- fid_authors: unavailable ({fid_reason or 'too few generated images'}); {what}"
+    return f"- fid_authors: {with_interval(score)}, {what}, {num} generated vs training set"
+
+
+def picture_lines(pictures: Mapping[str, str], neighbours: Neighbours, text: bool = False) -> list[str]:
+    """The pictures and the table of the ``PAIRS_LISTED`` closest pairs, by ratio (``text``: the
+    pairs grid shows each generation's prompt and its nearest training image by SSCD, or by pixels)."""
     ratio = neighbours.ratio
+    grid = (
+        "Closest pairs (generated with its prompt | nearest training image by SSCD cosine, or by the pixel "
+        "ratio when SSCD is unavailable)"
+        if text
+        else "Closest pairs (generated | nearest training image), sorted by ratio"
+    )
     lines = [
         "",
         "## Pictures",
         "",
-        f"Closest pairs (generated | nearest training image), sorted by ratio:\n\n![pairs]({pictures['pairs']})",
+        f"{grid}:\n\n![pairs]({pictures['pairs']})",
         "",
         f"Ratios, generated vs held-out:\n\n![ratios]({pictures['ratios']})",
         "",

@@ -33,7 +33,7 @@ def settings_from_run_config(run_config: Mapping[str, Any], overrides: Mapping[s
 
 NODE_KEYS = ("data-root", "captions", "device", "init-from")  # run-config keys a node's --node-config may replace
 FLOWER_NODE_KEYS = ("partition-id", "num-partitions")  # what Flower's simulation puts in every node-config
-SERVER_ONLY_PATHS = ("holdout-root", "fid-weights", "fid-cache-dir", "resume")
+SERVER_ONLY_PATHS = ("holdout-root", "fid-weights", "fid-cache-dir", "sscd-weights", "clip-model", "resume")
 NODE_PATH_RULE = Rule(str, path=True)
 
 

@@ -23,6 +23,8 @@ RESUMABLE_KEYS = (
     "fid",
     "fid-weights",
     "fid-cache-dir",
+    "sscd-weights",  # the text family's Sim Score and CLIP score: measured, never trained on
+    "clip-model",
     "holdout-root",
     "data-root",  # where this machine keeps the data; the data set's fingerprint must still match
     "captions",  # where this machine keeps the captions JSON; the fingerprint covers the captions

@@ -26,6 +26,7 @@ from ddpm.device import resolve_device
 from ddpm.family import PIXEL_DDPM
 from ddpm.precision import choose
 from evaluation.evaluator import Evaluation, Evaluator, MemorizationEvaluator
+from evaluation.text_metrics import text_scorers
 from strategies import protocol
 from strategies.aggregation import Resumable, make_aggregator
 from strategies.dispatch import DEPLOYMENT_MAX_POLL, NodeQueues
@@ -68,6 +69,19 @@ class EvaluateFn:
         return MetricRecord({**values, EVAL_SECONDS: time.monotonic() - started})
 
 
+def evaluator_extras(settings: Settings, data: ImageSet, device: torch.device) -> dict[str, Any]:
+    """The evaluator's family (none for the pixel DDPM: its default) and, for the text-conditional
+    family, its scorers: Sim Score from ``sscd-weights``, CLIP score from ``clip-model`` (each
+    unavailable with its reason when its network cannot be had; evaluation/text_metrics.py)."""
+    family = model_family(settings, data)
+    if family is PIXEL_DDPM:
+        return {}
+    extra: dict[str, Any] = {"family": family}
+    if settings.text_conditional:
+        extra["scorers"] = text_scorers(eval_config(settings), device)
+    return extra
+
+
 def run(
     grid: Grid,
     settings: Settings,
@@ -94,9 +108,9 @@ def run(
             INFO,
             _first_line(settings, data, start, device, settings.aggregation if named else type(aggregator).__name__),
         )
-        family = model_family(settings, data)  # the pixel DDPM's evaluator takes its default family
-        extra = {} if family is PIXEL_DDPM else {"family": family}
-        evaluator = evaluator_factory(eval_config(settings), data, start.writer.path, device, **extra)
+        evaluator = evaluator_factory(
+            eval_config(settings), data, start.writer.path, device, **evaluator_extras(settings, data, device)
+        )
         with tracking(settings, run_dir, start.writer.rows) as tracker:  # before training: refused here
             strategy = make_strategy(
                 settings, data, start, redistribution, aggregator, tracker, simulated=isinstance(grid, InMemoryGrid)

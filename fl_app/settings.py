@@ -28,7 +28,7 @@ from typing import Any
 from clients.config import ACCOUNTANTS, OPTIMIZERS, PrivacyConfig
 from clients.taa import TAA_INTERPOLATIONS
 from ddpm.adapters import ADAPTERS, LORA_TARGETS, AdapterSpec
-from ddpm.base import base_config, check_base_classes
+from ddpm.base import base_config, check_base_classes, is_hub_id
 from ddpm.captions import METADATA
 from ddpm.class_embedding import CLASS_EMBEDDINGS
 from ddpm.data import (
@@ -47,6 +47,7 @@ from ddpm.precision import LAYOUTS, PRECISIONS
 from ddpm.schedule import NUM_TRAIN_TIMESTEPS
 from ddpm.text_latent import is_text_pipeline, latent_factors, text_pipeline_configs
 from ddpm.unet import _SIZES, MODEL_SIZES
+from evaluation.config import CLIP_MODEL
 from strategies.aggregation import AGGREGATIONS
 from strategies.msr import MSR_MODES
 
@@ -357,6 +358,13 @@ class Settings:
     fid: bool = _bool(True)
     fid_weights: str = _path("")
     fid_cache_dir: str = _path("")
+    # the text-conditional family's Table II metrics (evaluation/text_metrics.py)
+    sscd_weights: str = _path(
+        "", text="a path (may be empty: Sim Score unavailable); an existing file when set; text-conditional runs only"
+    )
+    clip_model: str = _path(
+        CLIP_MODEL, text="a CLIP model folder (save_pretrained) or a Hub id (owner/name), or empty (no CLIP score)"
+    )
     out_dir: str = _path("runs", nonempty=True)
     resume: str = _path("")
     # experiment tracking (the ServerApp logs the run to it; fl_app/trackers.py)
@@ -714,6 +722,7 @@ class Settings:
             if self.dataset == "imagefolder":
                 _count_images("holdout-root", self.holdout_root)
         self._check_captions()
+        self._check_text_metrics()
         if self.fid_weights and not _probe("fid-weights", self.fid_weights, lambda p: p.expanduser().is_file()):
             raise ValueError(f"fid-weights: must be an existing file, got {self.fid_weights!r} (no such file)")
         if self.resume and not _probe("resume", self.resume, lambda p: p.expanduser().is_dir()):
@@ -761,6 +770,31 @@ class Settings:
                 f"caption, but data-root {self.data_root!r} has no {METADATA} and captions is empty; add "
                 f"{METADATA} (file_name, text) to data-root or set captions to a captions JSON"
             )
+
+    def _check_text_metrics(self) -> None:
+        """``sscd-weights``: an existing file, and only on a text-conditional run (Sim Score is that
+        family's metric); ``clip-model`` on a text-conditional run: an existing folder or a Hub id
+        (not refused elsewhere: its default is OpenAI's ViT-B/16, unused by other runs)."""
+        if self.sscd_weights:
+            if not self.text_conditional:
+                base = repr(self.init_from) if self.init_from else "empty (training from scratch)"
+                raise ValueError(
+                    "sscd-weights: Sim Score is the text-conditional family's metric (init-from a "
+                    f'StableDiffusionPipeline), and init-from is {base}; leave sscd-weights = "" '
+                    f"(got {self.sscd_weights!r})"
+                )
+            if not _probe("sscd-weights", self.sscd_weights, lambda p: p.expanduser().is_file()):
+                raise ValueError(
+                    "sscd-weights: must be an existing file (SSCD's sscd_disc_large.torchscript.pt, "
+                    f"CC-BY-NC: never bundled nor downloaded), got {self.sscd_weights!r} (no such file)"
+                )
+        clip = self.clip_model
+        if self.text_conditional and clip and not is_hub_id(clip):
+            if not _probe("clip-model", clip, lambda p: p.expanduser().is_dir()):
+                raise ValueError(
+                    f"clip-model: must be a CLIP model folder (save_pretrained) or a Hub id (owner/name), "
+                    f"got {clip!r} (no such folder)"
+                )
 
     def _check_text_base(self) -> None:
         """A Stable Diffusion base: every part there, the settings that cannot go with it refused

@@ -108,7 +108,8 @@ def cmd_mq(args: argparse.Namespace) -> int:
 
 # ---- iet-agc evaluate ---------------------------------------------------------------------
 def _locate(spec: str) -> tuple[Path | None, Path]:
-    """(run folder or None, pipeline folder) for a run folder or a DDPMPipeline folder."""
+    """(run folder or None, pipeline folder) for a run folder or a pipeline folder (DDPMPipeline,
+    AmbientPipeline, StableDiffusionPipeline: a ``model_index.json``)."""
     option = "RUN_DIR_OR_PIPELINE"
     source = _probe(option, spec, lambda p: p)
     if _probe(option, spec, lambda p: (p / "pipeline" / "model_index.json").is_file()):
@@ -118,9 +119,7 @@ def _locate(spec: str) -> tuple[Path | None, Path]:
     if not source.exists():
         raise InputError(f"{spec}: does not exist")
     kind = "a folder" if source.is_dir() else "a file"
-    raise InputError(
-        f"{spec}: {kind}, neither a run folder (with pipeline/) nor a DDPMPipeline folder (model_index.json)"
-    )
+    raise InputError(f"{spec}: {kind}, neither a run folder (with pipeline/) nor a pipeline folder (model_index.json)")
 
 
 def evaluate_settings(run_dir: Path | None, args: argparse.Namespace):
@@ -248,6 +247,54 @@ def _load_unet(pipeline_dir: Path, inputs_per_output: int = 1):
     return unet
 
 
+def _as_text_base(settings, pipeline_dir: Path, origin: dict[str, str], refused):
+    """A ``StableDiffusionPipeline`` folder evaluates as the text-conditional family's base:
+    ``init-from`` is the folder itself (its UNet, adapters merged by the export, and its frozen
+    VAE, text encoder, tokenizer and scheduler), ``adapter`` none, and ``image-size`` the
+    pipeline's own (its UNet's sample_size times the VAE's factor) unless given. Other
+    pipelines: ``settings`` unchanged."""
+    from ddpm.text_latent import is_text_pipeline, latent_factors, text_pipeline_configs
+
+    if not is_text_pipeline(str(pipeline_dir)):
+        return settings
+    changes: dict[str, Any] = {"init_from": str(pipeline_dir), "adapter": "none"}
+    if "image-size" not in origin:
+        try:
+            configs = text_pipeline_configs(str(pipeline_dir))
+        except ValueError as err:
+            raise InputError(str(err).replace("init-from:", f"{pipeline_dir}:", 1)) from None
+        size = configs["unet"].get("sample_size")
+        if isinstance(size, int):
+            changes["image_size"] = size * latent_factors(configs)[0]
+    try:
+        return settings.replace(**changes)
+    except ValueError as err:
+        raise refused(err) from None
+
+
+def _saved_model(pipeline_dir: Path, settings, data, device):
+    """(family, model, scorers) of the saved pipeline: the text-conditional family with its UNet
+    and its Sim Score and CLIP scorers, or a pixel family with its UNet2DModel (checked against the data set)."""
+    if settings.text_conditional:
+        from evaluation.text_metrics import text_scorers
+        from fl_app.model import initial_model, model_family
+
+        try:
+            family, model = model_family(settings, data), initial_model(settings, data.channels)
+        except ValueError as err:
+            raise InputError(str(err).replace("init-from:", f"{pipeline_dir}:", 1)) from None
+        return family, model, text_scorers(eval_config(settings), device)
+    family = _family(pipeline_dir, settings)
+    unet = _load_unet(pipeline_dir, 2 if family.name == "ambient" else 1)
+    cfg = unet.config
+    if (cfg.out_channels, cfg.sample_size) != (data.channels, data.image_size):
+        raise InputError(
+            f"{pipeline_dir}: the model makes {cfg.out_channels}x{cfg.sample_size}x{cfg.sample_size} images, the "
+            f"data set {data.channels}x{data.image_size}x{data.image_size}; set dataset/image-size with --set"
+        )
+    return family, unet, []
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``iet-agc evaluate``: sample a saved model with DDIM, write the evaluation, print its metrics."""
     from evaluation.evaluator import MemorizationEvaluator, evaluate_saved
@@ -255,12 +302,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     try:  # every input is checked before sampling starts
         run_dir, pipeline_dir = _locate(args.source)
         settings, origin, refused = evaluate_settings(run_dir, args)
+        settings = _as_text_base(settings, pipeline_dir, origin, refused)
         where = origin.get("device", "the default")
         device = usable_device(settings.device, where if where.startswith("--") else f"device (from {where})")
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         out_spec = args.out or str((run_dir or pipeline_dir.parent) / f"evaluate-{stamp}")
         out = check_output("--out", out_spec, folder=True)
-        try:  # this machine's files: data-root, holdout-root, fid-weights, fid-cache-dir
+        try:  # this machine's files: data-root, holdout-root, captions, fid-weights, sscd-weights, the base
             here = {"out_dir": str(out), "resume": ""} | ({} if settings.fid else {"fid_weights": ""})
             settings.replace(**here).check_environment()
         except ValueError as err:
@@ -268,14 +316,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         data, notes = _load_data(settings)
         if len(data) < settings.mq_neighbours:
             raise InputError(f"mq-neighbours: {settings.mq_neighbours} exceeds the {len(data)} training images")
-        family = _family(pipeline_dir, settings)
-        unet = _load_unet(pipeline_dir, 2 if family.name == "ambient" else 1)
-        cfg = unet.config
-        if (cfg.out_channels, cfg.sample_size) != (data.channels, data.image_size):
-            raise InputError(
-                f"{pipeline_dir}: the model makes {cfg.out_channels}x{cfg.sample_size}x{cfg.sample_size} images, the "
-                f"data set {data.channels}x{data.image_size}x{data.image_size}; set dataset/image-size with --set"
-            )
+        family, model, scorers = _saved_model(pipeline_dir, settings, data, device)
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -284,8 +325,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return fail("evaluate", err)
     for note in notes:
         warnings.showwarning(note.message, note.category, note.filename, note.lineno)
-    evaluator = MemorizationEvaluator(eval_config(settings), data, out, device, family)
-    summary = evaluate_saved(evaluator, unet, f"{pipeline_dir} ({settings.eval_num_images} images)")
+    evaluator = MemorizationEvaluator(eval_config(settings), data, out, device, family, scorers)
+    summary = evaluate_saved(evaluator, model, f"{pipeline_dir} ({settings.eval_num_images} images)")
     print(json.dumps(summary), flush=True)  # stdout: this JSON line only
     return 0
 
@@ -325,7 +366,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "evaluate",
         help="sample a saved model and write MQ, copy_1/copy_5, FID, pictures and a report",
         description="RUN_DIR_OR_PIPELINE is a run folder (pipeline/ and settings.toml) or a DDPMPipeline "
-        "folder (weights in safetensors). Writes eval_final.md, pictures and metrics.json; prints one JSON line. "
+        "folder (weights in safetensors) or a StableDiffusionPipeline folder (prompts from the data's captions; "
+        "Sim Score with sscd-weights, CLIP score with clip-model). Writes eval_final.md, pictures and "
+        "metrics.json; prints one JSON line. "
         "A bad input exits 2 with one line naming it.",
     )
     ev.add_argument("source", metavar="RUN_DIR_OR_PIPELINE")

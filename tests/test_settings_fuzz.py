@@ -125,6 +125,8 @@ PATHS = (
     "resume",
     "init-from",
     "tracker-dir",
+    "sscd-weights",
+    "clip-model",
 )
 NAMES = ("tracker-project", "tracker-run-name", "tracker-group")  # empty allowed but for tracker-project
 OTHER = ("device", "mq-thresholds", "tracker-uri", "tracker-tags", *NAMES)
@@ -301,6 +303,8 @@ def _bad_path(key: str, places: dict) -> st.SearchStrategy:
         bad = bad | missing | st.just(places["file"])
     if key == "captions":  # image folders only: any captions JSON is refused under the digits defaults
         bad = bad | st.text(min_size=1, max_size=8).filter(lambda t: "\0" not in t) | st.just(places["file"])
+    if key == "sscd-weights":  # the text family's only: any file is refused under the digits defaults
+        bad = bad | st.text(min_size=1, max_size=8).filter(lambda t: "\0" not in t) | st.just(places["file"])
     if key == "fid-weights":  # must be an existing file
         missing = st.text(alphabet="abc", min_size=1, max_size=5).map(lambda s: f"{places['missing']}/{s}.pth")
         bad = bad | missing | st.just(places["dir"])
@@ -376,8 +380,10 @@ def good_values(key: str, places: dict) -> st.SearchStrategy:
         return st.text(alphabet="abc", min_size=1, max_size=5).map(lambda s: f"{places['dir']}/{s}")
     if key in ("holdout-root", "resume"):
         return st.sampled_from(["", places["dir"]])
-    if key == "captions":  # the digits defaults have no captions (tests/test_text_federated.py: a JSON)
-        return st.just("")
+    if key in ("captions", "sscd-weights"):  # the digits defaults have no captions nor Sim Score
+        return st.just("")  # (tests/test_text_federated.py, tests/test_text_eval.py: the text family's)
+    if key == "clip-model":  # unused by a pixel run: any folder or Hub id is accepted there
+        return st.sampled_from(["", "openai/clip-vit-base-patch16", places["dir"], "no/such"])
     if key == "fid-weights":
         return st.sampled_from(["", places["file"]])
     if key == "tracker-uri":  # with tracker none, a server is never contacted

@@ -87,11 +87,38 @@ def _config(sd_base: str, folders: dict, out: Path, **more) -> dict:
 
 
 @pytest.fixture(scope="module")
-def text_run(sd_base, folders, tmp_path_factory):
-    """The 2-round federated fine-tune, what it sent and received recorded (``Traffic``)."""
+def sscd_file(tmp_path_factory) -> str:
+    """A random 1024-d stand-in for sscd_disc_large, scripted and saved as SSCD's files are."""
+    from test_sscd import StandIn, save_torchscript
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("sscd") / "sscd_disc_large.torchscript.pt"
+    save_torchscript(StandIn(dim=1024), path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory) -> str:
+    """A tiny CLIPModel with the byte-level tokenizer, saved as a CLIP folder is."""
+    from test_clip_score import tiny_clip
+
+    from ddpm.text_pipeline import byte_tokenizer
+
+    folder = tmp_path_factory.mktemp("clip") / "tiny-clip"
+    tiny_clip().save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def text_run(sd_base, folders, tmp_path_factory, sscd_file, clip_folder):
+    """The 2-round federated fine-tune, what it sent and received recorded (``Traffic``); its
+    evaluation with the stand-in SSCD and CLIP networks (tests/test_text_eval.py reads its columns)."""
     monkeypatch = pytest.MonkeyPatch()
     traffic = Traffic(monkeypatch)
-    cfg = _config(sd_base, folders, tmp_path_factory.mktemp("sdrun"))
+    out = tmp_path_factory.mktemp("sdrun")
+    metrics = {"sscd-weights": sscd_file, "clip-model": clip_folder, "fid-cache-dir": str(out / "cache")}
+    cfg = _config(sd_base, folders, out, **metrics)
     try:
         run = _simulate(cfg)
     finally:
@@ -119,6 +146,23 @@ def test_a_two_round_text_federation_records_rounds_skips_and_the_prompts(text_r
     assert "Text-conditional: each image's prompt drawn with replacement from the first captions of the 16" in report
     assert "classifier-free guidance 7.5" in report
     assert "`StableDiffusionPipeline.from_pretrained`" in (run / "report.md").read_text()
+
+
+def test_the_text_metrics_join_rounds_csv(text_run):
+    """Sim Score, its background and share above 0.5 and CLIP score (stand-in networks from
+    sscd-weights and clip-model) in rounds.csv after the evaluated round; fid_authors an empty column (fid off)."""
+    from evaluation.columns import CLIP_SCORE, FID_AUTHORS, SIM_BACKGROUND, SIM_SCORE, SIM_SHARE
+
+    run, _, _ = text_run
+    rounds = pd.read_csv(run / "rounds.csv")
+    last = rounds.iloc[-1]
+    assert all(pd.notna(last[k]) for k in (SIM_SCORE, SIM_BACKGROUND, SIM_SHARE, CLIP_SCORE)), last.to_dict()
+    assert 0 <= last[SIM_SHARE] <= 1 and -1 <= last[SIM_SCORE] <= 1 and -1 <= last[SIM_BACKGROUND] <= 1
+    assert FID_AUTHORS in rounds.columns and pd.isna(last[FID_AUTHORS])  # fid = false: empty, not zero
+    assert rounds[SIM_SCORE].notna().tolist() == [False, True]  # evaluated after the last round only
+    report = (run / "eval_round002.md").read_text()
+    assert "Sim Score (`sim_score`)" in report and "nearest training image by SSCD" in report
+    assert (run / "pairs_round002.png").is_file()
 
 
 def test_only_the_unets_tensors_travel_both_ways(text_run, sd_base):
